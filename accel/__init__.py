@@ -1,0 +1,18 @@
+"""SpecLab's acceleration library: speculative feature caching for diffusion transformers.
+
+    import accel
+    handle = accel.apply(pipe, accel.SpeCaConfig(threshold=7.0, decay=0.3, order=2))
+    image = pipe(prompt).images[0]
+    handle.trace.summary()
+    handle.remove()
+
+Importable without Gradio or Plotly.
+"""
+
+from .api import apply
+from .config import SpeCaConfig
+from .runtime import Handle
+from .trace import StepRecord, Trace
+
+__all__ = ["Handle", "SpeCaConfig", "StepRecord", "Trace", "apply"]
+__version__ = "0.1.0"

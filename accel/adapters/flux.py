@@ -1,0 +1,91 @@
+"""FLUX (diffusers `FluxTransformer2DModel`): 19 double-stream then 38 single-stream blocks at full size.
+
+- Blocks are called with keyword arguments and return `(encoder_hidden_states, hidden_states)`.
+- Joint attention orders tokens [text, image].
+- Double block features (pre-gate): image/text attention outputs after their out-projections, image/text
+  MLP outputs. Single block feature: the output of `proj_out` (attention and MLP fused), before the gate.
+- The transformer receives `timestep / 1000`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, BlockSpec, FeatureSite, TokenLayout, arg
+
+# Positions of the block arguments (FluxTransformerBlock / FluxSingleTransformerBlock.forward).
+_HIDDEN, _ENCODER, _TEMB = 0, 1, 2
+
+
+class FluxAdapter(Adapter):
+    family = "flux"
+    transformer_classes = ("FluxTransformer2DModel",)
+    timestep_scale = 1000.0
+
+    def blocks(self) -> list[BlockSpec]:
+        t = self.transformer
+        specs = [BlockSpec(i, f"transformer_blocks.{i}", "double", b) for i, b in enumerate(t.transformer_blocks)]
+        n = len(specs)
+        specs += [
+            BlockSpec(n + i, f"single_transformer_blocks.{i}", "single", b)
+            for i, b in enumerate(t.single_transformer_blocks)
+        ]
+        return specs
+
+    def token_layout(self, args, kwargs) -> TokenLayout:
+        img_ids = arg(args, kwargs, 4, "img_ids")
+        enc = arg(args, kwargs, 1, "encoder_hidden_states")
+        hidden = arg(args, kwargs, 0, "hidden_states")
+        if img_ids is not None:
+            ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+            ids = ids.detach().to("cpu")
+            h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+            if h * w != hidden.shape[1]:  # ids that are not a plain grid: fall back to one row
+                h, w = 1, hidden.shape[1]
+        else:
+            h, w = 1, hidden.shape[1]
+        return TokenLayout(grid=(h, w), n_text=enc.shape[1])
+
+    def feature_sites(self, block: BlockSpec) -> list[FeatureSite]:
+        m = block.module
+        if block.kind == "double":
+            return [
+                FeatureSite(m.attn, ("attn", "attn_ctx"), index=(0, 1)),
+                FeatureSite(m.ff, ("ff",)),
+                FeatureSite(m.ff_context, ("ff_ctx",)),
+            ]
+        return [FeatureSite(m.proj_out, ("proj_out",))]
+
+    def apply_features(self, block: BlockSpec, args, kwargs, feats):
+        m = block.module
+        hidden = arg(args, kwargs, _HIDDEN, "hidden_states")
+        encoder = arg(args, kwargs, _ENCODER, "encoder_hidden_states")
+        temb = arg(args, kwargs, _TEMB, "temb")
+        if block.kind == "double":
+            # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+            mod = m.norm1.linear(m.norm1.silu(temb)).chunk(6, dim=1)
+            cmod = m.norm1_context.linear(m.norm1_context.silu(temb)).chunk(6, dim=1)
+            hidden = torch.addcmul(hidden, mod[2].unsqueeze(1), feats["attn"])
+            hidden = torch.addcmul(hidden, mod[5].unsqueeze(1), feats["ff"])
+            encoder = torch.addcmul(encoder, cmod[2].unsqueeze(1), feats["attn_ctx"])
+            encoder = torch.addcmul(encoder, cmod[5].unsqueeze(1), feats["ff_ctx"])
+        else:
+            # AdaLayerNormZeroSingle chunks: shift, scale, gate. The block concatenates [text, image],
+            # adds gate * proj_out, and splits again; updating the two parts in place of that is the same.
+            gate = m.norm.linear(m.norm.silu(temb)).chunk(3, dim=1)[2].unsqueeze(1)
+            f = feats["proj_out"]
+            n_text = encoder.shape[1]
+            encoder = torch.addcmul(encoder, gate, f[:, :n_text])
+            hidden = torch.addcmul(hidden, gate, f[:, n_text:])
+        if hidden.dtype == torch.float16:  # as the blocks do
+            hidden = hidden.clip(-65504, 65504)
+            encoder = encoder.clip(-65504, 65504)
+        return encoder, hidden
+
+    def verify_feature(self, block: BlockSpec) -> str:
+        return "ff" if block.kind == "double" else "proj_out"
+
+    def image_tokens(self, block: BlockSpec, feature: str, layout: TokenLayout) -> slice:
+        if block.kind == "single":
+            return slice(layout.n_text, None)
+        return slice(None) if feature in ("attn", "ff") else slice(0, 0)

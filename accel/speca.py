@@ -1,0 +1,200 @@
+"""SpeCa: forecast every block's features with a Taylor series, verify on one real block, accept or fall back.
+
+Hooks (all registered under one name, so `Handle.remove` takes them all off):
+- `SpeCaModelHook` on the transformer decides, per step and per cache context, full or speculative, and after a
+  speculative pass reads the verification error and accepts, or rejects (recompute now / full next step).
+- `SpeCaBlockHook` on every block: on a full step runs the block as is and records its features into the
+  block's forecaster; on a speculative step rebuilds the block's output from forecast features, except the
+  verify block, which is computed for real and compared with its forecast.
+- `_CaptureHook` on the sub-modules that produce the features (attention, MLP, ...): copies their outputs out
+  while the block runs, leaving the computation untouched (so full steps stay bit-exact).
+
+Batch > 1: the error is taken per sample and the step is accepted only if every sample passes (the decision
+is shared because the batch runs through one forward); the trace keeps every sample's error.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .adapters import Adapter, BlockSpec, FeatureSite
+from .config import SpeCaConfig
+from .metrics import per_sample_error, per_token_error
+from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
+from .taylor import TaylorForecaster
+from .trace import ACCEPTED, FULL, REJECTED, StepRecord
+
+HOOK_NAME = "speclab_speca"
+FULL_MODE, SPEC_MODE = "full", "spec"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SpeCaState(RunState):
+    def reset(self, *args, **kwargs) -> None:
+        super().reset()
+        self.mode = FULL_MODE
+        self.x = 0.0  # Taylor position of the current step
+        self.forecasters: dict[int, TaylorForecaster] = {}
+        self.consecutive_spec = 0
+        self.force_full_next = False
+        self.verify_errors: torch.Tensor | None = None
+        self.verify_map: torch.Tensor | None = None
+
+
+class _FeatureSink:
+    """Where capture hooks drop the features of the block that is running."""
+
+    def __init__(self):
+        self.active = False
+        self.feats: dict[str, torch.Tensor] = {}
+
+    def begin(self) -> None:
+        self.active, self.feats = True, {}
+
+    def end(self) -> dict[str, torch.Tensor]:
+        self.active = False
+        feats, self.feats = self.feats, {}
+        return feats
+
+
+class _CaptureHook(ModelHook):
+    def __init__(self, site: FeatureSite, sink: _FeatureSink):
+        super().__init__()
+        self.site, self.sink = site, sink
+
+    def post_forward(self, module, output):
+        if self.sink.active:
+            if self.site.index is None:
+                self.sink.feats[self.site.names[0]] = output
+            else:
+                for name, i in zip(self.site.names, self.site.index):
+                    self.sink.feats[name] = output[i]
+        return output
+
+
+class SpeCaBlockHook(ModelHook):
+    def __init__(self, block: BlockSpec, driver: "SpeCaModelHook", is_verify: bool):
+        super().__init__()
+        self.block = block
+        self.driver = driver
+        self.is_verify = is_verify
+        self.sink = _FeatureSink()
+
+    def _forecaster(self, state: SpeCaState) -> TaylorForecaster:
+        f = state.forecasters.get(self.block.index)
+        if f is None:
+            cfg = self.driver.config
+            f = TaylorForecaster(cfg.order, cfg.taylor_form, _DTYPES.get(cfg.cache_dtype))
+            state.forecasters[self.block.index] = f
+        return f
+
+    def _real(self, args, kwargs, state: SpeCaState):
+        self.sink.begin()
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        feats = self.sink.end()
+        state.blocks_computed += 1
+        return out, feats
+
+    def new_forward(self, module, *args, **kwargs):
+        state: SpeCaState = self.driver.states.get_state()
+        forecaster = self._forecaster(state)
+        if state.mode == FULL_MODE:
+            out, feats = self._real(args, kwargs, state)
+            forecaster.update(state.x, feats)
+            return out
+        pred = forecaster.predict(state.x)
+        if not self.is_verify:
+            return self.driver.adapter.apply_features(self.block, args, kwargs, pred)
+        # Verification: this block for real, from the hidden state the forecast blocks produced.
+        out, real = self._real(args, kwargs, state)
+        key = self.driver.adapter.verify_feature(self.block)
+        cfg = self.driver.config
+        state.verify_errors = per_sample_error(pred[key], real[key], cfg.metric, cfg.eps)
+        if cfg.record_maps:
+            img = self.driver.adapter.image_tokens(self.block, key, state.layout)
+            state.verify_map = per_token_error(pred[key][:, img], real[key][:, img], cfg.eps)
+        return out  # the real output: it is computed anyway and strictly better than its forecast
+
+
+class SpeCaModelHook(StepDriverHook):
+    method = "speca"
+
+    def _plan(self, info: StepInfo, state: SpeCaState) -> tuple[bool, str]:
+        """(full?, reason) before the step runs."""
+        cfg: SpeCaConfig = self.config
+        if cfg.schedule is not None:
+            return (cfg.schedule[info.step] if info.step < len(cfg.schedule) else True), "schedule"
+        if info.step < cfg.warmup_steps:
+            return True, "warmup"
+        if not state.forecasters:
+            return True, "no_history"
+        if state.force_full_next:
+            return True, "after_reject"
+        if state.consecutive_spec >= cfg.max_spec_steps:
+            return True, "max_spec"
+        return False, ""
+
+    def _full(self, args, kwargs, state: SpeCaState):
+        state.mode = FULL_MODE
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        state.consecutive_spec = 0
+        state.force_full_next = False
+        return out
+
+    def run_step(self, module, args, kwargs, info: StepInfo, state: SpeCaState, rec: StepRecord):
+        cfg: SpeCaConfig = self.config
+        state.x = float(info.step) if cfg.distance == "step" or info.sigma is None else info.sigma
+        rec.threshold = cfg.threshold_at(info.step, info.num_steps)
+        full, reason = self._plan(info, state)
+        if full:
+            rec.decision, rec.reason = FULL, reason
+            return self._full(args, kwargs, state)
+
+        state.mode = SPEC_MODE
+        state.verify_errors = state.verify_map = None
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        n_spec = state.consecutive_spec + 1
+        if state.verify_errors is not None:
+            errors = state.verify_errors.tolist()  # one sync: the decision needs the value
+            rec.errors, rec.error = errors, max(errors)
+        if state.verify_map is not None:
+            rec.maps["error"] = state.verify_map.reshape(state.layout.grid).tolist()
+        if cfg.schedule is not None:
+            verdict, reason = True, "schedule"
+        elif n_spec <= cfg.min_spec_steps:
+            verdict, reason = True, "grace"
+        else:
+            verdict, reason = (rec.error is None or rec.error <= rec.threshold), "verified"
+        if verdict:
+            rec.decision, rec.reason = ACCEPTED, reason
+            state.consecutive_spec = n_spec
+            return out
+        rec.decision = REJECTED
+        if cfg.on_reject == "recompute":
+            rec.reason = "recomputed"
+            return self._full(args, kwargs, state)
+        rec.reason = "deferred"
+        state.consecutive_spec = n_spec
+        state.force_full_next = True
+        return out
+
+
+def attach_speca(pipe, adapter: Adapter, config: SpeCaConfig) -> Handle:
+    blocks = adapter.blocks()
+    n = len(blocks)
+    if not -n <= config.verify_block < n:
+        raise ValueError(
+            f"verify_block={config.verify_block} is out of range: this model has {n} blocks, "
+            f"so verify_block must be in [{-n}, {n - 1}]"
+        )
+    verify_index = config.verify_block % n
+    handle = Handle(pipe, adapter, "speca", config, HOOK_NAME)
+    driver = SpeCaModelHook(pipe, adapter, config, SpeCaState, handle)
+    for block in blocks:
+        hook = SpeCaBlockHook(block, driver, is_verify=block.index == verify_index)
+        register(block.module, hook, HOOK_NAME)
+        for site in adapter.feature_sites(block):
+            register(site.module, _CaptureHook(site, hook.sink), HOOK_NAME)
+    register(adapter.transformer, driver, HOOK_NAME)
+    return handle

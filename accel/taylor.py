@@ -1,0 +1,75 @@
+"""Taylor forecaster: extrapolate a block's features from the full steps seen so far.
+
+Two forms, same memory (order + 1 tensors per feature):
+- "newton": Newton divided differences over the last order+1 full steps. The forecast is the
+  interpolating polynomial through those steps, so a trajectory that is a polynomial of degree <= order
+  is forecast exactly, for any spacing of the full steps.
+- "reference": TaylorSeer/SpeCa's recursive differences, D[i+1] = (D[i]_new - D[i]_prev) / N with N the
+  distance between the last two full steps, and F(k) = sum_i D[i] k^i / i!. Exact up to order 1; for
+  higher orders each D[i] estimates the derivative at a lagging point.
+Positions `x` are step indices or sigmas (see `SpeCaConfig.distance`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Features = dict[str, torch.Tensor]
+
+
+class TaylorForecaster:
+    def __init__(self, order: int, form: str = "newton", dtype: torch.dtype | None = None):
+        self.order = order
+        self.form = form
+        self.dtype = dtype
+        self.terms: dict[str, list[torch.Tensor]] = {}
+        self.nodes: list[float] = []  # positions of the full steps, newest first
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.nodes)
+
+    @property
+    def active_order(self) -> int:
+        return max(0, min(self.order, len(self.nodes) - 1))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.terms.values() for t in ts)
+
+    def update(self, x: float, feats: Features) -> None:
+        """Record the real features of a full step at position x."""
+        old_nodes = self.nodes
+        for name, f in feats.items():
+            f = f.detach()
+            if self.dtype is not None and f.dtype != self.dtype:
+                f = f.to(self.dtype)
+            old = self.terms.get(name, [])
+            new = [f]
+            for i in range(min(len(old), self.order)):
+                # Newton: f[x, x0..xi] = (f[x, x0..x(i-1)] - f[x0..xi]) / (x - xi)
+                # reference: divide by the distance to the last full step every time
+                step = (x - old_nodes[i]) if self.form == "newton" else (x - old_nodes[0])
+                new.append((new[i] - old[i]) / step)
+            self.terms[name] = new
+        self.nodes = ([x] + old_nodes)[: self.order + 1]
+
+    def predict(self, x: float) -> Features:
+        if not self.ready:
+            raise RuntimeError("TaylorForecaster.predict before any full step")
+        out = {}
+        for name, terms in self.terms.items():
+            m = len(terms) - 1
+            if self.form == "newton":
+                # Horner in Newton form: p = d0 + (x-x0)(d1 + (x-x1)(d2 + ...))
+                p = terms[m]
+                for i in range(m - 1, -1, -1):
+                    p = torch.add(terms[i], p, alpha=x - self.nodes[i])
+            else:
+                k = x - self.nodes[0]
+                p = terms[0]
+                for i in range(1, m + 1):
+                    p = torch.add(p, terms[i], alpha=k**i / math.factorial(i))
+            out[name] = p
+        return out
