@@ -152,6 +152,8 @@ class Handle:
         self._current: Trace | None = None
         self.on_step = None
         """Optional callback `f(StepRecord)` called after every denoiser call (the app streams with it)."""
+        self.cleanups: list = []
+        """Extra callables run by `remove()` (e.g. a diffusers cache to disable), last added first."""
         self.removed = False
 
     @property
@@ -187,6 +189,8 @@ class Handle:
         transformer = self.adapter.transformer
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         registry.remove_hook(self.hook_name, recurse=True)
+        for fn in reversed(self.cleanups):
+            fn()
         registry.invalidate_child_registries_cache()
         self._end_run()
         self.removed = True
