@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import Adapter, BlockSpec, FeatureSite, TokenLayout, arg
 
@@ -62,17 +63,17 @@ class FluxAdapter(Adapter):
         encoder = arg(args, kwargs, _ENCODER, "encoder_hidden_states")
         temb = arg(args, kwargs, _TEMB, "temb")
         if block.kind == "double":
-            # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-            mod = m.norm1.linear(m.norm1.silu(temb)).chunk(6, dim=1)
-            cmod = m.norm1_context.linear(m.norm1_context.silu(temb)).chunk(6, dim=1)
-            hidden = torch.addcmul(hidden, mod[2].unsqueeze(1), feats["attn"])
-            hidden = torch.addcmul(hidden, mod[5].unsqueeze(1), feats["ff"])
-            encoder = torch.addcmul(encoder, cmod[2].unsqueeze(1), feats["attn_ctx"])
-            encoder = torch.addcmul(encoder, cmod[5].unsqueeze(1), feats["ff_ctx"])
+            # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa(2), shift_mlp, scale_mlp, gate_mlp(5)
+            g_msa, g_mlp = _gates(m.norm1, temb, 6, (2, 5))
+            c_msa, c_mlp = _gates(m.norm1_context, temb, 6, (2, 5))
+            hidden = torch.addcmul(hidden, g_msa, feats["attn"])
+            hidden = torch.addcmul(hidden, g_mlp, feats["ff"])
+            encoder = torch.addcmul(encoder, c_msa, feats["attn_ctx"])
+            encoder = torch.addcmul(encoder, c_mlp, feats["ff_ctx"])
         else:
-            # AdaLayerNormZeroSingle chunks: shift, scale, gate. The block concatenates [text, image],
+            # AdaLayerNormZeroSingle chunks: shift, scale, gate(2). The block concatenates [text, image],
             # adds gate * proj_out, and splits again; updating the two parts in place of that is the same.
-            gate = m.norm.linear(m.norm.silu(temb)).chunk(3, dim=1)[2].unsqueeze(1)
+            (gate,) = _gates(m.norm, temb, 3, (2,))
             f = feats["proj_out"]
             n_text = encoder.shape[1]
             encoder = torch.addcmul(encoder, gate, f[:, :n_text])
@@ -89,3 +90,24 @@ class FluxAdapter(Adapter):
         if block.kind == "single":
             return slice(layout.n_text, None)
         return slice(None) if feature in ("attn", "ff") else slice(0, 0)
+
+
+def _gates(norm, temb, n_chunks: int, which: tuple[int, ...]) -> list[torch.Tensor]:
+    """Only the gate chunks of an adaLN modulation, as [B, 1, dim]. A speculative step needs the gates
+    alone, and at FLUX size the modulation weights are large (dim x 6 dim per double block), so reading
+    just the gate rows saves most of that traffic. Same values as slicing the full modulation output."""
+    lin = norm.linear
+    x = norm.silu(temb)
+    w = getattr(lin, "weight", None)
+    if not isinstance(lin, torch.nn.Linear) or not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT:
+        full = lin(x).chunk(n_chunks, dim=1)  # quantized / wrapped layers: compute it all
+        return [full[i].unsqueeze(1) for i in which]
+    d = w.shape[0] // n_chunks
+    out = []
+    for i in which:
+        b = lin.bias[i * d:(i + 1) * d] if lin.bias is not None else None
+        out.append(F.linear(x, w[i * d:(i + 1) * d], b).unsqueeze(1))
+    return out
+
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
