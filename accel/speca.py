@@ -180,6 +180,16 @@ class SpeCaModelHook(StepDriverHook):
         return out
 
 
+    def reset_state(self, module):
+        # The run is over: note how much the forecast caches held, before the state goes.
+        trace = self.handle._current
+        if trace is not None:
+            trace.meta["cache_bytes"] = sum(
+                f.nbytes() for st in self.states._state_cache.values() for f in st.forecasters.values()
+            )
+        return super().reset_state(module)
+
+
 def attach_speca(pipe, adapter: Adapter, config: SpeCaConfig) -> Handle:
     blocks = adapter.blocks()
     n = len(blocks)

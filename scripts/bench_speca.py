@@ -1,0 +1,203 @@
+"""SpeCa benchmark: full vs SpeCa (replayed fixed schedules) and diffusers' TaylorSeerCache, on one pipeline.
+
+GPU (the issue's setting: FLUX.1-dev-sized transformer, random bf16 weights, 1024², 50 steps):
+    python scripts/bench_speca.py --model random-flux-dev --steps 50 --size 1024
+CPU, on the bundled tiny FLUX:
+    python scripts/bench_speca.py --model assets/models/tiny-flux --steps 28 --size 128
+
+Prints, per run: computed (full) steps, ideal speedup (block computations), measured speedup (wall time of the
+pipeline call against the plain run) and their ratio, extra peak memory vs the cached tensors' size, the
+relative error of the final latents, and the verification cost against a full step.
+A schedule "every:N" means: warm-up of 3 full steps, then a full step every N steps, the rest speculative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import accel  # noqa: E402
+from accel.metrics import per_sample_error  # noqa: E402
+
+
+def random_flux_dev(device, dtype, small=False):
+    """FLUX.1-dev's transformer config (19 double + 38 single blocks, 24 x 128 heads) with random weights.
+    `small` keeps the shape of the code path at a size a CPU runs in seconds (for a smoke test)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        torch.manual_seed(0)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=2 if small else 19, num_single_layers=4 if small else 38,
+            attention_head_dim=32 if small else 128, num_attention_heads=2 if small else 24,
+            joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(8, 12, 12) if small else (16, 56, 56),
+        ).eval()
+    torch.set_default_dtype(prev)
+    # FLUX.1-dev's scheduler: dynamic shifting on the image sequence length.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+        use_dynamic_shifting=True,
+    )
+    pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    g = torch.Generator(device).manual_seed(1)
+    embeds = dict(
+        prompt_embeds=torch.randn(1, 512, 4096, generator=g, device=device, dtype=dtype),
+        pooled_prompt_embeds=torch.randn(1, 768, generator=g, device=device, dtype=dtype),
+        guidance_scale=3.5,
+    )
+    return pipe, embeds
+
+
+def bundled(path, device, dtype):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+    pe, pooled, _ = pipe.encode_prompt("a large red circle on the left and a small blue square on the right, "
+                                       "on a gray background", prompt_2=None, max_sequence_length=32)
+    return pipe, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_call(pipe, embeds, args, device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    out = pipe(**embeds, height=args.size, width=args.size, num_inference_steps=args.steps,
+               generator=torch.Generator(device).manual_seed(args.seed), output_type="latent").images
+    sync(device)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return out, wall, peak
+
+
+def every(n_steps, interval, warmup=3):
+    return [i < warmup or (i - warmup) % interval == 0 for i in range(n_steps)]
+
+
+def verify_cost_ms(pipe, device, args, reps=20):
+    """Time of the verify block (last single block) on a step's inputs plus the error metric."""
+    t = pipe.transformer
+    block = t.single_transformer_blocks[-1]
+    dim = t.inner_dim
+    n_img = (args.size // 16) ** 2
+    dtype = next(t.parameters()).dtype
+    hidden = torch.randn(1, n_img, dim, device=device, dtype=dtype)
+    enc = torch.randn(1, 512 if args.model.startswith("random") else 32, dim, device=device, dtype=dtype)
+    temb = torch.randn(1, dim, device=device, dtype=dtype)
+    ids = torch.zeros(enc.shape[1] + n_img, 3, device=device)
+    rope = t.pos_embed(ids)
+    times = []
+    with torch.no_grad():
+        for i in range(reps + 3):
+            sync(device)
+            t0 = time.perf_counter()
+            e, h = block(hidden_states=hidden, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope)
+            per_sample_error(h, hidden, "rel_l1", 1e-6).tolist()
+            sync(device)
+            if i >= 3:
+                times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="random-flux-dev")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--order", type=int, default=2)
+    ap.add_argument("--schedules", default="every:4,every:6,every:8", help="comma list of every:N")
+    ap.add_argument("--taylorseer", action="store_true", help="also run diffusers' TaylorSeerCache (default and lite)")
+    ap.add_argument("--json", default=None, help="write all numbers here")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.model in ("random-flux-dev", "random-small"):
+        pipe, embeds = random_flux_dev(device, dtype, small=args.model == "random-small")
+    else:
+        pipe, embeds = bundled(args.model, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) model={args.model} "
+          f"steps={args.steps} size={args.size}", flush=True)
+
+    # warm-up (kernels, allocator), then the plain run twice: the faster is the reference
+    short = argparse.Namespace(**{**vars(args), "steps": 3})
+    timed_call(pipe, embeds, short, device)
+    base, t_base, peak_base = min((timed_call(pipe, embeds, args, device) for _ in range(2)), key=lambda r: r[1])
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * args.steps)) as h:
+        _, t_traced, _ = timed_call(pipe, embeds, args, device)
+        full_step_ms = statistics.median(r.time_ms for r in h.trace.steps)
+    rows = [dict(run="full", computed=args.steps, ideal=1.0, measured=1.0, wall_s=t_base, extra_peak_mib=0.0,
+                 cache_mib=0.0, rel_err=0.0)]
+    print(f"full: {t_base:.3f} s ({full_step_ms:.1f} ms/step; hooks attached, all full: {t_traced:.3f} s)", flush=True)
+
+    def record(name, out, wall, peak, trace=None, computed=None):
+        s = trace.summary() if trace is not None else {}
+        ideal = s.get("ideal_speedup") or (args.steps / computed if computed else float("nan"))
+        meas = t_base / wall
+        rel = ((out.float() - base.float()).norm() / base.float().norm()).item()
+        row = dict(run=name, computed=computed if computed is not None else s.get("full_steps"), ideal=ideal,
+                   measured=meas, wall_s=wall, extra_peak_mib=(peak - peak_base) / 2**20,
+                   cache_mib=(trace.meta.get("cache_bytes", 0) / 2**20) if trace is not None else float("nan"),
+                   rel_err=rel)
+        if trace is not None:
+            spec = [r.time_ms for r in trace.steps if r.decision != "full"]
+            full = [r.time_ms for r in trace.steps if r.decision == "full"]
+            row["spec_step_ms"] = statistics.median(spec) if spec else None
+            row["full_step_ms"] = statistics.median(full) if full else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for spec in args.schedules.split(","):
+        interval = int(spec.split(":")[1])
+        sched = every(args.steps, interval)
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, order=args.order, cache_dtype=None)) as h:
+            out, wall, peak = timed_call(pipe, embeds, args, device)
+            record(f"speca {spec} o{args.order}", out, wall, peak, h.trace)
+
+    if args.taylorseer:
+        from diffusers import TaylorSeerCacheConfig
+
+        for lite in (False, True):
+            pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=5, max_order=1, use_lite_mode=lite))
+            try:
+                out, wall, peak = timed_call(pipe, embeds, args, device)
+            finally:
+                pipe.transformer.disable_cache()
+            n_full = sum(every(args.steps, 5))
+            record(f"diffusers TaylorSeer interval 5{' lite' if lite else ''}", out, wall, peak, computed=n_full)
+
+    v_ms = verify_cost_ms(pipe, device, args)
+    print(f"verification (verify block + metric): {v_ms:.2f} ms = {100 * v_ms / full_step_ms:.2f}% of a full step")
+    print()
+    print(f"{'run':36s} {'full':>4s} {'ideal':>6s} {'meas':>6s} {'ratio':>6s} {'wall s':>7s} {'spec ms':>8s} "
+          f"{'+peak MiB':>9s} {'cache MiB':>9s} {'rel err':>8s}")
+    for r in rows:
+        ratio = r["measured"] / r["ideal"] if r["ideal"] else float("nan")
+        print(f"{r['run']:36s} {r['computed']:>4} {r['ideal']:6.2f} {r['measured']:6.2f} {ratio:6.3f} "
+              f"{r['wall_s']:7.3f} {r.get('spec_step_ms') or 0:8.2f} {r['extra_peak_mib']:9.0f} "
+              f"{r['cache_mib']:9.0f} {r['rel_err']:8.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, verify_ms=v_ms, full_step_ms=full_step_ms, args=vars(args)), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
