@@ -9,10 +9,13 @@
 Importable without Gradio or Plotly.
 """
 
-from .api import apply
-from .config import SpeCaConfig
+from .api import apply, register_method
+from .config import SpeCaConfig, SpecDiffConfig
 from .runtime import Handle
+from .specdiff import attach_specdiff
 from .trace import StepRecord, Trace
 
-__all__ = ["Handle", "SpeCaConfig", "StepRecord", "Trace", "apply"]
+register_method(SpecDiffConfig, attach_specdiff)
+
+__all__ = ["Handle", "SpeCaConfig", "SpecDiffConfig", "StepRecord", "Trace", "apply"]
 __version__ = "0.1.0"

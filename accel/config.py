@@ -135,3 +135,100 @@ class SpeCaConfig(_ConfigBase):
     def threshold_at(self, step: int, num_steps: int) -> float:
         """tau(step) = threshold * decay ** (step / num_steps)."""
         return float(self.threshold) * float(self.decay) ** (step / max(1, num_steps))
+
+
+@dataclass
+class SpecDiffConfig(_ConfigBase):
+    """SpecDiff, self-speculative multi-level token caching (arXiv 2509.13848).
+
+    A short speculative pre-run of the same model (`spec_steps` Euler steps over the same noise range, from
+    the same initial latents) records how much attention every image token receives at those timesteps
+    ("future"). Each later step ranks the image tokens by
+    `importance = history * future * exp(starvation_scale * times_cached)` and splits them in three levels:
+    C1 (the top `1 - cache_rate` share, computed through the model), C2 (the lowest-importance tokens holding
+    the bottom `c2_share` of the total importance: their last output is reused) and C3 (the rest: a weighted
+    average of their last `history_window` computed outputs). See docs/specdiff.md.
+    """
+
+    cache_rate: float = 0.85
+    """Share of the image tokens NOT computed on a partial step, in [0, 1). C1 holds
+    `max(1, round((1 - cache_rate) * n_image_tokens))` tokens. 0 computes every step fully (bit-identical
+    to the plain pipeline, no pre-run). The paper's FLUX settings: 0.85 (2.52x) and 0.95 (3.17x)."""
+
+    spec_steps: int = 2
+    """Model calls of the speculative pre-run, 1-16 (paper default 2). The pre-run's sigmas are picked evenly
+    (by index) across the main schedule's remaining sigmas; every call costs a full step and is counted in the
+    trace (`Trace.overhead`) and in every speedup."""
+
+    share_first_step: bool = True
+    """The pre-run's first call is at the main run's first sigma, from the same latents with the same
+    conditioning: it is the main run's first (full) step, bit for bit. True reuses that step (its output and
+    attention) instead of computing it twice, so the pre-run costs `spec_steps - 1` calls; False computes it
+    again (the literal pre-run cost)."""
+
+    c2_share: float = 0.1
+    """C2 = the lowest-importance tokens whose summed importance stays within this share of the total
+    importance of all image tokens, in [0, 1) (paper: 10%). They reuse their last computed output as is.
+    C1 takes precedence over C2 when the two overlap (small cache rates)."""
+
+    history_window: int = 3
+    """How many of a token's last computed outputs C3 averages, 1-8 (paper: 3). Weights are e^-i for the
+    i-th most recent (i = 1..window), over the outputs that exist, normalised to sum 1."""
+
+    starvation_scale: float = 0.1
+    """Importance grows by exp(starvation_scale * k) for a token not computed for k consecutive steps (as in
+    RAS, default 0.1), so no token stays cached forever. Must be >= 0 (0 turns it off)."""
+
+    warmup_steps: int = 4
+    """The first `warmup_steps` steps are computed fully (RAS: 4). Must be >= 1: partial steps need a history."""
+
+    refresh_every: int = 0
+    """After this many consecutive partial steps the next step is computed fully (every token refreshed and
+    every output history entry renewed). 0 never refreshes (the paper's speedups count no refresh)."""
+
+    score_chunk: int = 1024
+    """Queries per chunk when computing the attention each token receives: the softmax is materialised for
+    `score_chunk` queries x all keys x heads at a time, never the full N x N map. Must be >= 1."""
+
+    score_every: int = 1
+    """Attention received is summed over every `score_every`-th attention layer (layer index % score_every
+    == 0, layers in execution order). 1 uses all layers as the paper; larger values make the side computation
+    proportionally cheaper. On partial steps only the computed queries (text + C1) are scored, which is all
+    the model computes. Must be >= 1."""
+
+    record_maps: bool = True
+    """Store per-step `importance` and `level` maps (image-token grid) in the trace."""
+
+    sync_timing: bool = True
+    """Synchronise CUDA around each step so traced times are real (costs a little overlap)."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        _check(num(self.cache_rate) and 0 <= self.cache_rate < 1, "cache_rate", "a number in [0, 1)", self.cache_rate)
+        _check(_is_int(self.spec_steps) and 1 <= self.spec_steps <= 16, "spec_steps", "an integer in 1..16",
+               self.spec_steps)
+        _check(isinstance(self.share_first_step, bool), "share_first_step", "a bool", self.share_first_step)
+        _check(num(self.c2_share) and 0 <= self.c2_share < 1, "c2_share", "a number in [0, 1)", self.c2_share)
+        _check(_is_int(self.history_window) and 1 <= self.history_window <= 8, "history_window",
+               "an integer in 1..8", self.history_window)
+        _check(num(self.starvation_scale) and 0 <= self.starvation_scale <= 50, "starvation_scale",
+               "a number in [0, 50]", self.starvation_scale)
+        _check(_is_int(self.warmup_steps) and self.warmup_steps >= 1, "warmup_steps",
+               "an integer >= 1 (partial steps need a computed history)", self.warmup_steps)
+        _check(_is_int(self.refresh_every) and self.refresh_every >= 0, "refresh_every",
+               "an integer >= 0 (0 = never)", self.refresh_every)
+        _check(_is_int(self.score_chunk) and self.score_chunk >= 1, "score_chunk", "an integer >= 1",
+               self.score_chunk)
+        _check(_is_int(self.score_every) and self.score_every >= 1, "score_every", "an integer >= 1",
+               self.score_every)
+        _check(isinstance(self.record_maps, bool), "record_maps", "a bool", self.record_maps)
+        _check(isinstance(self.sync_timing, bool), "sync_timing", "a bool", self.sync_timing)
+
+    def n_computed(self, n_image: int) -> int:
+        """C1 size for `n_image` image tokens."""
+        return min(n_image, max(1, int(round((1.0 - float(self.cache_rate)) * n_image))))

@@ -89,3 +89,58 @@ class Adapter:
     def image_tokens(self, block: BlockSpec, feature: str, layout: TokenLayout) -> slice:
         """Where the image tokens sit along dim 1 of a feature."""
         raise NotImplementedError
+
+    # ---- SpecDiff: token subsets, K/V-caching attention, re-running a step ---------------------
+    def attention_modules(self) -> list[nn.Module]:
+        """Every attention module whose processor SpecDiff replaces, in execution order."""
+        raise NotImplementedError
+
+    def kv_cache_processor(self, attn: nn.Module, layer: int, control):
+        """A processor for `attn` that keeps a K/V cache and scores attention received (accel.attention)."""
+        raise NotImplementedError
+
+    def set_attention_processor(self, attn: nn.Module, processor) -> None:
+        attn.set_processor(processor)
+
+    def get_attention_processor(self, attn: nn.Module):
+        return attn.processor
+
+    def joint_rows(self, layout: TokenLayout, image_index: torch.Tensor) -> torch.Tensor:
+        """Positions, in an attention layer's joint token sequence, of all text tokens and of the image tokens
+        `image_index`, in the order the subset call feeds them."""
+        raise NotImplementedError
+
+    def image_key_start(self, layout: TokenLayout) -> int:
+        """Where the image tokens start among an attention layer's keys."""
+        raise NotImplementedError
+
+    def call_latents(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The noisy latent tokens of a transformer call, [batch, image tokens, channels]."""
+        raise NotImplementedError
+
+    def with_call_inputs(self, args: tuple, kwargs: dict, latents: torch.Tensor | None = None,
+                         timestep: torch.Tensor | None = None, image_index: torch.Tensor | None = None):
+        """(args, kwargs) of the same call with other latents / timestep, or restricted to the image tokens
+        `image_index` (latents and their position ids), so the model computes only those image tokens."""
+        raise NotImplementedError
+
+    def call_timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The timestep argument of a transformer call."""
+        raise NotImplementedError
+
+    def model_timestep(self, sigma: float, scheduler, args: tuple, kwargs: dict) -> torch.Tensor:
+        """The transformer's timestep argument for noise level `sigma`, shaped and typed like the one of the
+        call (args, kwargs). Flow-matching schedulers: scheduler timestep = sigma * num_train_timesteps."""
+        t = float(sigma) * float(getattr(scheduler.config, "num_train_timesteps", 1000)) / self.timestep_scale
+        return torch.full_like(self.call_timestep(args, kwargs), t)
+
+    def output_sample(self, out) -> torch.Tensor:
+        """The model output tensor of a transformer call's return value (tuple or output dataclass)."""
+        return out[0] if isinstance(out, (tuple, list)) else out.sample
+
+    def with_output_sample(self, out, sample: torch.Tensor):
+        """`out` with its output tensor replaced by `sample`."""
+        if isinstance(out, (tuple, list)):
+            return type(out)([sample, *out[1:]])
+        out.sample = sample
+        return out

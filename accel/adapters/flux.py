@@ -91,6 +91,51 @@ class FluxAdapter(Adapter):
             return slice(layout.n_text, None)
         return slice(None) if feature in ("attn", "ff") else slice(0, 0)
 
+    # ---- SpecDiff ----------------------------------------------------------------------------
+    # FLUX attention: double blocks concatenate [text, image] queries/keys inside the processor; single
+    # blocks get [text, image] already concatenated. The rotary embedding is computed by the model from
+    # cat(txt_ids, img_ids), so restricting img_ids restricts RoPE to the same tokens.
+    def attention_modules(self) -> list:
+        t = self.transformer
+        return [b.attn for b in t.transformer_blocks] + [b.attn for b in t.single_transformer_blocks]
+
+    def kv_cache_processor(self, attn, layer: int, control):
+        from ..attention import FluxSpecDiffAttnProcessor
+
+        return FluxSpecDiffAttnProcessor(layer, control, attn.processor)
+
+    def joint_rows(self, layout: TokenLayout, image_index: torch.Tensor) -> torch.Tensor:
+        text = torch.arange(layout.n_text, device=image_index.device, dtype=image_index.dtype)
+        return torch.cat([text, image_index + layout.n_text])
+
+    def image_key_start(self, layout: TokenLayout) -> int:
+        return layout.n_text
+
+    def call_latents(self, args, kwargs) -> torch.Tensor:
+        return arg(args, kwargs, _M_HIDDEN, "hidden_states")
+
+    def call_timestep(self, args, kwargs) -> torch.Tensor:
+        return arg(args, kwargs, _M_TIMESTEP, "timestep")
+
+    def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None):
+        args, kwargs = list(args), dict(kwargs)
+
+        def put(pos: int, name: str, value) -> None:
+            if name in kwargs or pos >= len(args):
+                kwargs[name] = value
+            else:
+                args[pos] = value
+
+        hidden = latents if latents is not None else arg(args, kwargs, _M_HIDDEN, "hidden_states")
+        if timestep is not None:
+            put(_M_TIMESTEP, "timestep", timestep)
+        if image_index is not None:
+            hidden = hidden.index_select(1, image_index)
+            img_ids = arg(args, kwargs, _M_IMG_IDS, "img_ids")
+            put(_M_IMG_IDS, "img_ids", img_ids.index_select(img_ids.ndim - 2, image_index))
+        put(_M_HIDDEN, "hidden_states", hidden)
+        return tuple(args), kwargs
+
 
 def _gates(norm, temb, n_chunks: int, which: tuple[int, ...]) -> list[torch.Tensor]:
     """Only the gate chunks of an adaLN modulation, as [B, 1, dim]. A speculative step needs the gates
@@ -111,3 +156,6 @@ def _gates(norm, temb, n_chunks: int, which: tuple[int, ...]) -> list[torch.Tens
 
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+# Positions of the transformer's forward arguments (FluxTransformer2DModel.forward).
+_M_HIDDEN, _M_TIMESTEP, _M_IMG_IDS = 0, 3, 4

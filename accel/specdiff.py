@@ -1,0 +1,316 @@
+"""SpecDiff: self-speculative, multi-level token caching (arXiv 2509.13848; see docs/specdiff.md).
+
+Per cache context ("cond"/"uncond" under true CFG, each with its own state):
+
+1. Warm-up: the first `warmup_steps` steps run fully. Each layer's K/V (all tokens) is kept when the next
+   step is partial, and the attention every image token receives is scored (chunked, on the side).
+2. Speculative pre-run, right after the first step: the same model, `spec_steps` Euler steps
+   `x += (sigma_next - sigma) * v` over sigmas picked across the main schedule, from the same initial latents
+   and conditioning; at each of its timesteps the attention received per image token is recorded ("future").
+   Its first call is the main run's first step (same input, same timestep), so by default that step is
+   reused (`share_first_step`). Calls are recorded in `Trace.overhead` with their block cost.
+3. Partial steps: importance = history (attention received at the previous step) x future (at the nearest
+   speculative sigma) x exp(starvation_scale x consecutive steps cached). C1 = top tokens (computed), C2 =
+   bottom `c2_share` of importance mass (last output reused), C3 = the rest (weighted history of outputs).
+   Only text + C1 image tokens enter the model (latents and img_ids restricted; RoPE follows the ids); every
+   attention layer overwrites its K/V cache rows of those tokens and attends over the whole cache.
+
+"Value" = the model's output (velocity) per image token; a per-token history of the last `history_window`
+computed values is kept on the device ([window, batch, tokens, channels], newest first).
+
+Hooks: `SpecDiffModelHook` (a `StepDriverHook`) on the transformer; the attention processors of every
+attention module are replaced (`adapter.kv_cache_processor`) and restored by `Handle.remove`.
+One host sync per step, for the trace (level counts and maps); the compute path has none.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .adapters import Adapter
+from .attention import FULL as A_FULL
+from .attention import PARTIAL as A_PARTIAL
+from .attention import AttnControl
+from .config import SpecDiffConfig
+from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
+from .trace import FULL, PARTIAL, StepRecord
+
+HOOK_NAME = "speclab_specdiff"
+_TINY = 1e-12
+
+
+def history_weights(window: int, available: torch.Tensor) -> torch.Tensor:
+    """C3 weights, [window, tokens] float32: e^-i for the i-th most recent computed output (i = 1..window),
+    zero where a token has fewer than i outputs (`available` [tokens]), normalised to sum 1 per token."""
+    i = torch.arange(1, window + 1, device=available.device, dtype=torch.float32)
+    w = torch.exp(-i)[:, None] * (i[:, None] <= available[None, :].float())
+    return w / w.sum(0, keepdim=True).clamp_min(_TINY)
+
+
+def normalise_scores(scores: torch.Tensor) -> torch.Tensor:
+    """[B, N] attention received -> [N]: each sample scaled to mean 1, then averaged over the batch
+    (C1 is shared by the batch: the model runs one token subset)."""
+    s = scores.float()
+    return (s / s.mean(dim=-1, keepdim=True).clamp_min(_TINY)).mean(dim=0)
+
+
+def assign_levels(score: torch.Tensor, n_c1: int, c2_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C1 indices sorted ascending [n_c1], level per token [N] in {1, 2, 3}) from importance `score` [N] >= 0.
+
+    C1: the `n_c1` highest scores. C2: the lowest scores whose cumulative sum (ascending) stays within
+    `c2_share` of the total score. C3: the rest. C1 wins over C2 where they overlap."""
+    c1 = torch.topk(score, n_c1, sorted=False).indices.sort().values
+    vals, order = score.sort()
+    csum = vals.cumsum(0)
+    low = csum <= c2_share * csum[-1]
+    level = torch.empty_like(order)
+    level.scatter_(0, order, torch.where(low, 2, 3))
+    level.index_fill_(0, c1, 1)
+    return c1, level
+
+
+class SpecDiffState(RunState):
+    def reset(self, *args, **kwargs) -> None:
+        super().reset()
+        self.first_step: int | None = None
+        self.any_partial = False
+        self.kv: dict = {}
+        self.hist: torch.Tensor | None = None  # [W, B, N, C] outputs per image token, newest first
+        self.hist_count: torch.Tensor | None = None  # [N] how many history entries exist
+        self.cached_for: torch.Tensor | None = None  # [N] consecutive steps not computed
+        self.his: torch.Tensor | None = None  # [N] attention received at the last step (normalised)
+        self.fut: torch.Tensor | None = None  # [S, N] attention received at the speculative sigmas
+        self.fut_sigmas: list[float] = []
+        self.prerun: dict | None = None  # inputs of the first step, while the pre-run is pending
+        self.consecutive_partial = 0
+
+
+class SpecDiffModelHook(StepDriverHook):
+    method = "specdiff"
+
+    def __init__(self, pipe, adapter: Adapter, config: SpecDiffConfig, state_cls, handle: Handle):
+        super().__init__(pipe, adapter, config, state_cls, handle)
+        self.control = AttnControl(config.score_every, config.score_chunk)
+        self.attn_modules = adapter.attention_modules()
+
+    # ---- schedule ------------------------------------------------------------------------
+    def _scheduled_partial(self, step: int, num_steps: int, state: SpecDiffState) -> bool:
+        """Partial by the schedule alone (warm-up, refresh, cache rate); readiness is checked separately."""
+        cfg: SpecDiffConfig = self.config
+        n = state.layout.n_image
+        if step >= num_steps or cfg.n_computed(n) >= n:
+            return False
+        p = step - state.first_step - cfg.warmup_steps
+        if p < 0:
+            return False
+        return not (cfg.refresh_every and (p + 1) % (cfg.refresh_every + 1) == 0)
+
+    def _plan(self, info: StepInfo, state: SpecDiffState) -> tuple[bool, str]:
+        cfg: SpecDiffConfig = self.config
+        if cfg.n_computed(state.layout.n_image) >= state.layout.n_image:
+            return False, "no_cache"
+        if info.step - state.first_step < cfg.warmup_steps:
+            return False, "warmup"
+        if not self._scheduled_partial(info.step, info.num_steps, state):
+            return False, "refresh"
+        if state.his is None or state.fut is None or state.hist is None or len(state.kv) < len(self.attn_modules):
+            return False, "no_history"
+        return True, "partial"
+
+    # ---- main step -------------------------------------------------------------------------
+    def run_step(self, module, args, kwargs, info: StepInfo, state: SpecDiffState, rec: StepRecord):
+        cfg: SpecDiffConfig = self.config
+        layout = state.layout
+        n_img = layout.n_image
+        if state.first_step is None:
+            state.first_step = info.step
+            state.any_partial = cfg.n_computed(n_img) < n_img and info.step + cfg.warmup_steps < info.num_steps
+        partial, reason = self._plan(info, state)
+        next_partial = self._scheduled_partial(info.step + 1, info.num_steps, state)
+        prerun_here = state.any_partial and state.first_step == info.step
+        rec.reason = reason
+        rec.tokens_total = n_img
+        ctl = self.control
+        try:
+            if partial:
+                out = self._partial_step(args, kwargs, info, state, rec, next_partial)
+            else:
+                score = next_partial or (prerun_here and cfg.share_first_step)
+                ctl.begin(A_FULL, state.kv, store_kv=next_partial, score=score,
+                          key_start=self.adapter.image_key_start(layout))
+                if not next_partial:
+                    state.kv.clear()
+                out = self.fn_ref.original_forward(*args, **kwargs)
+                sample = self.adapter.output_sample(out)
+                self._after_full(state, sample, rec)
+                if prerun_here:
+                    state.prerun = {"args": args, "kwargs": kwargs, "sample": sample,
+                                    "scores": None if ctl.scores is None else normalise_scores(ctl.scores)}
+        finally:
+            ctl.end()
+        return out
+
+    def _after_full(self, state: SpecDiffState, sample: torch.Tensor, rec: StepRecord) -> None:
+        cfg: SpecDiffConfig = self.config
+        ctl = self.control
+        n_img = state.layout.n_image
+        rec.decision = FULL
+        rec.tokens_computed = n_img
+        state.blocks_computed = float(self.n_blocks)
+        state.consecutive_partial = 0
+        state.his = normalise_scores(ctl.scores) if ctl.scores is not None else None
+        if state.any_partial:
+            w = cfg.history_window
+            if state.hist is None:
+                state.hist = sample.new_zeros((w, *sample.shape))
+                state.hist_count = torch.zeros(n_img, dtype=torch.long, device=sample.device)
+                state.cached_for = torch.zeros(n_img, dtype=torch.float32, device=sample.device)
+            state.hist = torch.roll(state.hist, 1, dims=0)
+            state.hist[0] = sample
+            state.hist_count.add_(1).clamp_(max=w)
+            state.cached_for.zero_()
+        rec.extra = {"c1": n_img, "c2": 0, "c3": 0, "score_pairs": ctl.score_pairs, "score_layers": ctl.score_layers}
+        if cfg.record_maps:
+            h = state.layout.grid
+            rec.maps["level"] = torch.ones(h, dtype=torch.int8).tolist()
+
+    def _partial_step(self, args, kwargs, info: StepInfo, state: SpecDiffState, rec: StepRecord, next_partial: bool):
+        cfg: SpecDiffConfig = self.config
+        adapter, ctl, layout = self.adapter, self.control, state.layout
+        n_img, n_text = layout.n_image, layout.n_text
+        n_c1 = cfg.n_computed(n_img)
+
+        # importance = his * fut * exp(s * cached), in log space (no overflow), scaled to max 1
+        j = min(range(len(state.fut_sigmas)), key=lambda k: abs(state.fut_sigmas[k] - (info.sigma or 0.0)))
+        logs = (torch.log(state.his + _TINY) + torch.log(state.fut[j] + _TINY)
+                + float(cfg.starvation_scale) * state.cached_for)
+        score = torch.exp(logs - logs.max())
+        c1, level = assign_levels(score, n_c1, float(cfg.c2_share))
+
+        # the model on text + C1 only; attention over every token through the K/V caches
+        rows = adapter.joint_rows(layout, c1)
+        ctl.begin(A_PARTIAL, state.kv, store_kv=False, score=next_partial, rows=rows,
+                  key_start=adapter.image_key_start(layout))
+        sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1)
+        out = self.fn_ref.original_forward(*sub_args, **sub_kwargs)
+        new = adapter.output_sample(out)  # [B, n_c1, C]
+        state.his = normalise_scores(ctl.scores) if ctl.scores is not None else None
+
+        # assemble: C2 = last value, C3 = weighted history, C1 = new
+        hist = state.hist
+        w = history_weights(cfg.history_window, state.hist_count)  # [W, N]
+        weighted = torch.einsum("wn,wbnc->bnc", w, hist.float()).to(hist.dtype)
+        full = torch.where((level == 2)[None, :, None], hist[0], weighted)
+        full.index_copy_(1, c1, new.to(full.dtype))
+
+        # history of C1 tokens shifts by one; the others keep theirs
+        sub = hist.index_select(2, c1)
+        hist.index_copy_(2, c1, torch.cat([new.to(hist.dtype).unsqueeze(0), sub[:-1]], dim=0))
+        state.hist_count.index_add_(0, c1, torch.ones_like(c1)).clamp_(max=cfg.history_window)
+        state.cached_for.add_(1.0).index_fill_(0, c1, 0.0)
+        state.consecutive_partial += 1
+
+        rec.decision = PARTIAL
+        rec.tokens_computed = n_c1
+        state.blocks_computed = self.n_blocks * (n_text + n_c1) / (n_text + n_img)
+        counts = torch.stack([(level == k).sum() for k in (1, 2, 3)]).float()
+        if cfg.record_maps:
+            packed = torch.cat([counts, score.float(), level.float()]).cpu()  # the step's one host sync
+            rec.maps["importance"] = packed[3:3 + n_img].reshape(layout.grid).tolist()
+            rec.maps["level"] = packed[3 + n_img:].to(torch.int8).reshape(layout.grid).tolist()
+        else:
+            packed = counts.cpu()
+        c = [int(x) for x in packed[:3].tolist()]
+        rec.extra = {"c1": c[0], "c2": c[1], "c3": c[2], "score_pairs": ctl.score_pairs,
+                     "score_layers": ctl.score_layers, "spec_sigma": state.fut_sigmas[j]}
+        return adapter.with_output_sample(out, full.to(new.dtype))
+
+    # ---- speculative pre-run -------------------------------------------------------------------
+    def _call(self, module, args, kwargs):
+        out = super()._call(module, args, kwargs)
+        state: SpecDiffState = self.states.get_state()
+        if state.prerun is not None:
+            try:
+                self._prerun(module, state)
+            finally:
+                state.prerun = None
+                self.control.end()
+        return out
+
+    def _prerun(self, module, state: SpecDiffState) -> None:
+        cfg: SpecDiffConfig = self.config
+        adapter, ctl, layout = self.adapter, self.control, state.layout
+        sched = self.pipe.scheduler
+        pre = state.prerun
+        args, kwargs = pre["args"], pre["kwargs"]
+        sigmas = [float(s) for s in sched.sigmas.detach().float().cpu()[state.first_step:]]
+        total = len(sigmas) - 1  # the last entry is the terminal sigma
+        picks = [int(round(j * total / cfg.spec_steps)) for j in range(cfg.spec_steps + 1)]
+        x = adapter.call_latents(args, kwargs)
+        n_train = float(getattr(sched.config, "num_train_timesteps", 1000))
+        trace = self.handle._current
+        context = self.states.context.name
+        on_cuda = cfg.sync_timing and torch.cuda.is_available() and x.device.type == "cuda"
+        fut, fut_sigmas = [], []
+        for j in range(cfg.spec_steps):
+            s, s_next = sigmas[picks[j]], sigmas[picks[j + 1]]
+            if j == 0 and cfg.share_first_step and pre["scores"] is not None:
+                v, scores = pre["sample"], pre["scores"]
+            else:
+                if on_cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                ctl.begin(A_FULL, None, store_kv=False, score=True, key_start=adapter.image_key_start(layout))
+                a, k = adapter.with_call_inputs(args, kwargs, latents=x,
+                                                timestep=adapter.model_timestep(s, sched, args, kwargs))
+                v = adapter.output_sample(self.fn_ref.original_forward(*a, **k))
+                scores = normalise_scores(ctl.scores)
+                rec = StepRecord(step=j, num_steps=cfg.spec_steps, context=context, timestep=s * n_train, sigma=s,
+                                 decision=FULL, reason="prerun", blocks_computed=float(self.n_blocks),
+                                 blocks_total=self.n_blocks, tokens_computed=layout.n_image,
+                                 tokens_total=layout.n_image,
+                                 extra={"score_pairs": ctl.score_pairs, "score_layers": ctl.score_layers})
+                ctl.end()
+                if on_cuda:
+                    torch.cuda.synchronize()
+                rec.time_ms = (time.perf_counter() - start) * 1000.0
+                if trace is not None:
+                    trace.overhead.append(rec)
+            fut.append(scores)
+            fut_sigmas.append(s)
+            if j + 1 < cfg.spec_steps:
+                x = (x.float() + (s_next - s) * v.float()).to(x.dtype)
+        state.fut = torch.stack(fut)
+        state.fut_sigmas = fut_sigmas
+        if trace is not None:
+            trace.meta.setdefault("prerun", {})[context] = {
+                "sigmas": fut_sigmas, "calls": sum(1 for r in trace.overhead if r.context == context),
+                "shared_first_step": bool(cfg.share_first_step),
+            }
+
+    def reset_state(self, module):
+        self.control.end()
+        return super().reset_state(module)
+
+
+def attach_specdiff(pipe, adapter: Adapter, config: SpecDiffConfig) -> Handle:
+    handle = Handle(pipe, adapter, "specdiff", config, HOOK_NAME)
+    driver = SpecDiffModelHook(pipe, adapter, config, SpecDiffState, handle)
+    modules = driver.attn_modules
+    originals = [adapter.get_attention_processor(m) for m in modules]
+    for layer, m in enumerate(modules):
+        adapter.set_attention_processor(m, adapter.kv_cache_processor(m, layer, driver.control))
+
+    def restore() -> None:
+        for m, p in zip(modules, originals):
+            adapter.set_attention_processor(m, p)
+
+    handle.cleanups.append(restore)
+    register(adapter.transformer, driver, HOOK_NAME)
+    return handle
+
+
+__all__ = ["SpecDiffModelHook", "SpecDiffState", "assign_levels", "attach_specdiff", "history_weights",
+           "normalise_scores"]
