@@ -10,6 +10,7 @@ Importable without Gradio or Plotly.
 """
 
 from .api import apply, register_method
+from .baselines import FirstBlockConfig, FullConfig, TaylorSeerConfig
 from .config import SpeCaConfig, SpecDiffConfig
 from .runtime import Handle
 from .specdiff import attach_specdiff
@@ -18,4 +19,5 @@ from .trace import StepRecord, Trace
 register_method(SpecDiffConfig, attach_specdiff)
 
 __all__ = ["Handle", "SpeCaConfig", "SpecDiffConfig", "StepRecord", "Trace", "apply"]
+__all__ += ["FirstBlockConfig", "FullConfig", "TaylorSeerConfig"]
 __version__ = "0.1.0"
