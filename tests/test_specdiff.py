@@ -1,0 +1,389 @@
+"""SpecDiff on a tiny random FLUX: exactness, real token savings, levels, K/V caching, scores, isolation, CFG."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import accel
+from accel.adapters import TokenLayout, adapter_for
+from accel.attention import AttnControl, attention_received
+from accel.specdiff import assign_levels, history_weights
+from tiny import TXT_LEN, embeds, run, tiny_flux_pipe
+
+STEPS = 12
+SIZE = 128  # 8 x 8 = 64 image tokens
+N_IMG = 64
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_flux_pipe()
+
+
+@pytest.fixture(scope="module")
+def baseline(pipe):
+    return run(pipe, STEPS, size=SIZE)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---- exactness ----------------------------------------------------------------------------------------
+def test_cache_rate_zero_is_bit_identical_and_remove_restores(pipe, baseline):
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.0)) as h:
+        out = run(pipe, STEPS, size=SIZE)
+        s = h.trace.summary()
+    assert torch.equal(out, baseline)
+    assert s["partial_steps"] == 0 and s["overhead_calls"] == 0 and s["ideal_speedup"] == 1.0
+    h2 = accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9))
+    assert not torch.equal(run(pipe, STEPS, size=SIZE), baseline)
+    h2.remove()
+    assert torch.equal(run(pipe, STEPS, size=SIZE), baseline)
+    assert all(type(b.attn.processor).__name__ == "FluxAttnProcessor" for b in pipe.transformer.transformer_blocks)
+
+
+def test_full_steps_with_kv_and_scores_are_bit_identical(pipe):
+    """Warm-up steps run through our processor (keeping K/V, scoring attention) and the pre-run runs in
+    between: the latents after every warm-up step are still exactly the plain pipeline's."""
+    def grab(store):
+        def cb(p, i, t, kw):
+            store.append(kw["latents"].clone())
+            return kw
+        return cb
+
+    plain, ours = [], []
+    run(pipe, STEPS, size=SIZE, callback_on_step_end=grab(plain))
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9, warmup_steps=4, spec_steps=3)) as h:
+        run(pipe, STEPS, size=SIZE, callback_on_step_end=grab(ours))
+        trace = h.trace
+    assert [r.decision for r in trace.steps[:5]] == ["full"] * 4 + ["partial"]
+    assert trace.steps[3].extra["score_layers"] == 5  # the last warm-up step scored every layer
+    for i in range(4):
+        assert torch.equal(ours[i], plain[i]), i
+    assert not torch.equal(ours[4], plain[4])
+
+
+def test_processor_full_path_matches_diffusers_processor_bitwise(pipe):
+    t = pipe.transformer
+    ad = adapter_for(t)
+    ctl = AttnControl(score_every=1, score_chunk=3)
+    g = torch.Generator().manual_seed(3)
+    for layer, attn in enumerate(ad.attention_modules()):
+        x = torch.randn(2, 20, t.inner_dim, generator=g)
+        ctx = torch.randn(2, TXT_LEN, t.inner_dim, generator=g) if attn.added_kv_proj_dim is not None else None
+        n = 20 + (TXT_LEN if ctx is not None else 0)
+        rope = t.pos_embed(torch.randint(0, 8, (n, 3), generator=g).float())
+        ref = attn.processor(attn, x, ctx, None, rope)
+        proc = ad.kv_cache_processor(attn, layer, ctl)
+        kv = {}
+        ctl.begin("full", kv, store_kv=True, score=True, key_start=TXT_LEN if ctx is not None else 0)
+        ours = proc(attn, x, ctx, None, rope)
+        ctl.end()
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        ours = ours if isinstance(ours, tuple) else (ours,)
+        assert all(torch.equal(a, b) for a, b in zip(refs, ours))
+        assert layer in kv and kv[layer][0].shape[1] == n
+
+
+def test_partial_call_with_fresh_cache_reproduces_full_outputs(pipe):
+    """K/V mechanics: cache every layer's K/V on a full call, then run only some image tokens (latents and
+    img_ids restricted, text kept) on the same input: their outputs equal the full call's."""
+    t = pipe.transformer
+    ad = adapter_for(t)
+    mods = ad.attention_modules()
+    originals = [m.processor for m in mods]
+    ctl = AttnControl()
+    for i, m in enumerate(mods):
+        m.set_processor(ad.kv_cache_processor(m, i, ctl))
+    try:
+        g = torch.Generator().manual_seed(0)
+        pe, pooled = embeds()
+        ids = torch.zeros(8, 8, 3)
+        ids[..., 1] += torch.arange(8)[:, None]
+        ids[..., 2] += torch.arange(8)[None, :]
+        kw = dict(hidden_states=torch.randn(1, N_IMG, 16, generator=g), encoder_hidden_states=pe,
+                  pooled_projections=pooled, timestep=torch.tensor([0.7]), img_ids=ids.reshape(-1, 3),
+                  txt_ids=torch.zeros(TXT_LEN, 3), return_dict=False)
+        kv = {}
+        ctl.begin("full", kv, store_kv=True, score=False)
+        full = t(**kw)[0]
+        ctl.end()
+        idx = torch.tensor([40, 3, 10, 11, 63])  # any order: rows follow the index
+        layout = TokenLayout(grid=(8, 8), n_text=TXT_LEN)
+        ctl.begin("partial", kv, store_kv=False, score=True, rows=ad.joint_rows(layout, idx), key_start=TXT_LEN)
+        a, k = ad.with_call_inputs((), kw, image_index=idx)
+        part = t(*a, **k)[0]
+        ctl.end()
+        assert part.shape == (1, 5, 16)
+        torch.testing.assert_close(part, full[:, idx], rtol=1e-4, atol=1e-5)
+    finally:
+        for m, p in zip(mods, originals):
+            m.set_processor(p)
+
+
+# ---- real savings ---------------------------------------------------------------------------------------
+class RowCounter:
+    """Rows entering leaf nn.Linears (plain torch forward hooks), one record per transformer call; a call
+    starts at `x_embedder` (the pre-run calls bypass the transformer's own __call__)."""
+
+    def __init__(self, transformer):
+        self.calls: list[dict] = []
+        self.handles = []
+        for name, m in transformer.named_modules():
+            if isinstance(m, nn.Linear):
+                self.handles.append(m.register_forward_hook(self._hit(name)))
+
+    def _hit(self, name):
+        def hook(mod, inputs, out):
+            x = inputs[0]
+            rows = x.numel() // x.shape[-1] if x.ndim > 2 else 0  # temb/pooled linears: not token rows
+            if name == "x_embedder":
+                self.calls.append({})
+            if rows:
+                self.calls[-1][name] = rows
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_blocks_process_only_c1_tokens(pipe):
+    counter = RowCounter(pipe.transformer)
+    try:
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9, spec_steps=3)) as h:
+            run(pipe, STEPS, size=SIZE)
+            trace = h.trace
+    finally:
+        counter.close()
+    # call order: step 0, the pre-run (its first call shared with step 0), steps 1..
+    expected = [trace.steps[0].tokens_computed] + [r.tokens_computed for r in trace.overhead] + [
+        r.tokens_computed for r in trace.steps[1:]]
+    assert len(trace.overhead) == 2 and len(counter.calls) == len(expected) == STEPS + 2
+    n1 = round(0.1 * N_IMG)
+    assert [r.tokens_computed for r in trace.steps] == [N_IMG] * 4 + [n1] * (STEPS - 4)
+    for rows, n in zip(counter.calls, expected):
+        assert rows["x_embedder"] == n and rows["proj_out"] == n
+        assert rows["transformer_blocks.0.attn.to_q"] == n  # image stream of a double block
+        assert rows["transformer_blocks.1.ff.net.2"] == n
+        assert rows["transformer_blocks.0.attn.add_q_proj"] == TXT_LEN  # text always computed
+        assert rows["single_transformer_blocks.2.attn.to_k"] == TXT_LEN + n  # joint stream
+        assert rows["single_transformer_blocks.0.proj_mlp"] == TXT_LEN + n
+    # cost accounting: partial blocks = n_blocks * (text + C1) / (text + all), the pre-run counted in
+    part = [r for r in trace.steps if r.decision == "partial"]
+    assert all(math.isclose(r.blocks_computed, 5 * (TXT_LEN + n1) / (TXT_LEN + N_IMG)) for r in part)
+    s = trace.summary()
+    done = 4 * 5 + len(part) * 5 * (TXT_LEN + n1) / (TXT_LEN + N_IMG) + 2 * 5
+    assert s["ideal_speedup"] == round(STEPS * 5 / done, 4) and s["overhead_calls"] == 2
+
+
+def test_share_first_step_only_saves_a_call(pipe):
+    outs, traces = [], []
+    for share in (True, False):
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, share_first_step=share)) as h:
+            outs.append(run(pipe, STEPS, size=SIZE))
+            traces.append(h.trace)
+    assert torch.equal(outs[0], outs[1])
+    assert [len(t.overhead) for t in traces] == [1, 2]
+    assert traces[1].overhead[0].sigma == traces[1].steps[0].sigma
+    assert traces[0].meta["prerun"]["cond"]["sigmas"] == traces[1].meta["prerun"]["cond"]["sigmas"]
+
+
+# ---- levels, importance, history ------------------------------------------------------------------------
+def test_level_maps_partition_tokens_and_trace_fields(pipe, tmp_path):
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.75, c2_share=0.2)) as h:
+        run(pipe, STEPS, size=SIZE)
+        trace = h.trace
+    n1 = N_IMG // 4
+    for r in trace.steps:
+        lv = torch.tensor(r.maps["level"])
+        assert lv.shape == (8, 8) and r.tokens_total == N_IMG
+        counts = [int((lv == k).sum()) for k in (1, 2, 3)]
+        assert sum(counts) == N_IMG and counts == [r.extra["c1"], r.extra["c2"], r.extra["c3"]]
+        assert counts[0] == r.tokens_computed
+        if r.decision == "partial":
+            assert counts[0] == n1 and counts[1] > 0 and counts[2] > 0
+            imp = torch.tensor(r.maps["importance"])
+            assert imp.shape == (8, 8) and imp.max() == 1.0 and (imp >= 0).all()
+            # C1 = the top scores; C2 = the lowest, holding at most c2_share of the mass
+            assert imp[lv == 1].min() >= imp[lv != 1].max()
+            assert imp[lv == 2].sum() <= 0.2 * imp.sum() + 1e-6
+            assert imp[lv == 2].max() <= imp[lv == 3].min()
+            assert r.extra["spec_sigma"] in trace.meta["prerun"]["cond"]["sigmas"]
+            assert (r.extra["score_pairs"] > 0) == (r.step < STEPS - 1)  # the last step's scores are unused
+        else:
+            assert counts == [N_IMG, 0, 0]
+    back = accel.Trace.from_json(trace.to_json())
+    assert back.steps[6].maps == trace.steps[6].maps and len(back.overhead) == 1
+
+
+def test_starvation_refreshes_every_token():
+    p = tiny_flux_pipe(seed=2)
+    steps = 40
+    with accel.apply(p, accel.SpecDiffConfig(cache_rate=0.9)) as h:
+        out = run(p, steps, size=SIZE)
+        trace = h.trace
+    assert torch.isfinite(out).all()
+    partial = [torch.tensor(r.maps["level"]) == 1 for r in trace.steps if r.decision == "partial"]
+    assert len(partial) == steps - 4
+    assert torch.stack(partial).any(0).all()  # every token computed on some partial step
+    # without the starvation term the same run leaves some token cached throughout
+    with accel.apply(p, accel.SpecDiffConfig(cache_rate=0.9, starvation_scale=0.0)) as h:
+        run(p, steps, size=SIZE)
+        never = [torch.tensor(r.maps["level"]) == 1 for r in h.trace.steps if r.decision == "partial"]
+    assert not torch.stack(never).any(0).all()
+
+
+def test_assign_levels_by_hand():
+    score = torch.tensor([0.05, 0.5, 0.01, 1.0, 0.02, 0.3, 0.04, 0.08])
+    c1, level = assign_levels(score, 2, 0.05)
+    assert c1.tolist() == [1, 3]
+    # ascending: .01 (2) .02 (4) .04 (6) .05 (0) ... cumsum .01 .03 .07 > 0.05 * 2.0 = 0.1? .07 <= .1, .12 > .1
+    assert level.tolist() == [3, 1, 2, 1, 2, 3, 2, 3]
+
+
+def test_history_weights_are_normalised_exponential():
+    w = history_weights(3, torch.tensor([3, 2, 1, 0]))
+    e = torch.exp(-torch.arange(1.0, 4.0))
+    torch.testing.assert_close(w[:, 0], e / e.sum())
+    torch.testing.assert_close(w[:, 1], torch.cat([e[:2] / e[:2].sum(), torch.zeros(1)]))
+    torch.testing.assert_close(w[:, 2], torch.tensor([1.0, 0.0, 0.0]))
+    assert w[:, 3].sum() == 0  # no history: nothing (never used: warm-up fills every token)
+
+
+def test_c3_is_weighted_history_and_c2_last_value(pipe):
+    """After the run, rebuild one partial step's output from the recorded model outputs per token."""
+    outs = []
+    hook_target = pipe.transformer
+
+    def keep(mod, args, kwargs, out):
+        outs.append(out[0].clone())
+
+    hh = hook_target.register_forward_hook(keep, with_kwargs=True)
+    try:
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2)) as h:
+            run(pipe, 8, size=SIZE)
+            trace = h.trace
+    finally:
+        hh.remove()
+    levels = [torch.tensor(r.maps["level"]).flatten() for r in trace.steps]
+    # per token: its computed outputs so far (newest last); outs[i] is what step i returned
+    computed: list[list[torch.Tensor]] = [[] for _ in range(N_IMG)]
+    e = torch.exp(-torch.arange(1.0, 4.0))
+    for i, (lv, out) in enumerate(zip(levels, outs)):
+        for tok in range(N_IMG):
+            hist = computed[tok][::-1][:3]  # newest first
+            if lv[tok] == 2:
+                assert torch.equal(out[0, tok], hist[0])
+            elif lv[tok] == 3:
+                w = e[: len(hist)] / e[: len(hist)].sum()
+                ref = sum(wi * hi for wi, hi in zip(w, hist))
+                torch.testing.assert_close(out[0, tok], ref, rtol=1e-5, atol=1e-6)
+            else:
+                computed[tok].append(out[0, tok])
+
+
+# ---- the chunked score ------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk,key_start", [(1, 0), (3, 4), (7, 5), (100, 2)])
+def test_attention_received_equals_naive_softmax(chunk, key_start):
+    g = torch.Generator().manual_seed(chunk)
+    q = torch.randn(2, 11, 3, 8, generator=g)
+    k = torch.randn(2, 13, 3, 8, generator=g)
+    naive = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8), dim=-1)
+    expect = naive.mean(dim=1).mean(dim=1)[:, key_start:]  # head-averaged column means
+    got = attention_received(q, k, key_start=key_start, chunk=chunk)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-7)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(attention_received(q, k, chunk=chunk).sum(-1), torch.ones(2))
+
+
+# ---- isolation, CFG, configs -------------------------------------------------------------------------
+def test_interleaved_pipelines_do_not_share_state():
+    a, b = tiny_flux_pipe(seed=0), tiny_flux_pipe(seed=5)
+    cfg = accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2)
+    with accel.apply(a, cfg):
+        alone_a = run(a, STEPS, size=SIZE)
+    with accel.apply(b, cfg):
+        alone_b = run(b, STEPS, seed=3, size=SIZE)
+    ha, hb = accel.apply(a, cfg), accel.apply(b, cfg)
+    inner = {}
+
+    def in_the_middle(p, i, t, kw):
+        if i == 5:
+            inner["b"] = run(b, STEPS, seed=3, size=SIZE)
+        return kw
+
+    out_a = run(a, STEPS, size=SIZE, callback_on_step_end=in_the_middle)
+    assert torch.equal(out_a, alone_a) and torch.equal(inner["b"], alone_b)
+    assert torch.equal(run(a, STEPS, size=SIZE), alone_a)  # a second run starts clean
+    assert len(ha.traces) == 2 and len(hb.traces) == 1
+    ha.remove(), hb.remove()
+
+
+def test_true_cfg_keeps_separate_states(pipe):
+    pe, pooled = embeds(seed=1)
+    ne, npooled = embeds(seed=2)
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=ne,
+              negative_pooled_prompt_embeds=npooled, true_cfg_scale=3.0, height=SIZE, width=SIZE,
+              num_inference_steps=STEPS, output_type="latent")
+    base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.0)):
+        assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kw).images, base)
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8)) as h:
+        out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+        trace = h.trace
+    assert torch.isfinite(out).all() and rel(out, base) < 0.5
+    assert trace.contexts() == ["cond", "uncond"]
+    cond, uncond = trace.for_context("cond"), trace.for_context("uncond")
+    assert len(cond) == len(uncond) == STEPS
+    assert sorted(r.context for r in trace.overhead) == ["cond", "uncond"]  # one pre-run per branch
+    assert set(trace.meta["prerun"]) == {"cond", "uncond"}
+    # each branch ranks its own tokens
+    assert any(c.maps["importance"] != u.maps["importance"] for c, u in zip(cond, uncond) if c.decision == "partial")
+
+
+def test_batch_shares_one_token_subset(pipe):
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8)) as h:
+        out = run(pipe, STEPS, batch=2, size=SIZE)
+        trace = h.trace
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert trace.summary()["partial_steps"] == STEPS - 4
+
+
+def test_refresh_every_and_score_every(pipe):
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2, refresh_every=3,
+                                                score_every=2)) as h:
+        run(pipe, STEPS, size=SIZE)
+        trace = h.trace
+    kinds = "".join("F" if r.decision == "full" else "p" for r in trace.steps)
+    assert kinds == "FFpppFpppFpp"
+    assert [r.reason for r in trace.steps[:6]] == ["warmup", "warmup", "partial", "partial", "partial", "refresh"]
+    # 5 attention layers, every 2nd scored: 0, 2, 4
+    # scores are computed only where the next step is partial (it needs them): 5 layers, every 2nd -> 3
+    scored = [r.extra["score_layers"] for r in trace.steps]
+    assert scored == [3, 3, 3, 3, 0, 3, 3, 3, 0, 3, 3, 0]  # step 0: the shared pre-run call
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(cache_rate=1.0), "cache_rate"), (dict(cache_rate=-0.1), "cache_rate"), (dict(cache_rate="x"), "cache_rate"),
+    (dict(spec_steps=0), "spec_steps"), (dict(spec_steps=2.0), "spec_steps"), (dict(c2_share=1.0), "c2_share"),
+    (dict(history_window=0), "history_window"), (dict(history_window=9), "history_window"),
+    (dict(starvation_scale=-1), "starvation_scale"), (dict(warmup_steps=0), "warmup_steps"),
+    (dict(refresh_every=-1), "refresh_every"), (dict(score_chunk=0), "score_chunk"),
+    (dict(score_every=0), "score_every"), (dict(share_first_step=1), "share_first_step"),
+    (dict(record_maps="yes"), "record_maps"),
+])
+def test_bad_config_raises_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        accel.SpecDiffConfig(**kwargs)
+
+
+def test_config_round_trip_and_one_method_at_a_time(pipe):
+    cfg = accel.SpecDiffConfig(cache_rate=0.95, spec_steps=3)
+    assert accel.SpecDiffConfig.from_dict(cfg.to_dict()) == cfg
+    with accel.apply(pipe, cfg):
+        with pytest.raises(ValueError, match="already attached"):
+            accel.apply(pipe, accel.SpeCaConfig())
