@@ -263,8 +263,11 @@ class SpecDiffModelHook(StepDriverHook):
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 ctl.begin(A_FULL, None, store_kv=False, score=True, key_start=adapter.image_key_start(layout))
-                a, k = adapter.with_call_inputs(args, kwargs, latents=x,
-                                                timestep=adapter.model_timestep(s, sched, args, kwargs))
+                if j == 0:  # the first step's own call (same latents, same timestep tensor)
+                    a, k = args, kwargs
+                else:
+                    a, k = adapter.with_call_inputs(args, kwargs, latents=x,
+                                                    timestep=adapter.model_timestep(s, sched, args, kwargs))
                 v = adapter.output_sample(self.fn_ref.original_forward(*a, **k))
                 scores = normalise_scores(ctl.scores)
                 rec = StepRecord(step=j, num_steps=cfg.spec_steps, context=context, timestep=s * n_train, sigma=s,
