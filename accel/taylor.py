@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from .kernels import forecast_add
+
 Features = dict[str, torch.Tensor]
 
 
@@ -55,21 +57,48 @@ class TaylorForecaster:
             self.terms[name] = new
         self.nodes = ([x] + old_nodes)[: self.order + 1]
 
-    def predict(self, x: float) -> Features:
+    def coefficients(self, x: float) -> list[float]:
+        """The forecast at x is sum_i c_i * terms[i]; these are the c_i."""
+        m = len(self.nodes) - 1 if self.nodes else 0
+        m = min(m, self.order)
+        if self.form == "newton":  # d0 + (x-x0) d1 + (x-x0)(x-x1) d2 + ...
+            coefs, prod = [1.0], 1.0
+            for i in range(m):
+                prod *= x - self.nodes[i]
+                coefs.append(prod)
+            return coefs
+        k = x - self.nodes[0]  # reference: sum_i D[i] k^i / i!
+        return [k**i / math.factorial(i) for i in range(m + 1)]
+
+    def predict(self, x: float) -> "Forecast":
         if not self.ready:
             raise RuntimeError("TaylorForecaster.predict before any full step")
-        out = {}
-        for name, terms in self.terms.items():
-            m = len(terms) - 1
-            if self.form == "newton":
-                # Horner in Newton form: p = d0 + (x-x0)(d1 + (x-x1)(d2 + ...))
-                p = terms[m]
-                for i in range(m - 1, -1, -1):
-                    p = torch.add(terms[i], p, alpha=x - self.nodes[i])
-            else:
-                k = x - self.nodes[0]
-                p = terms[0]
-                for i in range(1, m + 1):
-                    p = torch.add(p, terms[i], alpha=k**i / math.factorial(i))
-            out[name] = p
-        return out
+        return Forecast(self.terms, self.coefficients(x))
+
+
+class Forecast:
+    """Features at one position, kept as coefficients x Taylor terms until used: `forecast[name]` builds a
+    tensor; `add(x, gate, name)` adds `gate * forecast` to x in one fused kernel on CUDA (see kernels.py)."""
+
+    def __init__(self, terms: dict[str, list[torch.Tensor]], coefs: list[float]):
+        self.terms = terms
+        self.coefs = coefs
+
+    @classmethod
+    def of(cls, feats: Features) -> "Forecast":
+        """A forecast that is exactly these features."""
+        return cls({k: [v] for k, v in feats.items()}, [1.0])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        terms = self.terms[name]
+        p = terms[0] if self.coefs[0] == 1.0 else terms[0] * self.coefs[0]
+        for t, c in zip(terms[1:], self.coefs[1:]):
+            p = torch.add(p, t, alpha=c)
+        return p
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.terms
+
+    def add(self, x: torch.Tensor, gate: torch.Tensor, name: str, rows: slice | None = None) -> torch.Tensor:
+        """x + gate * forecast[name][:, rows]."""
+        return forecast_add(x, gate, self.terms[name][: len(self.coefs)], self.coefs, rows)

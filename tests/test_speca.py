@@ -8,7 +8,7 @@ from torch import nn
 
 import accel
 from accel.adapters import adapter_for
-from accel.taylor import TaylorForecaster
+from accel.taylor import Forecast, TaylorForecaster
 from tiny import embeds, run, tiny_flux_pipe
 
 STEPS = 12
@@ -129,7 +129,7 @@ def test_forecast_of_real_features_rebuilds_block_output(pipe):
         kwargs = dict(hidden_states=hidden, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope)
         with torch.no_grad():
             real = block.module(**kwargs)
-            rebuilt = adapter.apply_features(block, (), kwargs, captured)
+            rebuilt = adapter.apply_features(block, (), kwargs, Forecast.of(captured))
         for h in handles:
             h.remove()
         torch.testing.assert_close(rebuilt[0], real[0], rtol=1e-5, atol=1e-5)

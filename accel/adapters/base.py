@@ -78,8 +78,9 @@ class Adapter:
     def feature_sites(self, block: BlockSpec) -> list[FeatureSite]:
         raise NotImplementedError
 
-    def apply_features(self, block: BlockSpec, args: tuple, kwargs: dict, feats: dict[str, torch.Tensor]):
-        """The block's output with its computed features replaced by `feats` (modulation still real)."""
+    def apply_features(self, block: BlockSpec, args: tuple, kwargs: dict, feats: "Forecast"):
+        """The block's output with its computed features replaced by forecast ones (modulation still real).
+        `feats` is an `accel.taylor.Forecast`: `feats.add(x, gate, name, rows)` = x + gate * feature[:, rows]."""
         raise NotImplementedError
 
     def verify_feature(self, block: BlockSpec) -> str:

@@ -66,18 +66,17 @@ class FluxAdapter(Adapter):
             # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa(2), shift_mlp, scale_mlp, gate_mlp(5)
             g_msa, g_mlp = _gates(m.norm1, temb, 6, (2, 5))
             c_msa, c_mlp = _gates(m.norm1_context, temb, 6, (2, 5))
-            hidden = torch.addcmul(hidden, g_msa, feats["attn"])
-            hidden = torch.addcmul(hidden, g_mlp, feats["ff"])
-            encoder = torch.addcmul(encoder, c_msa, feats["attn_ctx"])
-            encoder = torch.addcmul(encoder, c_mlp, feats["ff_ctx"])
+            hidden = feats.add(hidden, g_msa, "attn")
+            hidden = feats.add(hidden, g_mlp, "ff")
+            encoder = feats.add(encoder, c_msa, "attn_ctx")
+            encoder = feats.add(encoder, c_mlp, "ff_ctx")
         else:
             # AdaLayerNormZeroSingle chunks: shift, scale, gate(2). The block concatenates [text, image],
             # adds gate * proj_out, and splits again; updating the two parts in place of that is the same.
             (gate,) = _gates(m.norm, temb, 3, (2,))
-            f = feats["proj_out"]
             n_text = encoder.shape[1]
-            encoder = torch.addcmul(encoder, gate, f[:, :n_text])
-            hidden = torch.addcmul(hidden, gate, f[:, n_text:])
+            encoder = feats.add(encoder, gate, "proj_out", slice(0, n_text))
+            hidden = feats.add(hidden, gate, "proj_out", slice(n_text, None))
         if hidden.dtype == torch.float16:  # as the blocks do
             hidden = hidden.clip(-65504, 65504)
             encoder = encoder.clip(-65504, 65504)
