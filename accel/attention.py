@@ -25,6 +25,7 @@ import math
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
 OFF, FULL, PARTIAL = "off", "full", "partial"
 
@@ -41,8 +42,8 @@ def attention_received(query: torch.Tensor, key: torch.Tensor, key_start: int = 
     """
     b, sq, h, d = query.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    q = query.transpose(1, 2)  # B H Sq D
-    kt = key.transpose(1, 2).transpose(-1, -2)  # B H D Sk
+    q = query.transpose(1, 2).contiguous()  # B H Sq D
+    kt = key.transpose(1, 2).contiguous().transpose(-1, -2)  # B H D Sk (a plain transposed-operand GEMM)
     acc = torch.zeros(b, key.shape[1], dtype=torch.float32, device=query.device)
     for s in range(0, sq, chunk):
         logits = torch.matmul(q[:, :, s:s + chunk], kt)  # B H c Sk
@@ -116,8 +117,6 @@ class FluxSpecDiffAttnProcessor:
         ctl = self.control
         if ctl.mode == OFF:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
         # ---- exactly FluxAttnProcessor up to the attention call ----
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states

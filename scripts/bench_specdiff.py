@@ -1,0 +1,258 @@
+"""SpecDiff benchmark: plain run vs SpecDiff at several cache rates (and diffusers' TaylorSeerCache), one pipeline.
+
+GPU (FLUX.1-dev-sized transformer, random bf16 weights, 1024², prompt embeddings given directly, 28 steps as
+the paper's FLUX setting):
+    python scripts/bench_specdiff.py --random-flux-dev --steps 28 --size 1024 --score-every 1,4 --taylorseer
+CPU, bundled tiny FLUX (falls back to tests/tiny.py's random pipe when assets/models/tiny-flux is missing):
+    python scripts/bench_specdiff.py --model assets/models/tiny-flux --steps 28 --size 128
+    python scripts/bench_specdiff.py --tiny-random --steps 28 --size 256
+
+Per run: ideal speedup (trace summary: block computations of a plain run / those done, pre-run included),
+measured speedup (wall time of the whole pipeline call, best of --repeats, against the plain run), PSNR against
+the plain run (decoded image in [0, 1] when the pipeline has a VAE, else the final latents with their range as
+peak) and the relative L2 error of the final latents. Also: median partial / full step time, pre-run time,
+extra peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import accel  # noqa: E402
+
+
+# ---- pipelines -----------------------------------------------------------------------------------------
+def random_flux_dev(device, dtype):
+    """FLUX.1-dev's transformer config (19 double + 38 single blocks, 24 x 128 heads, guidance embedding) with
+    random weights, FLUX.1-dev's scheduler; no VAE or text encoders (embeddings are given)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            transformer = FluxTransformer2DModel(
+                patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56),
+            ).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+        use_dynamic_shifting=True,
+    )
+    pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=transformer)
+    g = torch.Generator(device).manual_seed(1)
+    call = dict(prompt_embeds=torch.randn(1, 512, 4096, generator=g, device=device, dtype=dtype),
+                pooled_prompt_embeds=torch.randn(1, 768, generator=g, device=device, dtype=dtype),
+                guidance_scale=3.5)
+    return pipe, call
+
+
+def tiny_random(device, dtype):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from tiny import embeds, tiny_flux_pipe
+
+    pipe = tiny_flux_pipe().to(device=device, dtype=dtype)
+    pe, pooled = embeds()
+    return pipe, dict(prompt_embeds=pe.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype))
+
+
+def bundled(path, device, dtype, prompt):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
+    pe, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=32)
+    return pipe, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
+
+
+# ---- measuring -----------------------------------------------------------------------------------------
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def call(pipe, kw, args, device, steps=None):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    out = pipe(**kw, height=args.size, width=args.size, num_inference_steps=steps or args.steps,
+               generator=torch.Generator(device).manual_seed(args.seed), output_type="latent").images
+    sync(device)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return out, wall, peak
+
+
+def best_of(pipe, kw, args, device, repeats, before=None):
+    """Best wall time of `repeats` calls; returns (latents, wall, peak, handle trace of the best call)."""
+    best = None
+    for _ in range(repeats):
+        res = call(pipe, kw, args, device)
+        trace = before.trace if before is not None else None
+        if best is None or res[1] < best[1]:
+            best = (*res, trace)
+    return best
+
+
+@torch.no_grad()
+def decode(pipe, latents, size):
+    """The pipeline's own decoding of packed latents into images in [0, 1] (None without a VAE)."""
+    if getattr(pipe, "vae", None) is None:
+        return None
+    lat = pipe._unpack_latents(latents, size, size, pipe.vae_scale_factor)
+    lat = (lat / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+    img = pipe.vae.decode(lat.to(pipe.vae.dtype), return_dict=False)[0]
+    return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def psnr(x, ref, peak):
+    mse = torch.mean((x.float() - ref.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--random-flux-dev", action="store_true", help="FLUX.1-dev-sized random bf16 transformer (CUDA)")
+    src.add_argument("--tiny-random", action="store_true", help="tests/tiny.py's random pipe (CPU)")
+    src.add_argument("--model", default=os.path.join(ROOT, "assets/models/tiny-flux"), help="a FluxPipeline folder")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--size", type=int, default=None, help="image size (default 1024 with --random-flux-dev, else 128)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-rates", default="0.5,0.85,0.95")
+    ap.add_argument("--score-every", default="1", help="comma list: one SpecDiff row per value and cache rate")
+    ap.add_argument("--spec-steps", type=int, default=2)
+    ap.add_argument("--warmup-steps", type=int, default=4)
+    ap.add_argument("--refresh-every", type=int, default=0)
+    ap.add_argument("--taylorseer", action="store_true",
+                    help="also diffusers' TaylorSeerCacheConfig via pipe.transformer.enable_cache (default + lite)")
+    ap.add_argument("--taylorseer-interval", type=int, default=5)
+    ap.add_argument("--taylorseer-order", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="timed calls per run; the fastest counts")
+    ap.add_argument("--prompt", default="a large red circle on the left and a small blue square on the right, "
+                                        "on a gray background")
+    ap.add_argument("--json", default=None, help="write every number here")
+    args = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.random_flux_dev:
+        if not cuda:
+            print("note: --random-flux-dev without CUDA runs on the CPU in float32 (very slow)", flush=True)
+        pipe, kw = random_flux_dev(device, dtype)
+        name = "random-flux-dev"
+        args.size = args.size or 1024
+    elif args.tiny_random or not os.path.isdir(args.model):
+        if not args.tiny_random:
+            print(f"note: {args.model} not found: using tests/tiny.py's random pipe", flush=True)
+        pipe, kw = tiny_random(device, dtype)
+        name = "tiny-random"
+        args.size = args.size or 128
+    else:
+        pipe, kw = bundled(args.model, device, dtype, args.prompt)
+        name = args.model
+        args.size = args.size or 128
+    pipe.set_progress_bar_config(disable=True)
+    dev_name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device={device} ({dev_name}) model={name} steps={args.steps} size={args.size} dtype={dtype}", flush=True)
+
+    # warm-up (kernels, allocator), then the plain reference
+    call(pipe, kw, args, device, steps=2)
+    base, t_base, peak_base, _ = best_of(pipe, kw, args, device, args.repeats)
+    base_img = decode(pipe, base, args.size)
+    peak_lat = (base.float().max() - base.float().min()).item()
+    rows = []
+
+    def record(run, out, wall, peak, trace=None, ideal=None, **extra):
+        img = decode(pipe, out, args.size)
+        q = psnr(img, base_img, 1.0) if img is not None else psnr(out, base, peak_lat)
+        row = dict(run=run, ideal=ideal, measured=t_base / wall, wall_s=wall,
+                   psnr=q, psnr_of="image" if img is not None else "latents",
+                   rel_err=((out.float() - base.float()).norm() / base.float().norm()).item(),
+                   extra_peak_mib=(peak - peak_base) / 2**20, **extra)
+        if trace is not None:
+            s = trace.summary()
+            row["ideal"] = s["ideal_speedup"]
+            part = [r.time_ms for r in trace.steps if r.decision == "partial"]
+            full = [r.time_ms for r in trace.steps if r.decision == "full"]
+            row.update(partial_steps=s["partial_steps"], full_steps=s["full_steps"], prerun_calls=s["overhead_calls"],
+                       token_fraction=s["token_fraction_computed"],
+                       partial_ms=statistics.median(part) if part else None,
+                       full_ms=statistics.median(full) if full else None, prerun_ms=s["overhead_ms"],
+                       traced_ms=s["measured_ms"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    record("full", base, t_base, peak_base, ideal=1.0)
+
+    for every in [int(x) for x in args.score_every.split(",")]:
+        for rate in [float(x) for x in args.cache_rates.split(",")]:
+            cfg = accel.SpecDiffConfig(cache_rate=rate, spec_steps=args.spec_steps, warmup_steps=args.warmup_steps,
+                                       refresh_every=args.refresh_every, score_every=every)
+            with accel.apply(pipe, cfg) as h:
+                call(pipe, kw, args, device, steps=args.warmup_steps + 2)  # allocate caches once
+                out, wall, peak, trace = best_of(pipe, kw, args, device, args.repeats, before=h)
+            record(f"specdiff {rate:.2f} score/{every}", out, wall, peak, trace)
+
+    if args.taylorseer:
+        from diffusers import TaylorSeerCacheConfig
+
+        for lite in (False, True):
+            ts = dict(cache_interval=args.taylorseer_interval, max_order=args.taylorseer_order,
+                      use_lite_mode=lite)
+            ideal = None
+            try:  # the same cache, traced by accel (counts real Linear work): gives the ideal speedup
+                with accel.apply(pipe, accel.TaylorSeerConfig(cache_interval=args.taylorseer_interval,
+                                                              max_order=args.taylorseer_order,
+                                                              use_lite_mode=lite)) as h:
+                    call(pipe, kw, args, device)
+                    ideal = h.trace.summary()["ideal_speedup"]
+            except (AttributeError, TypeError, ValueError) as e:
+                print(f"note: no traced TaylorSeer ({e}); ideal left out", flush=True)
+            pipe.transformer.enable_cache(TaylorSeerCacheConfig(**ts))
+            try:
+                out, wall, peak, _ = best_of(pipe, kw, args, device, args.repeats)
+            finally:
+                pipe.transformer.disable_cache()
+            record(f"TaylorSeer N{args.taylorseer_interval}O{args.taylorseer_order}{' lite' if lite else ''}",
+                   out, wall, peak, ideal=ideal)
+
+    print()
+    print(f"plain run: {t_base:.3f} s ({1000 * t_base / args.steps:.1f} ms/step), {name}, {dev_name}, "
+          f"{args.steps} steps, {args.size}px")
+    hdr = (f"{'run':26s} {'ideal':>6s} {'meas':>6s} {'wall s':>7s} {'PSNR dB':>8s} {'rel err':>8s} "
+           f"{'part ms':>8s} {'full ms':>8s} {'pre ms':>8s} {'+MiB':>7s}")
+    print(hdr)
+    print("-" * len(hdr))
+
+    def f(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-".rjust(len(format(0.0, fmt)))
+
+    for r in rows:
+        print(f"{r['run']:26s} {f(r['ideal'], '6.2f')} {r['measured']:6.2f} {r['wall_s']:7.3f} "
+              f"{f(r['psnr'], '8.2f')} {r['rel_err']:8.4f} {f(r.get('partial_ms'), '8.1f')} "
+              f"{f(r.get('full_ms'), '8.1f')} {f(r.get('prerun_ms'), '8.1f')} {r['extra_peak_mib']:7.0f}")
+    print(f"(PSNR of the {rows[0]['psnr_of']} against the plain run; ideal includes the speculative pre-run)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(rows=rows, args=vars(args), device=dev_name, model=name), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
