@@ -73,10 +73,12 @@ class AttnControl:
         self.score_pairs = 0
         """query x key scores computed in this call (batch x heads x queries x keys, summed over layers)."""
         self.score_layers = 0
+        self.attn_pairs = 0
+        """query x key pairs the attention itself computed in this call (same units as `score_pairs`)."""
 
     def begin(self, mode: str, kv: dict | None, store_kv: bool, score: bool, rows=None, key_start: int = 0):
         self.mode, self.kv, self.store_kv, self.score, self.rows, self.key_start = mode, kv, store_kv, score, rows, key_start
-        self.scores, self.score_pairs, self.score_layers = None, 0, 0
+        self.scores, self.score_pairs, self.score_layers, self.attn_pairs = None, 0, 0, 0
 
     def end(self) -> None:
         self.mode, self.kv, self.rows, self.score, self.store_kv = OFF, None, None, False, False
@@ -149,6 +151,7 @@ class FluxSpecDiffAttnProcessor:
             ctl.kv[self.layer] = (key, value)  # no copy: these tensors are not used after this call
         if ctl.scores_layer(self.layer):
             ctl.add_scores(query, key)
+        ctl.attn_pairs += query.shape[0] * query.shape[2] * query.shape[1] * key.shape[1]
 
         # ---- exactly FluxAttnProcessor from the attention call on ----
         hidden_states = dispatch_attention_fn(

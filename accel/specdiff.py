@@ -171,7 +171,8 @@ class SpecDiffModelHook(StepDriverHook):
             state.hist[0] = sample
             state.hist_count.add_(1).clamp_(max=w)
             state.cached_for.zero_()
-        rec.extra = {"c1": n_img, "c2": 0, "c3": 0, "score_pairs": ctl.score_pairs, "score_layers": ctl.score_layers}
+        rec.extra = {"c1": n_img, "c2": 0, "c3": 0, "score_pairs": ctl.score_pairs, "score_layers": ctl.score_layers,
+                     "attn_pairs": ctl.attn_pairs}
         if cfg.record_maps:
             h = state.layout.grid
             rec.maps["level"] = torch.ones(h, dtype=torch.int8).tolist()
@@ -224,7 +225,7 @@ class SpecDiffModelHook(StepDriverHook):
             packed = counts.cpu()
         c = [int(x) for x in packed[:3].tolist()]
         rec.extra = {"c1": c[0], "c2": c[1], "c3": c[2], "score_pairs": ctl.score_pairs,
-                     "score_layers": ctl.score_layers, "spec_sigma": state.fut_sigmas[j]}
+                     "score_layers": ctl.score_layers, "attn_pairs": ctl.attn_pairs, "spec_sigma": state.fut_sigmas[j]}
         return adapter.with_output_sample(out, full.to(new.dtype))
 
     # ---- speculative pre-run -------------------------------------------------------------------
@@ -274,7 +275,8 @@ class SpecDiffModelHook(StepDriverHook):
                                  decision=FULL, reason="prerun", blocks_computed=float(self.n_blocks),
                                  blocks_total=self.n_blocks, tokens_computed=layout.n_image,
                                  tokens_total=layout.n_image,
-                                 extra={"score_pairs": ctl.score_pairs, "score_layers": ctl.score_layers})
+                                 extra={"score_pairs": ctl.score_pairs, "score_layers": ctl.score_layers,
+                                        "attn_pairs": ctl.attn_pairs})
                 ctl.end()
                 if on_cuda:
                     torch.cuda.synchronize()
@@ -299,6 +301,11 @@ class SpecDiffModelHook(StepDriverHook):
 
 
 def attach_specdiff(pipe, adapter: Adapter, config: SpecDiffConfig) -> Handle:
+    if getattr(pipe.scheduler, "sigmas", None) is None:
+        raise ValueError(
+            f"SpecDiff needs a flow-matching scheduler with `sigmas` (e.g. FlowMatchEulerDiscreteScheduler) for its "
+            f"speculative pre-run; {type(pipe.scheduler).__name__} has none"
+        )
     handle = Handle(pipe, adapter, "specdiff", config, HOOK_NAME)
     driver = SpecDiffModelHook(pipe, adapter, config, SpecDiffState, handle)
     modules = driver.attn_modules

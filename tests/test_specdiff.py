@@ -175,6 +175,10 @@ def test_blocks_process_only_c1_tokens(pipe):
     # cost accounting: partial blocks = n_blocks * (text + C1) / (text + all), the pre-run counted in
     part = [r for r in trace.steps if r.decision == "partial"]
     assert all(math.isclose(r.blocks_computed, 5 * (TXT_LEN + n1) / (TXT_LEN + N_IMG)) for r in part)
+    # attention: text + C1 queries against every key, in 5 layers x 2 heads; scores on the same pairs
+    pairs = 5 * 2 * (TXT_LEN + n1) * (TXT_LEN + N_IMG)
+    assert all(r.extra["attn_pairs"] == pairs for r in part)
+    assert all(r.extra["score_pairs"] == pairs for r in part[:-1]) and part[-1].extra["score_pairs"] == 0
     s = trace.summary()
     done = 4 * 5 + len(part) * 5 * (TXT_LEN + n1) / (TXT_LEN + N_IMG) + 2 * 5
     assert s["ideal_speedup"] == round(STEPS * 5 / done, 4) and s["overhead_calls"] == 2
