@@ -1,0 +1,289 @@
+"""The lab's generate function end to end, its error messages, Stop, isolation, and the app's wiring."""
+
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+import gradio as gr
+import plotly.graph_objects as go
+import pytest
+from PIL import Image
+
+import accel
+import app
+import tiny
+from accel.trace import Trace
+from lab import metrics
+from lab import models as M
+from lab import runner as R
+
+BUNDLED = os.path.isfile(os.path.join(M.TINY_FLUX_DIR, "model_index.json"))
+
+
+def _random_factory(preset):
+    return tiny.tiny_flux_pipe()
+
+
+def _bundled_or_random():
+    """The bundled tiny FLUX when its folder is there and loads, else the random test pipe."""
+    if BUNDLED:
+        try:
+            pipe = M.load_preset(M.PRESETS[M.TINY])
+            return M.ModelManager(factory=lambda preset: pipe if preset.name == M.TINY else M.load_preset(preset))
+        except M.ModelError:
+            pass
+    return M.ModelManager(factory=_random_factory)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return app.Lab(_bundled_or_random(), every_s=0.5)
+
+
+@pytest.fixture(scope="module")
+def rlab():
+    """Always the random pipe (fast, exercises the encoder-less / VAE-less path)."""
+    return app.Lab(M.ModelManager(factory=_random_factory), every_s=0.3)
+
+
+def kw(method=R.SPECA, **over):
+    d = dict(model=M.TINY, prompt=app.EXAMPLES[0], seed=0, steps=16, width=128, height=128, guidance=3.5,
+             method=method, compare=True, speca_threshold=7.0, speca_decay=0.3, speca_order=2, speca_min_spec=2,
+             speca_max_spec=8, speca_warmup=3, speca_metric="rel_l1", speca_on_reject="recompute",
+             sd_cache_rate=0.85, sd_spec_steps=2, sd_c2_share=0.1, sd_history=3, sd_starvation=0.1, sd_warmup=4,
+             ts_interval=5, ts_warmup=3, ts_order=1, fbc_threshold=0.05)
+    d.update(over)
+    return d
+
+
+def _no_speclab_hooks(pipe):
+    reg = getattr(pipe.transformer, "_diffusers_hook", None)
+    names = list(reg.hooks) if reg is not None else []
+    return not any(n.startswith("speclab_") for n in names) and not pipe.transformer.is_cache_enabled
+
+
+def test_generate_end_to_end_with_compare(lab):
+    outs = list(lab.generate(**kw(R.SPECA)))
+    assert len(outs) >= 2, "streams at least one update before the final one"
+    preview, image, summary, err, tl, maps, slider, full_image, diff, files, trace = outs[-1]
+    assert isinstance(image, Image.Image) and image.size == (128, 128)
+    assert isinstance(preview, Image.Image)
+    for fig in (err, tl, maps, diff):
+        assert isinstance(fig, go.Figure) and len(fig.data) > 0
+    assert {d.name for d in err.data} >= {"threshold", "full"}
+    assert isinstance(trace, Trace) and trace.method == "speca" and len(trace.steps) == 16
+    assert "PSNR" in summary and "ideal speedup" in summary and "measured speedup" in summary
+    assert isinstance(full_image, Image.Image) and full_image.size == (128, 128)
+    assert len(lab.full_cache) == 1
+    # exported files: the trace round-trips, the config is the exact one
+    by_ext = {os.path.splitext(f)[0].rsplit("_", 1)[-1] + os.path.splitext(f)[1]: f for f in files}
+    back = Trace.from_json(by_ext["trace.json"])
+    assert back.summary() == trace.summary()
+    assert open(by_ext["trace.csv"]).readline().startswith("phase,step")
+    assert '"threshold": 7.0' in open(by_ext["config.json"]).read()
+    # a streamed update carries the live panels and leaves the final-only outputs untouched
+    mid = outs[0]
+    assert isinstance(mid[3], go.Figure) and "running" in mid[2]
+    assert isinstance(mid[1], type(gr.skip()))
+    assert _no_speclab_hooks(lab.manager.get(M.TINY).pipe)
+
+
+def test_full_run_is_cached_across_methods(lab, monkeypatch):
+    calls = []
+    orig = R.run_to_end
+    monkeypatch.setattr(R, "run_to_end", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    list(lab.generate(**kw(R.SPECA)))  # same model/prompt/seed/size/steps as above
+    out = list(lab.generate(**kw(R.TAYLORSEER)))[-1]
+    assert calls == [] and len(lab.full_cache) == 1
+    assert out[-1].method == "taylorseer" and "PSNR" in out[2]
+    list(lab.generate(**kw(R.FBCACHE, seed=1)))  # a new seed: one new full run
+    assert calls == [1] and len(lab.full_cache) == 2
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_every_method_streams_a_trace(rlab, method):
+    outs = list(rlab.generate(**kw(method, steps=10, width=64, height=64, compare=False)))
+    final = outs[-1]
+    trace = final[-1]
+    assert isinstance(final[1], Image.Image) and final[1].size == (64, 64)
+    assert len(trace.steps) == 10 and trace.summary()["blocks_plain"] > 0
+    for fig in final[3:6]:
+        assert isinstance(fig, go.Figure)
+    if method == R.SPECDIFF:
+        assert trace.overhead or trace.config["spec_steps"] == 1 or trace.config.get("share_first_step")
+        assert any("level" in r.maps for r in trace.steps)
+    assert _no_speclab_hooks(rlab.manager.get(M.TINY).pipe)
+
+
+@pytest.mark.parametrize("over, needle", [
+    (dict(width=100), "width=100 is not a multiple of"),
+    (dict(height=1000), "height=1000 is out of range"),
+    (dict(steps=0), "steps=0 is out of range"),
+    (dict(steps=2.5), "steps must be a whole number"),
+    (dict(prompt="  "), "prompt is empty"),
+    (dict(model="SDXL"), "unknown model preset 'SDXL'"),
+    (dict(method="Magic"), "unknown method 'Magic'"),
+    (dict(speca_min_spec=5, speca_max_spec=3), "max_spec_steps"),
+    (dict(speca_decay=0), "decay"),
+    (dict(method=R.FBCACHE, fbc_threshold=-1), "threshold"),
+    (dict(method=R.TAYLORSEER, ts_interval=0), "cache_interval"),
+])
+def test_bad_input_is_a_gr_error_naming_the_problem(rlab, over, needle):
+    with pytest.raises(gr.Error, match=needle.replace("(", r"\(")):
+        list(rlab.generate(**kw(**{"steps": 4, "width": 64, "height": 64, **over})))
+    pipe = rlab.manager.get(M.TINY).pipe
+    assert _no_speclab_hooks(pipe) and not rlab.manager.get(M.TINY).lock.locked()
+    list(rlab.generate(**kw(steps=3, width=64, height=64, compare=False)))  # still serving
+
+
+def test_missing_models_give_clear_messages(monkeypatch):
+    missing = M.Preset("tiny FLUX (bundled, CPU)", "/nonexistent/tiny-flux", "local")
+    with pytest.raises(M.ModelError, match="tiny FLUX model is missing.*train_tiny_flux"):
+        M.load_preset(missing)
+    monkeypatch.setattr(M.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    with pytest.raises(M.ModelError, match="needs a CUDA GPU"):
+        M.load_preset(M.PRESETS[M.DEV])
+    with pytest.raises(M.ModelError, match="planned"):
+        M.load_preset(M.PRESETS[M.HUNYUAN])
+    lab = app.Lab(M.ModelManager())
+    with pytest.raises(gr.Error, match="needs a CUDA GPU"):
+        list(lab.generate(**kw(model=M.SCHNELL, width=1024, height=1024, steps=4)))
+
+    class GatedRepoError(Exception):
+        pass
+
+    class LocalEntryNotFoundError(Exception):
+        pass
+
+    msg = M.explain_load_error(M.PRESETS[M.DEV], GatedRepoError("401 Client Error"))
+    assert "gated" in msg and "accept its licence" in msg and "HF_TOKEN" in msg
+    msg = M.explain_load_error(M.PRESETS[M.DEV], OSError("x")) if False else \
+        M.explain_load_error(M.PRESETS[M.DEV], LocalEntryNotFoundError("cannot find the requested files"))
+    assert "not reachable" in msg and "hf download black-forest-labs/FLUX.1-dev" in msg
+    msg = M.explain_load_error(M.PRESETS[M.DEV], RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert "out of GPU memory" in msg
+
+
+@pytest.fixture
+def slow_steps(rlab):
+    """Each denoiser call of the random pipe takes >= 20 ms, so a run is still going when Stop comes."""
+    pipe = rlab.manager.get(M.TINY).pipe
+    h = pipe.transformer.register_forward_pre_hook(lambda *a: time.sleep(0.02))
+    yield
+    h.remove()
+
+
+def test_stop_ends_the_run_cleanly_and_the_pipeline_stays_usable(rlab, slow_steps):
+    req = SimpleNamespace(session_hash="alice")
+    other = SimpleNamespace(session_hash="bob")
+    gen = rlab.generate(**kw(steps=60, width=64, height=64, compare=True), request=req)
+    first = next(gen)  # a few steps in
+    rlab.stop(other)  # somebody else's Stop does nothing to this run
+    rlab.stop(req)
+    final = list(gen)[-1]
+    trace = final[-1]
+    assert 0 < len(trace.steps) < 60
+    assert "stopped" in final[2]
+    assert isinstance(final[1], Image.Image)
+    assert final[7] is None  # no comparison for a stopped run
+    assert first[3] is not None
+    m = rlab.manager.get(M.TINY)
+    assert _no_speclab_hooks(m.pipe) and not m.lock.locked() and not m.pipe._interrupt
+    again = list(rlab.generate(**kw(steps=6, width=64, height=64, compare=False), request=req))[-1]
+    assert len(again[-1].steps) == 6
+
+
+def test_abandoned_stream_removes_hooks(rlab, slow_steps):
+    gen = rlab.generate(**kw(steps=60, width=64, height=64, compare=False))
+    next(gen)
+    gen.close()  # the browser went away mid-run
+    m = rlab.manager.get(M.TINY)
+    assert _no_speclab_hooks(m.pipe) and not m.lock.locked()
+
+
+def test_concurrent_sessions_do_not_share_traces(rlab):
+    results = {}
+
+    def run(name, seed, steps):
+        results[name] = list(rlab.generate(**kw(seed=seed, steps=steps, width=64, height=64, compare=False),
+                                           request=SimpleNamespace(session_hash=name)))[-1][-1]
+
+    ts = [threading.Thread(target=run, args=("a", 1, 5)), threading.Thread(target=run, args=("b", 2, 7))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(results["a"].steps) == 5 and len(results["b"].steps) == 7
+    assert results["a"] is not results["b"]
+
+
+def test_model_is_loaded_once():
+    n = []
+    mgr = M.ModelManager(factory=lambda p: n.append(1) or tiny.tiny_flux_pipe())
+    assert mgr.get(M.TINY) is mgr.get(M.TINY) and n == [1]
+
+
+def test_load_trace_and_scrub(rlab, tmp_path):
+    trace = list(rlab.generate(**kw(R.SPECA, steps=10, width=64, height=64, compare=False,
+                                    speca_min_spec=0, speca_threshold=0.01)))[-1][-1]
+    p = tmp_path / "t.json"
+    trace.to_json(str(p))
+    summary, err, tl, maps, slider, state = app.Lab.load_trace(str(p))
+    assert "loaded from t.json" in summary and state.summary() == trace.summary()
+    assert len(err.data) > 0 and len(tl.data) > 0
+    step = next(r.step for r in trace.steps if r.maps)
+    assert f"step {step}" in app.Lab.scrub(step, state).layout.title.text
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(gr.Error, match="not a SpecLab trace"):
+        app.Lab.load_trace(str(bad))
+
+
+def test_metrics():
+    import numpy as np
+
+    a = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    assert metrics.psnr(a, a) == float("inf") and metrics.ssim(a, a) == pytest.approx(1.0)
+    b = np.clip(a.astype(int) + 10, 0, 255).astype(np.uint8)
+    assert 25 < metrics.psnr(a, b) < 30.2
+    assert metrics.ssim(a, b) < 1.0
+    assert metrics.ssim(a, 255 - a) < 0.1
+
+
+def test_app_wiring_api_and_cli(rlab, monkeypatch):
+    demo = app.build_app(rlab)
+    info = demo.get_api_info()
+    eps = info["named_endpoints"]
+    assert "/generate" in eps
+    params = [p["parameter_name"] for p in eps["/generate"]["parameters"]]
+    assert params[:9] == ["model", "prompt", "seed", "steps", "width", "height", "guidance", "method", "compare"]
+    assert "fbc_threshold" in params and "request" not in params
+    assert len(eps["/generate"]["returns"]) == 10  # the gr.State output is not part of the API
+    assert app.GPU(len) is len or hasattr(app, "spaces")
+
+    launched = {}
+
+    class Fake:
+        def queue(self, **k):
+            launched["queue"] = k
+
+        def launch(self, **k):
+            launched.update(k)
+
+    monkeypatch.setattr(app, "build_app", lambda *a, **k: Fake())
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    app.main([])
+    assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7860 and not launched["share"]
+    assert launched["queue"]["default_concurrency_limit"] == 1
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    app.main(["--host", "0.0.0.0"])
+    assert launched["server_port"] == 7999 and launched["server_name"] == "0.0.0.0"
+    app.main(["--port", "8123"])
+    assert launched["server_port"] == 8123
+
+
+def test_accel_exports_the_baselines():
+    for name in ("FullConfig", "TaylorSeerConfig", "FirstBlockConfig"):
+        assert hasattr(accel, name)

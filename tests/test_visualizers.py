@@ -1,0 +1,159 @@
+"""visualizers: figures from synthetic traces have the expected traces, points and colours."""
+
+import json
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+import visualizers as V
+from accel.trace import ACCEPTED, FULL, PARTIAL, REJECTED, StepRecord, Trace
+
+N = 10
+GRID = [4, 6]
+
+
+def _speca_trace(n_done=N) -> Trace:
+    """Steps 0-2 full (warm-up), then accepted/rejected speculative steps with errors and error maps."""
+    t = Trace(method="speca", config={"threshold": 0.5}, model="Synthetic", num_steps=N, token_grid=GRID)
+    pattern = [FULL, FULL, FULL, ACCEPTED, ACCEPTED, REJECTED, ACCEPTED, FULL, ACCEPTED, REJECTED]
+    for i in range(n_done):
+        d = pattern[i]
+        err = None if d == FULL else (0.8 if d == REJECTED else 0.1 * i)
+        blocks = 5.0 if d in (FULL, REJECTED) else 1.0
+        r = StepRecord(step=i, num_steps=N, timestep=1000.0 * (1 - i / N), decision=d, reason="r%d" % i,
+                       error=err, threshold=0.5 * 0.3 ** (i / N), time_ms=10.0 if blocks == 5 else 3.0,
+                       blocks_computed=blocks, blocks_total=5)
+        if err is not None:
+            r.maps["error"] = (np.arange(24).reshape(GRID) * (i + 1) / 100).tolist()
+        t.steps.append(r)
+    return t
+
+
+def _specdiff_trace() -> Trace:
+    t = Trace(method="specdiff", config={}, model="Synthetic", num_steps=6, token_grid=GRID)
+    t.overhead.append(StepRecord(step=0, num_steps=6, decision=FULL, reason="prerun", time_ms=10.0,
+                                 blocks_computed=5.0, blocks_total=5))
+    levels = (np.arange(24) % 3 + 1).reshape(GRID)
+    for i in range(6):
+        d = FULL if i < 2 else PARTIAL
+        r = StepRecord(step=i, num_steps=6, decision=d, time_ms=10.0 if d == FULL else 4.0,
+                       blocks_computed=5.0 if d == FULL else 2.0, blocks_total=5,
+                       tokens_computed=24 if d == FULL else 8, tokens_total=24)
+        if d == PARTIAL:
+            r.maps["importance"] = np.linspace(0, 1, 24).reshape(GRID).tolist()
+            r.maps["level"] = levels.tolist()
+        t.steps.append(r)
+    return t
+
+
+def _by_name(fig):
+    return {d.name: d for d in fig.data}
+
+
+def test_error_figure_markers_threshold_and_colours():
+    t = _speca_trace()
+    fig = V.error_figure(t)
+    assert isinstance(fig, go.Figure)
+    d = _by_name(fig)
+    assert set(d) == {"threshold", FULL, ACCEPTED, REJECTED}
+    assert list(d["threshold"].x) == list(range(N))
+    assert d["threshold"].y[0] == pytest.approx(0.5) and d["threshold"].y[-1] == pytest.approx(0.5 * 0.3 ** 0.9)
+    assert list(d[FULL].x) == [0, 1, 2, 7] and list(d[FULL].y) == [0, 0, 0, 0]  # no verification: at 0
+    assert list(d[ACCEPTED].x) == [3, 4, 6, 8]
+    assert list(d[ACCEPTED].y) == pytest.approx([0.3, 0.4, 0.6, 0.8])
+    assert list(d[REJECTED].x) == [5, 9] and list(d[REJECTED].y) == [0.8, 0.8]
+    for dec in (FULL, ACCEPTED, REJECTED):
+        assert d[dec].marker.color == V.DECISION_COLORS[dec]
+        assert d[dec].mode == "markers"
+    assert V.DECISION_COLORS[ACCEPTED] != V.DECISION_COLORS[REJECTED] != V.DECISION_COLORS[FULL]
+    # hover: step, timestep, error, time, reason
+    cd = d[REJECTED].customdata[0]
+    assert cd[0] == 5 and cd[1] == "500.0" and cd[2] == "0.8" and cd[3] == 10.0 and cd[4] == "r5"
+    for key in ("step", "timestep", "error", "time"):
+        assert key in d[REJECTED].hovertemplate
+    assert list(fig.layout.xaxis.range) == [-0.5, N - 0.5]
+    json.loads(fig.to_json())
+
+
+def test_error_figure_partial_trace_keeps_the_full_x_range_and_accepts_dicts():
+    t = _speca_trace(n_done=4)
+    fig = V.error_figure(t.to_dict())
+    assert list(fig.layout.xaxis.range) == [-0.5, N - 0.5]
+    assert sum(len(d.x) for d in fig.data if d.name != "threshold") == 4
+
+
+def test_error_figure_of_a_method_without_verification_says_so():
+    t = Trace(method="full", config={}, num_steps=3,
+              steps=[StepRecord(step=i, num_steps=3, blocks_computed=5, blocks_total=5) for i in range(3)])
+    fig = V.error_figure(t)
+    assert [d.name for d in fig.data] == [FULL]
+    assert any("verifies nothing" in a.text for a in fig.layout.annotations)
+
+
+def test_timeline_bars_cumulative_compute_and_speedups():
+    t = _speca_trace()
+    fig = V.timeline_figure(t)
+    d = _by_name(fig)
+    for dec in (FULL, ACCEPTED, REJECTED):
+        assert d[dec].type == "bar" and d[dec].marker.color == V.DECISION_COLORS[dec]
+    assert list(d[ACCEPTED].y) == [0.2] * 4 and list(d[FULL].y) == [1.0] * 4
+    s = t.summary()
+    assert d["this run (cumulative)"].y[-1] == pytest.approx(s["blocks_computed"] / 5)
+    assert d["plain run (cumulative)"].y[-1] == pytest.approx(N)
+    assert d["ideal speedup"].y[-1] == pytest.approx(s["ideal_speedup"], rel=1e-3)
+    # measured (estimated): a plain step costs the median full-step time (10 ms)
+    est = d["measured speedup (est.)"].y
+    assert est[-1] == pytest.approx(10.0 * N / s["measured_ms"])
+    # with a reference full run, measured speedup = its time / this run's time
+    ref = Trace(method="full", config={}, num_steps=N,
+                steps=[StepRecord(step=i, num_steps=N, time_ms=12.0, blocks_computed=5, blocks_total=5)
+                       for i in range(N)])
+    d2 = _by_name(V.timeline_figure(t, reference=ref))
+    assert d2["measured speedup"].y[-1] == pytest.approx(12.0 * N / s["measured_ms"])
+    json.loads(fig.to_json())
+
+
+def test_timeline_shows_prerun_overhead_in_the_speedup():
+    t = _specdiff_trace()
+    d = _by_name(V.timeline_figure(t))
+    assert list(d["pre-run"].x) == [-1] and d["pre-run"].marker.color == V.OVERHEAD_COLOR
+    assert list(d[PARTIAL].y) == [0.4] * 4
+    assert d["ideal speedup"].y[-1] == pytest.approx(t.summary()["ideal_speedup"], rel=1e-3)
+    assert d["this run (cumulative)"].y[0] == pytest.approx(2.0)  # pre-run + step 0
+
+
+def test_token_maps_specdiff_importance_and_levels():
+    t = _specdiff_trace()
+    fig = V.token_maps_figure(t, step=3)
+    assert [d.type for d in fig.data] == ["heatmap", "heatmap"]
+    imp, lev = fig.data
+    assert np.asarray(imp.z).shape == tuple(GRID) and np.asarray(lev.z).shape == tuple(GRID)
+    assert np.asarray(lev.z)[0, 0] == 1 and lev.text[0][1] == "C2 reused"
+    colours = {c for _, c in lev.colorscale}
+    assert colours == set(V.LEVEL_COLORS.values())
+    assert "step 3" in fig.layout.title.text and "8/24 tokens" in fig.layout.title.text
+    # a step without maps says so; the default is the last step with maps
+    assert any("no token maps" in a.text for a in V.token_maps_figure(t, step=0).layout.annotations)
+    assert "step 5" in V.token_maps_figure(t).layout.title.text
+    assert V.map_steps(t) == [2, 3, 4, 5]
+
+
+def test_token_maps_speca_error_map_and_no_maps():
+    t = _speca_trace()
+    fig = V.token_maps_figure(t, step=5)
+    assert len(fig.data) == 1 and fig.data[0].name == "error"
+    assert np.asarray(fig.data[0].z)[1, 2] == pytest.approx(8 * 6 / 100)
+    empty = V.token_maps_figure(Trace(method="full", config={}, steps=[StepRecord(step=0, num_steps=1)]))
+    assert len(empty.data) == 0 and "no token maps" in empty.layout.annotations[0].text
+
+
+def test_difference_figure():
+    a = np.zeros((8, 8, 3), np.uint8)
+    b = a.copy()
+    b[2, 3] = [30, 60, 90]
+    fig = V.difference_figure(a, b)
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (8, 8) and z[2, 3] == pytest.approx(60) and z.sum() == pytest.approx(60)
+    assert "max 60" in fig.layout.title.text
+    assert "differ in size" in V.difference_figure(a, np.zeros((4, 4, 3))).layout.annotations[0].text
