@@ -304,7 +304,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                 gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="example prompts")
                 with gr.Row():
                     seed = gr.Number(0, label="seed", precision=0, minimum=0)
-                    steps = gr.Slider(1, P.max_steps, value=P.steps, step=1, label="steps")
+                    steps = gr.Slider(1, P.max_steps, value=P.steps, step=1, label="steps", elem_id="speclab-steps")
                 with gr.Row():
                     width = gr.Slider(P.min_size, P.max_size, value=P.width, step=8, label="width")
                     height = gr.Slider(P.min_size, P.max_size, value=P.height, step=8, label="height")

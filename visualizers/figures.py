@@ -89,7 +89,7 @@ def error_figure(trace, context: str | None = None) -> go.Figure:
     fig.update_layout(
         title=title, height=HEIGHT, margin=_MARGIN, template="plotly_white",
         xaxis=dict(title="step", range=_x_range(trace)), yaxis=dict(title="error", rangemode="tozero"),
-        legend=dict(orientation="h", y=-0.2), hovermode="closest",
+        legend=dict(orientation="h", y=-0.2, font=dict(size=10)), hovermode="closest",
     )
     return fig
 
@@ -193,12 +193,14 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
     s = trace.summary()
     sub = f" — ideal {s['ideal_speedup']}x" if s.get("ideal_speedup") else ""
     x0 = -len(over) - 0.5 if over else -0.5
-    fig.update_layout(title=f"{trace.method}: compute timeline{sub}", height=HEIGHT + 120, margin=_MARGIN,
-                      template="plotly_white", barmode="overlay", legend=dict(orientation="h", y=-0.12),
-                      hovermode="closest")
+    fig.update_layout(title=f"{trace.method}: compute timeline{sub}", height=HEIGHT + 80, margin=_MARGIN,
+                      template="plotly_white", barmode="overlay", hovermode="closest",
+                      legend=dict(orientation="h", y=-0.14, font=dict(size=10), entrywidthmode="fraction",
+                                  entrywidth=0.33))
     fig.update_xaxes(range=[x0, _x_range(trace)[1]], row=1, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    fig.update_yaxes(title_text="share of a step", range=[0, 1.05], tickformat=".0%", row=1, col=1)
+    top = max([1.0] + [r.blocks_computed / max(1, r.blocks_total) for r in trace.steps + over])
+    fig.update_yaxes(title_text="share of a step", range=[0, top * 1.05], tickformat=".0%", row=1, col=1)
     fig.update_yaxes(title_text="full steps", row=2, col=1, secondary_y=False, rangemode="tozero")
     fig.update_yaxes(title_text="speedup (x)", row=2, col=1, secondary_y=True, rangemode="tozero", showgrid=False)
     return fig

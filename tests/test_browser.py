@@ -1,0 +1,114 @@
+"""A real browser against the running lab: Debian's chromium driven by Playwright (no `playwright install`).
+
+Skips only when chromium or the playwright package is truly missing, and fails instead when
+SPECLAB_REQUIRE_BROWSER=1 or CI is set (CI installs chromium: scripts/setup_env.sh --test).
+Screenshots go to a temp dir; set SPECLAB_SCREENSHOTS=/some/dir to keep copies.
+"""
+
+import os
+import shutil
+import socket
+
+import pytest
+
+import app
+import tiny
+from lab import models as M
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _chromium() -> str | None:
+    for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or ""):
+        if p and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def _require_or_skip(reason: str):
+    if os.environ.get("SPECLAB_REQUIRE_BROWSER") == "1" or os.environ.get("CI"):
+        pytest.fail(f"browser test required here but {reason}")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = _chromium()
+    if exe is None:
+        _require_or_skip("chromium is not installed (apt-get update && apt-get install -y chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _require_or_skip("the playwright python package is not installed (pip install -r requirements-test.txt)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    bundled = os.path.isfile(os.path.join(M.TINY_FLUX_DIR, "model_index.json"))
+    manager = M.ModelManager() if bundled else M.ModelManager(factory=lambda preset: tiny.tiny_flux_pipe())
+    demo = app.build_app(app.Lab(manager, every_s=0.3))
+    demo.queue(default_concurrency_limit=1)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app.CSS)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def _shot(page, tmp_path, name):
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    keep = os.environ.get("SPECLAB_SCREENSHOTS")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        shutil.copy(path, os.path.join(keep, name))
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def test_generate_in_a_real_browser(browser, server, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+        page.locator("#speclab-generate").wait_for(timeout=60_000)
+        # set a slider: steps -> 12 (through its number box, as a user typing)
+        steps = page.locator("#speclab-steps input[type=number]")
+        steps.fill("12")
+        steps.press("Enter")
+        page.locator("#speclab-steps input[type=range]").wait_for()
+        assert page.locator("#speclab-steps input[type=range]").input_value() == "12"
+        # method switch hides the other method's controls
+        page.get_by_label("SpecDiff").check() if page.get_by_label("SpecDiff").count() else None
+        page.wait_for_timeout(300)
+        assert not page.get_by_text("threshold base").is_visible()
+        page.get_by_label("SpeCa", exact=True).check()
+        page.get_by_text("threshold base").wait_for(state="visible", timeout=10_000)
+
+        page.locator("#speclab-generate").click()
+        page.wait_for_function(
+            "() => { const s = document.querySelector('#speclab-summary'); "
+            "return s && s.innerText.includes('step 12/12') && s.innerText.includes('PSNR'); }",
+            timeout=120_000,
+        )
+        for pid in ("speclab-error", "speclab-timeline", "speclab-maps", "speclab-diff"):
+            page.locator(f"#{pid} .js-plotly-plot").first.wait_for(timeout=30_000)
+        # the error plot has markers, the timeline has bars, the maps have a heatmap
+        assert page.locator("#speclab-error .scatterlayer .point").count() >= 12
+        assert page.locator("#speclab-timeline .barlayer .point").count() >= 12
+        assert page.locator("#speclab-maps .heatmaplayer image, #speclab-maps .hm image").count() >= 1
+        assert page.locator("#speclab-image img").count() == 1
+        assert page.locator("#speclab-full img").count() == 1
+        shot = _shot(page, tmp_path, "lab_after_run.png")
+        assert shot.exists()
+    finally:
+        page.close()
