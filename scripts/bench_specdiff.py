@@ -6,6 +6,7 @@ the paper's FLUX setting):
 CPU, bundled tiny FLUX (falls back to tests/tiny.py's random pipe when assets/models/tiny-flux is missing):
     python scripts/bench_specdiff.py --model assets/models/tiny-flux --steps 28 --size 128
     python scripts/bench_specdiff.py --tiny-random --steps 28 --size 256
+    python scripts/bench_specdiff.py --mid-random --steps 28 --size 512      # compute-bound on a CPU
 
 Per run: ideal speedup (trace summary: block computations of a plain run / those done, pre-run included),
 measured speedup (wall time of the whole pipeline call, best of --repeats, against the plain run), PSNR against
@@ -60,6 +61,24 @@ def random_flux_dev(device, dtype):
                 pooled_prompt_embeds=torch.randn(1, 768, generator=g, device=device, dtype=dtype),
                 guidance_scale=3.5)
     return pipe, call
+
+
+def mid_random(device, dtype):
+    """A FLUX-shaped random transformer of middle size (4 double + 8 single blocks, 4 x 64 heads), where
+    compute outweighs Python overhead on a CPU at 512px (1024 image tokens); no VAE or text encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64,
+        num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=256, guidance_embeds=False,
+        axes_dims_rope=(8, 28, 28),
+    ).eval().to(device=device, dtype=dtype)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    g = torch.Generator().manual_seed(1)
+    return pipe, dict(prompt_embeds=torch.randn(1, 64, 256, generator=g).to(device, dtype),
+                      pooled_prompt_embeds=torch.randn(1, 256, generator=g).to(device, dtype))
 
 
 def tiny_random(device, dtype):
@@ -130,6 +149,7 @@ def main():
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--random-flux-dev", action="store_true", help="FLUX.1-dev-sized random bf16 transformer (CUDA)")
     src.add_argument("--tiny-random", action="store_true", help="tests/tiny.py's random pipe (CPU)")
+    src.add_argument("--mid-random", action="store_true", help="a middle-size random FLUX (CPU, use --size 512)")
     src.add_argument("--model", default=os.path.join(ROOT, "assets/models/tiny-flux"), help="a FluxPipeline folder")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--size", type=int, default=None, help="image size (default 1024 with --random-flux-dev, else 128)")
@@ -158,6 +178,10 @@ def main():
         pipe, kw = random_flux_dev(device, dtype)
         name = "random-flux-dev"
         args.size = args.size or 1024
+    elif args.mid_random:
+        pipe, kw = mid_random(device, dtype)
+        name = "mid-random"
+        args.size = args.size or 512
     elif args.tiny_random or not os.path.isdir(args.model):
         if not args.tiny_random:
             print(f"note: {args.model} not found: using tests/tiny.py's random pipe", flush=True)
