@@ -20,6 +20,7 @@ from diffusers.hooks import ModelHook
 
 from .adapters import Adapter, BlockSpec, FeatureSite
 from .config import SpeCaConfig
+from .kernels import accumulate
 from .metrics import per_sample_error, per_token_error
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
 from .taylor import TaylorForecaster
@@ -40,6 +41,12 @@ class SpeCaState(RunState):
         self.force_full_next = False
         self.verify_errors: torch.Tensor | None = None
         self.verify_map: torch.Tensor | None = None
+        # Speculative step in flight: every gate of the model at this step ([G, B, C]) and the forecast
+        # contributions not yet added to the streams (stream -> [(terms, gate index, row start)]).
+        self.gates: torch.Tensor | None = None
+        self.pending: dict[str, list] = {}
+        self.coefs: list[float] = []
+        self.gate_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 class _FeatureSink:
@@ -103,22 +110,66 @@ class SpeCaBlockHook(ModelHook):
             out, feats = self._real(args, kwargs, state)
             forecaster.update(state.x, feats)
             return out
+        driver, adapter = self.driver, self.driver.adapter
         pred = forecaster.predict(state.x)
+        if state.gates is None:
+            state.gates = driver.all_gates(adapter.block_temb(args, kwargs), state)
         if not self.is_verify:
-            return self.driver.adapter.apply_features(self.block, args, kwargs, pred)
+            # A forecast block only queues gate * forecast; the queue is added to the streams in one pass
+            # before the next real block (or after the last block): the blocks' sum is all that is needed.
+            state.coefs = pred.coefs
+            for c in adapter.contributions(self.block, state.layout):
+                gi = driver.gate_index[(self.block.index, c.feature)]
+                state.pending.setdefault(c.stream, []).append((pred.terms[c.feature], gi, c.row_start))
+            streams = adapter.block_streams(args, kwargs)
+            if self.block.index == driver.n_blocks - 1:
+                streams = driver.flush(streams, state)
+            return adapter.block_output(self.block, streams)
         # Verification: this block for real, from the hidden state the forecast blocks produced.
+        args, kwargs = adapter.with_block_streams(args, kwargs, driver.flush(adapter.block_streams(args, kwargs), state))
         out, real = self._real(args, kwargs, state)
-        key = self.driver.adapter.verify_feature(self.block)
-        cfg = self.driver.config
-        state.verify_errors = per_sample_error(pred[key], real[key], cfg.metric, cfg.eps)
+        key = adapter.verify_feature(self.block)
+        cfg = driver.config
+        forecast = pred[key]
+        state.verify_errors = per_sample_error(forecast, real[key], cfg.metric, cfg.eps)
         if cfg.record_maps:
-            img = self.driver.adapter.image_tokens(self.block, key, state.layout)
-            state.verify_map = per_token_error(pred[key][:, img], real[key][:, img], cfg.eps)
+            img = adapter.image_tokens(self.block, key, state.layout)
+            state.verify_map = per_token_error(forecast[:, img], real[key][:, img], cfg.eps)
         return out  # the real output: it is computed anyway and strictly better than its forecast
 
 
 class SpeCaModelHook(StepDriverHook):
     method = "speca"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.gate_sites = [(b.index, g) for b in self.adapter.blocks() for g in self.adapter.gate_sites(b)]
+        self.gate_index = {(bi, g.feature): i for i, (bi, g) in enumerate(self.gate_sites)}
+
+    def all_gates(self, temb: torch.Tensor, state: SpeCaState) -> torch.Tensor:
+        """Every gate of every block at this step, [G, B, C], from one matrix product: the gate rows of all
+        modulation linears, stacked once per run (dropped with the run's state, so weights edited between
+        runs are picked up)."""
+        if state.gate_weights is None:
+            ws, bs = [], []
+            for _, g in self.gate_sites:
+                d = g.linear.out_features // g.n_chunks
+                ws.append(g.linear.weight[g.chunk * d:(g.chunk + 1) * d])
+                if g.linear.bias is not None:
+                    bs.append(g.linear.bias[g.chunk * d:(g.chunk + 1) * d])
+            state.gate_weights = (torch.cat(ws), torch.cat(bs) if len(bs) == len(ws) else None)
+        w, b = state.gate_weights
+        x = self.adapter.gate_input(temb).to(w.dtype)
+        return torch.nn.functional.linear(x, w, b).unflatten(1, (len(self.gate_sites), -1)).transpose(0, 1).contiguous()
+
+    def flush(self, streams: dict[str, torch.Tensor], state: SpeCaState) -> dict[str, torch.Tensor]:
+        """Add the queued forecast contributions to the streams."""
+        if state.pending:
+            streams = dict(streams)
+            for name, entries in state.pending.items():
+                streams[name] = accumulate(streams[name], entries, state.gates, state.coefs)
+            state.pending = {}
+        return streams
 
     def _plan(self, info: StepInfo, state: SpeCaState) -> tuple[bool, str]:
         """(full?, reason) before the step runs."""
@@ -152,7 +203,8 @@ class SpeCaModelHook(StepDriverHook):
             return self._full(args, kwargs, state)
 
         state.mode = SPEC_MODE
-        state.verify_errors = state.verify_map = None
+        state.verify_errors = state.verify_map = state.gates = None
+        state.pending = {}
         out = self.fn_ref.original_forward(*args, **kwargs)
         n_spec = state.consecutive_spec + 1
         if state.verify_errors is not None:

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .kernels import forecast_add
+from .kernels import taylor_update
 
 Features = dict[str, torch.Tensor]
 
@@ -48,13 +48,14 @@ class TaylorForecaster:
             if self.dtype is not None and f.dtype != self.dtype:
                 f = f.to(self.dtype)
             old = self.terms.get(name, [])
-            new = [f]
-            for i in range(min(len(old), self.order)):
-                # Newton: f[x, x0..xi] = (f[x, x0..x(i-1)] - f[x0..xi]) / (x - xi)
-                # reference: divide by the distance to the last full step every time
-                step = (x - old_nodes[i]) if self.form == "newton" else (x - old_nodes[0])
-                new.append((new[i] - old[i]) / step)
-            self.terms[name] = new
+            m = min(len(old), self.order)
+            # Newton: f[x, x0..xi] = (f[x, x0..x(i-1)] - f[x0..xi]) / (x - xi)
+            # reference: divide by the distance to the last full step every time
+            if self.form == "newton":
+                inv = [1.0 / (x - old_nodes[i]) for i in range(m)]
+            else:
+                inv = [1.0 / (x - old_nodes[0])] * m if m else []
+            self.terms[name] = taylor_update(f, old, inv)
         self.nodes = ([x] + old_nodes)[: self.order + 1]
 
     def coefficients(self, x: float) -> list[float]:
@@ -78,7 +79,7 @@ class TaylorForecaster:
 
 class Forecast:
     """Features at one position, kept as coefficients x Taylor terms until used: `forecast[name]` builds a
-    tensor; `add(x, gate, name)` adds `gate * forecast` to x in one fused kernel on CUDA (see kernels.py)."""
+    tensor (SpeCa's speculative steps never build most of them: see kernels.accumulate)."""
 
     def __init__(self, terms: dict[str, list[torch.Tensor]], coefs: list[float]):
         self.terms = terms
@@ -98,7 +99,3 @@ class Forecast:
 
     def __contains__(self, name: str) -> bool:
         return name in self.terms
-
-    def add(self, x: torch.Tensor, gate: torch.Tensor, name: str, rows: slice | None = None) -> torch.Tensor:
-        """x + gate * forecast[name][:, rows]."""
-        return forecast_add(x, gate, self.terms[name][: len(self.coefs)], self.coefs, rows)

@@ -116,23 +116,33 @@ def verify_cost_ms(pipe, device, args, reps=20):
 
 
 def kernel_check(device):
-    """The fused forecast kernel against the torch ops it replaces, on fresh random data."""
+    """The fused kernels against float64 torch references, on fresh random data."""
     from accel import kernels
 
-    if not kernels.can_fuse(torch.zeros(1, 1, 1, device=device), [torch.zeros(1, 1, 1, device=device)]):
-        return "fused kernel not used here (no CUDA/Triton): torch path"
-    worst = 0.0
-    for n_terms, rows in ((1, None), (3, slice(512, None)), (5, slice(0, 512))):
+    if kernels.triton is None or device.type != "cuda":
+        return "fused kernels not used here (no CUDA/Triton): torch path"
+    worst_acc = worst_upd = 0.0
+    bf = torch.bfloat16
+    for n_terms in (1, 3, 5):
         g = torch.Generator(device).manual_seed(n_terms)
-        terms = [torch.randn(2, 4608, 3072, generator=g, device=device, dtype=torch.bfloat16) for _ in range(n_terms)]
-        n = len(range(4608)[rows or slice(None)])
-        x = torch.randn(2, n, 3072, generator=g, device=device, dtype=torch.bfloat16)
-        gate = torch.randn(2, 1, 3072, generator=g, device=device, dtype=torch.bfloat16)
+        rnd = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=bf)  # noqa: E731
+        joint = [[rnd(2, 4608, 3072) for _ in range(n_terms)] for _ in range(3)]
+        img = [[rnd(2, 4096, 3072) for _ in range(n_terms)] for _ in range(2)]
+        gates = rnd(7, 2, 3072)
+        entries = [(t, i, 512) for i, t in enumerate(joint)] + [(t, 3 + i, 0) for i, t in enumerate(img)]
+        x = rnd(2, 4096, 3072)
         coefs = [1.0, 2.5, -3.25, 0.5, 7.0][:n_terms]
-        ref = kernels.torch_forecast_add(x.double(), gate.double(), [t.double() for t in terms], coefs, rows)
-        out = kernels.forecast_add(x, gate, terms, coefs, rows)
-        worst = max(worst, ((out.double() - ref).norm() / ref.norm()).item())
-    return f"fused kernel vs float64 reference: worst relative error {worst:.2e}"
+        dbl = [([t.double() for t in ts], gi, r) for ts, gi, r in entries]
+        ref = kernels.torch_accumulate(x.double(), dbl, gates.double(), coefs)
+        out = kernels.accumulate(x, entries, gates, coefs)
+        worst_acc = max(worst_acc, ((out.double() - ref).norm() / ref.norm()).item())
+        inv = [0.5, -0.25, 1 / 3, 2.0][: n_terms - 1]
+        f, old = rnd(2, 4608, 3072), joint[0]
+        ref_u = kernels.torch_taylor_update(f.double(), [t.double() for t in old], inv)
+        out_u = kernels.taylor_update(f, old, inv)
+        for a, b in zip(out_u[1:], ref_u[1:]):
+            worst_upd = max(worst_upd, ((a.double() - b).norm() / b.norm()).item())
+    return f"fused kernels vs float64: accumulate worst rel err {worst_acc:.2e}, taylor_update {worst_upd:.2e}"
 
 
 def main():

@@ -8,7 +8,11 @@ from torch import nn
 
 import accel
 from accel.adapters import adapter_for
-from accel.taylor import Forecast, TaylorForecaster
+import torch.nn.functional as F
+
+from accel.adapters import TokenLayout
+from accel.kernels import accumulate
+from accel.taylor import TaylorForecaster
 from tiny import embeds, run, tiny_flux_pipe
 
 STEPS = 12
@@ -105,7 +109,7 @@ def test_remove_after_speculation_restores_baseline(pipe, baseline):
 
 
 def test_forecast_of_real_features_rebuilds_block_output(pipe):
-    """apply_features(real features) == the block's own output: the speculative path is the block's math."""
+    """Inputs + gate * real features, as a speculative step adds them, == the block's own output."""
     adapter = adapter_for(pipe.transformer)
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(1, 16, 32, generator=g)
@@ -129,11 +133,25 @@ def test_forecast_of_real_features_rebuilds_block_output(pipe):
         kwargs = dict(hidden_states=hidden, encoder_hidden_states=enc, temb=temb, image_rotary_emb=rope)
         with torch.no_grad():
             real = block.module(**kwargs)
-            rebuilt = adapter.apply_features(block, (), kwargs, Forecast.of(captured))
+            sites = adapter.gate_sites(block)
+            gates = torch.stack([
+                F.linear(adapter.gate_input(temb), *_rows(g.linear, g.n_chunks, g.chunk)) for g in sites
+            ])
+            index = {g.feature: i for i, g in enumerate(sites)}
+            streams = adapter.block_streams((), kwargs)
+            for c in adapter.contributions(block, TokenLayout(grid=(4, 4), n_text=8)):
+                entry = ([captured[c.feature]], index[c.feature], c.row_start)
+                streams[c.stream] = accumulate(streams[c.stream], [entry], gates, [1.0])
+            rebuilt = adapter.block_output(block, streams)
         for h in handles:
             h.remove()
         torch.testing.assert_close(rebuilt[0], real[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rebuilt[1], real[1], rtol=1e-5, atol=1e-5)
+
+
+def _rows(linear, n_chunks, chunk):
+    d = linear.out_features // n_chunks
+    return linear.weight[chunk * d:(chunk + 1) * d], linear.bias[chunk * d:(chunk + 1) * d]
 
 
 # ---- real compute and decision rules --------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Adapter, BlockSpec, FeatureSite, TokenLayout
+from .base import Adapter, BlockSpec, Contribution, FeatureSite, GateSite, TokenLayout
 from .flux import FluxAdapter
 
 ADAPTERS: list[type[Adapter]] = [FluxAdapter]
@@ -21,4 +21,4 @@ def adapter_for(transformer: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "BlockSpec", "FeatureSite", "TokenLayout", "adapter_for"]
+__all__ = ["ADAPTERS", "Adapter", "BlockSpec", "Contribution", "FeatureSite", "GateSite", "TokenLayout", "adapter_for"]

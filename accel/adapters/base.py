@@ -24,6 +24,25 @@ class FeatureSite:
 
 
 @dataclass(frozen=True)
+class GateSite:
+    """The gate of one feature: chunk `chunk` of `n_chunks` of an adaLN modulation linear's output."""
+
+    feature: str
+    linear: nn.Linear
+    n_chunks: int
+    chunk: int
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What a block adds to a residual stream: gate(feature) * feature[:, row_start : row_start + len(stream)]."""
+
+    stream: str
+    feature: str
+    row_start: int = 0
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     index: int  # position in execution order over all blocks
     name: str  # module path inside the transformer, e.g. "single_transformer_blocks.37"
@@ -78,9 +97,31 @@ class Adapter:
     def feature_sites(self, block: BlockSpec) -> list[FeatureSite]:
         raise NotImplementedError
 
-    def apply_features(self, block: BlockSpec, args: tuple, kwargs: dict, feats: "Forecast"):
-        """The block's output with its computed features replaced by forecast ones (modulation still real).
-        `feats` is an `accel.taylor.Forecast`: `feats.add(x, gate, name, rows)` = x + gate * feature[:, rows]."""
+    def gate_sites(self, block: BlockSpec) -> list[GateSite]:
+        """Where each feature's gate comes from (speculative steps recompute gates, nothing else)."""
+        raise NotImplementedError
+
+    def gate_input(self, temb: torch.Tensor) -> torch.Tensor:
+        """The modulation linears' input (FLUX: silu(temb)); the same for every block."""
+        raise NotImplementedError
+
+    def block_temb(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def contributions(self, block: BlockSpec, layout: TokenLayout) -> list[Contribution]:
+        """A block's output = its input streams + sum of gate * feature over these."""
+        raise NotImplementedError
+
+    def block_streams(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """The residual streams a block call receives, by name."""
+        raise NotImplementedError
+
+    def block_output(self, block: BlockSpec, streams: dict[str, torch.Tensor]):
+        """The block's return value built from streams (argument order, output order)."""
+        raise NotImplementedError
+
+    def with_block_streams(self, args: tuple, kwargs: dict, streams: dict[str, torch.Tensor]) -> tuple[tuple, dict]:
+        """The block call with its streams replaced."""
         raise NotImplementedError
 
     def verify_feature(self, block: BlockSpec) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, BlockSpec, FeatureSite, TokenLayout, arg
+from .base import Adapter, BlockSpec, Contribution, FeatureSite, GateSite, TokenLayout, arg
 
 # Positions of the block arguments (FluxTransformerBlock / FluxSingleTransformerBlock.forward).
 _HIDDEN, _ENCODER, _TEMB = 0, 1, 2
@@ -57,30 +57,46 @@ class FluxAdapter(Adapter):
             ]
         return [FeatureSite(m.proj_out, ("proj_out",))]
 
-    def apply_features(self, block: BlockSpec, args, kwargs, feats):
+    def gate_sites(self, block: BlockSpec) -> list[GateSite]:
         m = block.module
-        hidden = arg(args, kwargs, _HIDDEN, "hidden_states")
-        encoder = arg(args, kwargs, _ENCODER, "encoder_hidden_states")
-        temb = arg(args, kwargs, _TEMB, "temb")
         if block.kind == "double":
             # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa(2), shift_mlp, scale_mlp, gate_mlp(5)
-            g_msa, g_mlp = _gates(m.norm1, temb, 6, (2, 5))
-            c_msa, c_mlp = _gates(m.norm1_context, temb, 6, (2, 5))
-            hidden = feats.add(hidden, g_msa, "attn")
-            hidden = feats.add(hidden, g_mlp, "ff")
-            encoder = feats.add(encoder, c_msa, "attn_ctx")
-            encoder = feats.add(encoder, c_mlp, "ff_ctx")
-        else:
-            # AdaLayerNormZeroSingle chunks: shift, scale, gate(2). The block concatenates [text, image],
-            # adds gate * proj_out, and splits again; updating the two parts in place of that is the same.
-            (gate,) = _gates(m.norm, temb, 3, (2,))
-            n_text = encoder.shape[1]
-            encoder = feats.add(encoder, gate, "proj_out", slice(0, n_text))
-            hidden = feats.add(hidden, gate, "proj_out", slice(n_text, None))
+            return [GateSite("attn", m.norm1.linear, 6, 2), GateSite("ff", m.norm1.linear, 6, 5),
+                    GateSite("attn_ctx", m.norm1_context.linear, 6, 2), GateSite("ff_ctx", m.norm1_context.linear, 6, 5)]
+        # AdaLayerNormZeroSingle chunks: shift, scale, gate(2)
+        return [GateSite("proj_out", m.norm.linear, 3, 2)]
+
+    def gate_input(self, temb):
+        return F.silu(temb)
+
+    def block_temb(self, args, kwargs):
+        return arg(args, kwargs, _TEMB, "temb")
+
+    def contributions(self, block: BlockSpec, layout: TokenLayout) -> list[Contribution]:
+        if block.kind == "double":
+            return [Contribution("img", "attn"), Contribution("img", "ff"),
+                    Contribution("txt", "attn_ctx"), Contribution("txt", "ff_ctx")]
+        # A single block concatenates [text, image], adds gate * proj_out and splits again: the same as
+        # adding the text rows to the text stream and the image rows to the image stream.
+        return [Contribution("txt", "proj_out", 0), Contribution("img", "proj_out", layout.n_text)]
+
+    def block_streams(self, args, kwargs):
+        return {"img": arg(args, kwargs, _HIDDEN, "hidden_states"), "txt": arg(args, kwargs, _ENCODER, "encoder_hidden_states")}
+
+    def block_output(self, block: BlockSpec, streams):
+        hidden, encoder = streams["img"], streams["txt"]
         if hidden.dtype == torch.float16:  # as the blocks do
-            hidden = hidden.clip(-65504, 65504)
-            encoder = encoder.clip(-65504, 65504)
+            hidden, encoder = hidden.clip(-65504, 65504), encoder.clip(-65504, 65504)
         return encoder, hidden
+
+    def with_block_streams(self, args, kwargs, streams):
+        args, kwargs = list(args), dict(kwargs)
+        for pos, name, stream in ((_HIDDEN, "hidden_states", "img"), (_ENCODER, "encoder_hidden_states", "txt")):
+            if name in kwargs or pos >= len(args):
+                kwargs[name] = streams[stream]
+            else:
+                args[pos] = streams[stream]
+        return tuple(args), kwargs
 
     def verify_feature(self, block: BlockSpec) -> str:
         return "ff" if block.kind == "double" else "proj_out"
@@ -135,26 +151,3 @@ class FluxAdapter(Adapter):
         put(_M_HIDDEN, "hidden_states", hidden)
         return tuple(args), kwargs
 
-
-def _gates(norm, temb, n_chunks: int, which: tuple[int, ...]) -> list[torch.Tensor]:
-    """Only the gate chunks of an adaLN modulation, as [B, 1, dim]. A speculative step needs the gates
-    alone, and at FLUX size the modulation weights are large (dim x 6 dim per double block), so reading
-    just the gate rows saves most of that traffic. Same values as slicing the full modulation output."""
-    lin = norm.linear
-    x = norm.silu(temb)
-    w = getattr(lin, "weight", None)
-    if not isinstance(lin, torch.nn.Linear) or not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT:
-        full = lin(x).chunk(n_chunks, dim=1)  # quantized / wrapped layers: compute it all
-        return [full[i].unsqueeze(1) for i in which]
-    d = w.shape[0] // n_chunks
-    out = []
-    for i in which:
-        b = lin.bias[i * d:(i + 1) * d] if lin.bias is not None else None
-        out.append(F.linear(x, w[i * d:(i + 1) * d], b).unsqueeze(1))
-    return out
-
-
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
-
-# Positions of the transformer's forward arguments (FluxTransformer2DModel.forward).
-_M_HIDDEN, _M_TIMESTEP, _M_IMG_IDS = 0, 3, 4
