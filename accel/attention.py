@@ -77,7 +77,8 @@ class AttnControl:
         """query x key pairs the attention itself computed in this call (same units as `score_pairs`)."""
 
     def begin(self, mode: str, kv: dict | None, store_kv: bool, score: bool, rows=None, key_start: int = 0):
-        self.mode, self.kv, self.store_kv, self.score, self.rows, self.key_start = mode, kv, store_kv, score, rows, key_start
+        self.mode, self.kv, self.store_kv, self.score = mode, kv, store_kv, score
+        self.rows, self.key_start = rows, key_start
         self.scores, self.score_pairs, self.score_layers, self.attn_pairs = None, 0, 0, 0
 
     def end(self) -> None:
