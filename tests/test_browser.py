@@ -95,11 +95,14 @@ def test_generate_in_a_real_browser(browser, server, tmp_path):
         page.get_by_text("threshold base").wait_for(state="visible", timeout=10_000)
 
         page.locator("#speclab-generate").click()
-        page.wait_for_function(
+        page.wait_for_function(  # done, or an error toast (then fail at once with its text)
             "() => { const s = document.querySelector('#speclab-summary'); "
-            "return s && s.innerText.includes('step 12/12') && s.innerText.includes('PSNR'); }",
+            "return (s && s.innerText.includes('step 12/12') && s.innerText.includes('PSNR')) "
+            "|| document.querySelector('.toast-body, [data-testid=\"toast-body\"]'); }",
             timeout=120_000,
         )
+        toast = page.locator(".toast-body, [data-testid='toast-body']")
+        assert toast.count() == 0, f"the app reported an error: {toast.first.inner_text()}"
         for pid in ("speclab-error", "speclab-timeline", "speclab-maps", "speclab-diff"):
             page.locator(f"#{pid} .js-plotly-plot").first.wait_for(timeout=30_000)
         # the error plot has markers, the timeline has bars, the maps have a heatmap
@@ -110,5 +113,16 @@ def test_generate_in_a_real_browser(browser, server, tmp_path):
         assert page.locator("#speclab-full img").count() == 1
         shot = _shot(page, tmp_path, "lab_after_run.png")
         assert shot.exists()
+        # scrub the token maps to another step
+        title = page.locator("#speclab-maps .gtitle").first
+        before = title.text_content()
+        box = page.locator("#speclab-step input[type=number]")
+        lo = int(page.locator("#speclab-step input[type=range]").get_attribute("min"))
+        box.fill(str(lo))
+        box.press("Enter")
+        page.wait_for_function(
+            "t => { const e = document.querySelector('#speclab-maps .gtitle'); return e && e.textContent !== t; }",
+            arg=before, timeout=30_000)
+        assert f"step {lo}" in title.text_content()
     finally:
         page.close()

@@ -97,6 +97,7 @@ def test_timeline_bars_cumulative_compute_and_speedups():
     d = _by_name(fig)
     for dec in (FULL, ACCEPTED, REJECTED):
         assert d[dec].type == "bar" and d[dec].marker.color == V.DECISION_COLORS[dec]
+        assert d[dec].width == 0.8  # one step wide, however sparse the decision's steps are
     assert list(d[ACCEPTED].y) == [0.2] * 4 and list(d[FULL].y) == [1.0] * 4
     s = t.summary()
     assert d["this run (cumulative)"].y[-1] == pytest.approx(s["blocks_computed"] / 5)

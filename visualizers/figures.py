@@ -120,7 +120,7 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
     if over:
         xs = list(range(-len(over), 0))
         fig.add_trace(go.Bar(
-            x=xs, y=[r.blocks_computed / max(1, r.blocks_total) for r in over], name="pre-run",
+            x=xs, y=[r.blocks_computed / max(1, r.blocks_total) for r in over], name="pre-run", width=0.8,
             marker_color=OVERHEAD_COLOR, customdata=[[round(r.time_ms, 2), r.reason] for r in over],
             hovertemplate="pre-run call %{x}<br>%{y:.0%} of a step<br>%{customdata[0]} ms<extra></extra>",
         ), row=1, col=1)
@@ -133,7 +133,7 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
             group = by_step[r.step]
             frac.append(sum(g.blocks_computed for g in group) / max(1, sum(g.blocks_total for g in group)))
         fig.add_trace(go.Bar(
-            x=[r.step for r in sel], y=frac, name=decision, marker_color=DECISION_COLORS[decision],
+            x=[r.step for r in sel], y=frac, name=decision, marker_color=DECISION_COLORS[decision], width=0.8,
             customdata=[[round(r.time_ms, 2), r.reason or "-", _fmt(r.timestep, ".1f")] for r in sel],
             hovertemplate=("step %{x} (t %{customdata[2]})<br>%{y:.0%} of a full step<br>%{customdata[0]} ms"
                            "<br>%{customdata[1]}<extra>" + decision + "</extra>"),
@@ -195,8 +195,7 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
     x0 = -len(over) - 0.5 if over else -0.5
     fig.update_layout(title=f"{trace.method}: compute timeline{sub}", height=HEIGHT + 80, margin=_MARGIN,
                       template="plotly_white", barmode="overlay", hovermode="closest",
-                      legend=dict(orientation="h", y=-0.14, font=dict(size=10), entrywidthmode="fraction",
-                                  entrywidth=0.33))
+                      legend=dict(orientation="h", y=-0.14, font=dict(size=10)))
     fig.update_xaxes(range=[x0, _x_range(trace)[1]], row=1, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
     top = max([1.0] + [r.blocks_computed / max(1, r.blocks_total) for r in trace.steps + over])
