@@ -110,6 +110,9 @@ class FluxAdapter(Adapter):
     # FLUX attention: double blocks concatenate [text, image] queries/keys inside the processor; single
     # blocks get [text, image] already concatenated. The rotary embedding is computed by the model from
     # cat(txt_ids, img_ids), so restricting img_ids restricts RoPE to the same tokens.
+    # Positions of the transformer's forward arguments (FluxTransformer2DModel.forward).
+    _M_HIDDEN, _M_TIMESTEP, _M_IMG_IDS = 0, 3, 4
+
     def attention_modules(self) -> list:
         t = self.transformer
         return [b.attn for b in t.transformer_blocks] + [b.attn for b in t.single_transformer_blocks]
@@ -127,10 +130,10 @@ class FluxAdapter(Adapter):
         return layout.n_text
 
     def call_latents(self, args, kwargs) -> torch.Tensor:
-        return arg(args, kwargs, _M_HIDDEN, "hidden_states")
+        return arg(args, kwargs, self._M_HIDDEN, "hidden_states")
 
     def call_timestep(self, args, kwargs) -> torch.Tensor:
-        return arg(args, kwargs, _M_TIMESTEP, "timestep")
+        return arg(args, kwargs, self._M_TIMESTEP, "timestep")
 
     def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None):
         args, kwargs = list(args), dict(kwargs)
@@ -141,13 +144,13 @@ class FluxAdapter(Adapter):
             else:
                 args[pos] = value
 
-        hidden = latents if latents is not None else arg(args, kwargs, _M_HIDDEN, "hidden_states")
+        hidden = latents if latents is not None else arg(args, kwargs, self._M_HIDDEN, "hidden_states")
         if timestep is not None:
-            put(_M_TIMESTEP, "timestep", timestep)
+            put(self._M_TIMESTEP, "timestep", timestep)
         if image_index is not None:
             hidden = hidden.index_select(1, image_index)
-            img_ids = arg(args, kwargs, _M_IMG_IDS, "img_ids")
-            put(_M_IMG_IDS, "img_ids", img_ids.index_select(img_ids.ndim - 2, image_index))
-        put(_M_HIDDEN, "hidden_states", hidden)
+            img_ids = arg(args, kwargs, self._M_IMG_IDS, "img_ids")
+            put(self._M_IMG_IDS, "img_ids", img_ids.index_select(img_ids.ndim - 2, image_index))
+        put(self._M_HIDDEN, "hidden_states", hidden)
         return tuple(args), kwargs
 
