@@ -8,6 +8,7 @@ Screenshots go to a temp dir; set SPECLAB_SCREENSHOTS=/some/dir to keep copies.
 import os
 import shutil
 import socket
+import time
 
 import pytest
 
@@ -56,7 +57,15 @@ def browser():
 @pytest.fixture(scope="module")
 def server():
     bundled = os.path.isfile(os.path.join(M.TINY_FLUX_DIR, "model_index.json"))
-    manager = M.ModelManager() if bundled else M.ModelManager(factory=lambda preset: tiny.tiny_flux_pipe())
+    if bundled and not os.environ.get("SPECLAB_TEST_RANDOM_PIPE"):
+        manager = M.ModelManager()
+    else:  # the random test pipe; slowed to >= 10 ms a step so that a run is still going when Stop comes
+        def factory(preset):
+            pipe = tiny.tiny_flux_pipe()
+            pipe.transformer.register_forward_pre_hook(lambda *a: time.sleep(0.01))
+            return pipe
+
+        manager = M.ModelManager(factory=factory)
     demo = app.build_app(app.Lab(manager, every_s=0.3))
     demo.queue(default_concurrency_limit=1)
     port = _free_port()
@@ -124,5 +133,27 @@ def test_generate_in_a_real_browser(browser, server, tmp_path):
             "t => { const e = document.querySelector('#speclab-maps .gtitle'); return e && e.textContent !== t; }",
             arg=before, timeout=30_000)
         assert f"step {lo}" in title.text_content()
+    finally:
+        page.close()
+
+
+def test_stop_button_ends_a_run(browser, server, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+        page.locator("#speclab-generate").wait_for(timeout=60_000)
+        steps = page.locator("#speclab-steps input[type=number]")
+        steps.fill("100")
+        steps.press("Enter")
+        page.locator("#speclab-generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-summary').innerText.includes('running')", timeout=60_000)
+        page.locator("#speclab-stop").click()
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-summary').innerText.includes('stopped')", timeout=60_000)
+        text = page.locator("#speclab-summary").inner_text()
+        done = int(text.split("— step ")[1].split("/")[0])
+        assert 0 < done < 100, text
+        _shot(page, tmp_path, "lab_stopped.png")
     finally:
         page.close()
