@@ -86,7 +86,9 @@ def accumulate(x: torch.Tensor, entries, gates: torch.Tensor, coefs: list[float]
         gptr.append(gates.data_ptr() + gi * gstride)
         row.append(r0 * C)
         bstride.append(terms[0].shape[1] * C)
-    table = torch.tensor([tptr + gptr + row + bstride], dtype=torch.int64).to(x.device)[0]
+    # Pinned + non_blocking: the copy joins the stream without stalling the host (the caching host
+    # allocator keeps the buffer until the copy is done).
+    table = torch.tensor(tptr + gptr + row + bstride, dtype=torch.int64).pin_memory().to(x.device, non_blocking=True)
     K = len(entries)
     t_tab, g_tab = table[: K * I], table[K * I: K * I + K]
     r_tab, s_tab = table[K * I + K: K * I + 2 * K], table[K * I + 2 * K:]

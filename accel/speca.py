@@ -21,7 +21,7 @@ from diffusers.hooks import ModelHook
 from .adapters import Adapter, BlockSpec, FeatureSite
 from .config import SpeCaConfig
 from .kernels import accumulate
-from .metrics import per_sample_error, per_token_error
+from .metrics import verification_errors
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
 from .taylor import TaylorForecaster
 from .trace import ACCEPTED, FULL, REJECTED, StepRecord
@@ -131,10 +131,8 @@ class SpeCaBlockHook(ModelHook):
         key = adapter.verify_feature(self.block)
         cfg = driver.config
         forecast = pred[key]
-        state.verify_errors = per_sample_error(forecast, real[key], cfg.metric, cfg.eps)
-        if cfg.record_maps:
-            img = adapter.image_tokens(self.block, key, state.layout)
-            state.verify_map = per_token_error(forecast[:, img], real[key][:, img], cfg.eps)
+        img = adapter.image_tokens(self.block, key, state.layout) if cfg.record_maps else None
+        state.verify_errors, state.verify_map = verification_errors(forecast, real[key], cfg.metric, cfg.eps, img)
         return out  # the real output: it is computed anyway and strictly better than its forecast
 
 

@@ -151,7 +151,7 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--order", type=int, default=2)
+    ap.add_argument("--orders", default="2", help="comma list of Taylor orders, one row each per schedule")
     ap.add_argument("--schedules", default="every:4,every:6,every:8", help="comma list of every:N")
     ap.add_argument("--taylorseer", action="store_true", help="also run diffusers' TaylorSeerCache (default and lite)")
     ap.add_argument("--json", default=None, help="write all numbers here")
@@ -195,12 +195,13 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for spec in args.schedules.split(","):
-        interval = int(spec.split(":")[1])
-        sched = every(args.steps, interval)
-        with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, order=args.order, cache_dtype=None)) as h:
-            out, wall, peak = timed_call(pipe, embeds, args, device)
-            record(f"speca {spec} o{args.order}", out, wall, peak, h.trace)
+    for order in [int(o) for o in args.orders.split(",")]:
+        for spec in args.schedules.split(","):
+            interval = int(spec.split(":")[1])
+            sched = every(args.steps, interval)
+            with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, order=order)) as h:
+                out, wall, peak = timed_call(pipe, embeds, args, device)
+                record(f"speca {spec} o{order}", out, wall, peak, h.trace)
 
     if args.taylorseer:
         from diffusers import TaylorSeerCacheConfig
