@@ -203,8 +203,10 @@ class Lab:
                     mine = trace.summary()["measured_ms"]
                     extra["full_ms"] = full_ms
                     extra["measured_speedup"] = full_ms / mine if mine else None
-            elif final.stopped:
-                extra["note"] = "stopped: the image is what the steps done so far give"
+            if final.stopped:
+                extra["note"] = ("stopped: the image is the model's estimate of the clean image at the last step "
+                                 "done; no comparison with the full run")
+                diff = V.empty_figure("no comparison for a stopped run", title="difference")
             files = _export(trace, run_info)
             yield (final.preview if final.preview is not None else final.image, final.image, summary_markdown(trace, extra), V.error_figure(trace),
                    V.timeline_figure(trace, reference=ref_trace), V.token_maps_figure(trace),

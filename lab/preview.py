@@ -20,6 +20,17 @@ def unpack(pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor
     return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
 
+def decode(pipe, latents: torch.Tensor, height: int, width: int) -> Image.Image:
+    """Packed FLUX latents -> the pipeline's own VAE decode (what `output_type="pil"` gives)."""
+    vae = pipe.vae
+    lat = unpack(pipe, latents, height, width)
+    lat = lat / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    p = next(vae.parameters())
+    with torch.no_grad():
+        img = vae.decode(lat.to(p.device, p.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(img, output_type="pil")[0]
+
+
 class Previewer:
     def __init__(self, pipe):
         self.pipe = pipe

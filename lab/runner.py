@@ -23,7 +23,7 @@ import accel
 from accel.trace import Trace
 
 from .models import LoadedModel
-from .preview import unpack
+from .preview import decode, unpack
 
 SpecDiffConfig = getattr(accel, "SpecDiffConfig", None)
 
@@ -190,32 +190,38 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
     try:
         handle = accel.apply(pipe, config)
         handle.on_step = lambda rec: events.put(("step", rec.step))
-        state = {"prev": None, "last_preview": 0.0, "final_latents": None}
+        state = {"prev": None, "last_preview": 0.0, "final_latents": None, "interrupted": False, "x0_stop": None}
         size = (spec.width, spec.height)
 
+        def x0_estimate(p, i, lat):
+            """Flow matching: x0 = x_t - sigma * v, with v from the last Euler step."""
+            sig = p.scheduler.sigmas
+            if state["prev"] is not None and i + 1 < len(sig):
+                ds = float(sig[i + 1] - sig[i])
+                if ds != 0:
+                    return lat - float(sig[i + 1]) * (lat - state["prev"]) / ds
+            return lat
+
         def on_step_end(p, i, t, cb_kwargs):
-            if stop.is_set():
-                p._interrupt = True
             lat = cb_kwargs.get("latents")
+            if stop.is_set() and not p._interrupt and i < spec.steps - 1:
+                p._interrupt = True
+                state["interrupted"] = True
+                if lat is not None:
+                    state["x0_stop"] = x0_estimate(p, i, lat).detach()
             if lat is None:
                 return {}
             now = time.perf_counter()
             last = i == spec.steps - 1
-            if preview and (last or now - state["last_preview"] >= every_s):
+            if preview and (last or p._interrupt or now - state["last_preview"] >= every_s):
                 try:
-                    x0 = lat
-                    sig = p.scheduler.sigmas
-                    if state["prev"] is not None and i + 1 < len(sig):
-                        ds = float(sig[i + 1] - sig[i])
-                        if ds != 0:  # flow matching: x0 = x_t - sigma * v, v from the last Euler step
-                            x0 = lat - float(sig[i + 1]) * (lat - state["prev"]) / ds
-                    img = model.previewer.to_image(unpack(p, x0, spec.height, spec.width), size)
+                    img = model.previewer.to_image(unpack(p, x0_estimate(p, i, lat), spec.height, spec.width), size)
                     events.put(("preview", i, img))
                     state["last_preview"] = now
                 except Exception:  # never let a preview break the run
                     pass
-            state["prev"] = lat.detach().clone() if preview else None
-            if last or p._interrupt:
+            state["prev"] = lat.detach().clone()
+            if last:
                 state["final_latents"] = lat.detach()
             return {}
 
@@ -262,12 +268,18 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
                 raise RuntimeError(_oom_message(spec)) from None
             raise e
         images = result["images"]
+        stopped = state["interrupted"]
+        if stopped and state["x0_stop"] is not None:
+            # Stopped: show the model's estimate of the clean image at the last step done, not the noisy latents.
+            images = state["x0_stop"]
+            if kwargs["output_type"] != "latent":
+                images = [decode(pipe, images, spec.height, spec.width)]
         if kwargs["output_type"] == "latent":
             image = model.previewer.to_image(unpack(pipe, images, spec.height, spec.width), (spec.width, spec.height))
         else:
             image = images[0]
             fl = state["final_latents"]
-            if fl is not None and not stop.is_set() and model.previewer is not None:
+            if fl is not None and not stopped and model.previewer is not None:
                 try:
                     model.previewer.refit(unpack(pipe, fl, spec.height, spec.width), image)
                 except Exception:
@@ -275,7 +287,7 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
         handle.remove()
         trace = handle.trace
         yield RunUpdate(snapshot(trace), latest_preview, last_step, spec.steps, done=True, image=image,
-                        stopped=stop.is_set(), elapsed_s=time.perf_counter() - start, config=cfg_dict)
+                        stopped=stopped, elapsed_s=time.perf_counter() - start, config=cfg_dict)
     finally:
         if worker is not None and worker.is_alive():  # consumer went away: end the run, then clean up
             stop.set()
