@@ -190,10 +190,11 @@ class SpecDiffConfig(_ConfigBase):
     """Queries per chunk when computing the attention each token receives: the softmax is materialised for
     `score_chunk` queries x all keys x heads at a time, never the full N x N map. Must be >= 1."""
 
-    score_every: int = 1
+    score_every: int = 4
     """Attention received is summed over every `score_every`-th attention layer (layer index % score_every
     == 0, layers in execution order). 1 uses all layers as the paper; larger values make the side computation
-    proportionally cheaper. On partial steps only the computed queries (text + C1) are scored, which is all
+    proportionally cheaper. Default 4: on the H100 (FLUX.1-dev size, 28 steps) it gave the same PSNR as 1
+    (45.64 dB at cache rate 0.85) and 1.49x instead of 1.27x measured speedup. On partial steps only the computed queries (text + C1) are scored, which is all
     the model computes. Must be >= 1."""
 
     record_maps: bool = True

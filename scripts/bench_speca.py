@@ -200,8 +200,10 @@ def main():
             interval = int(spec.split(":")[1])
             sched = every(args.steps, interval)
             with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, order=order)) as h:
-                out, wall, peak = timed_call(pipe, embeds, args, device)
-                record(f"speca {spec} o{order}", out, wall, peak, h.trace)
+                # twice, the faster counts: the first call of a new order compiles its Triton kernels
+                runs = [timed_call(pipe, embeds, args, device) for _ in range(2)]
+                best = min(range(2), key=lambda i: runs[i][1])
+                record(f"speca {spec} o{order}", *runs[best], h.traces[best])
 
     if args.taylorseer:
         from diffusers import TaylorSeerCacheConfig

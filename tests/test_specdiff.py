@@ -56,7 +56,8 @@ def test_full_steps_with_kv_and_scores_are_bit_identical(pipe):
 
     plain, ours = [], []
     run(pipe, STEPS, size=SIZE, callback_on_step_end=grab(plain))
-    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9, warmup_steps=4, spec_steps=3)) as h:
+    cfg = accel.SpecDiffConfig(cache_rate=0.9, warmup_steps=4, spec_steps=3, score_every=1)
+    with accel.apply(pipe, cfg) as h:
         run(pipe, STEPS, size=SIZE, callback_on_step_end=grab(ours))
         trace = h.trace
     assert [r.decision for r in trace.steps[:5]] == ["full"] * 4 + ["partial"]
@@ -154,7 +155,7 @@ class RowCounter:
 def test_blocks_process_only_c1_tokens(pipe):
     counter = RowCounter(pipe.transformer)
     try:
-        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9, spec_steps=3)) as h:
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9, spec_steps=3, score_every=1)) as h:
             run(pipe, STEPS, size=SIZE)
             trace = h.trace
     finally:
