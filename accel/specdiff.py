@@ -144,7 +144,7 @@ class SpecDiffModelHook(StepDriverHook):
                     state.kv.clear()
                 out = self.fn_ref.original_forward(*args, **kwargs)
                 sample = self.adapter.output_sample(out)
-                self._after_full(state, sample, rec)
+                self._after_full(state, self.adapter.sample_tokens(sample), rec)
                 if prerun_here:
                     state.prerun = {"args": args, "kwargs": kwargs, "sample": sample,
                                     "scores": None if ctl.scores is None else normalise_scores(ctl.scores)}
@@ -194,9 +194,7 @@ class SpecDiffModelHook(StepDriverHook):
         rows = adapter.joint_rows(layout, c1)
         ctl.begin(A_PARTIAL, state.kv, store_kv=False, score=next_partial, rows=rows,
                   key_start=adapter.image_key_start(layout))
-        sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1)
-        out = self.fn_ref.original_forward(*sub_args, **sub_kwargs)
-        new = adapter.output_sample(out)  # [B, n_c1, C]
+        out, new = adapter.run_subset(self.fn_ref.original_forward, args, kwargs, c1)  # new: [B, n_c1, C]
         state.his = normalise_scores(ctl.scores) if ctl.scores is not None else None
 
         # assemble: C2 = last value, C3 = weighted history, C1 = new
@@ -226,7 +224,7 @@ class SpecDiffModelHook(StepDriverHook):
         c = [int(x) for x in packed[:3].tolist()]
         rec.extra = {"c1": c[0], "c2": c[1], "c3": c[2], "score_pairs": ctl.score_pairs,
                      "score_layers": ctl.score_layers, "attn_pairs": ctl.attn_pairs, "spec_sigma": state.fut_sigmas[j]}
-        return adapter.with_output_sample(out, full.to(new.dtype))
+        return adapter.with_output_sample(out, adapter.tokens_sample(full.to(new.dtype), layout))
 
     # ---- speculative pre-run -------------------------------------------------------------------
     def _call(self, module, args, kwargs):

@@ -6,8 +6,9 @@ from torch import nn
 
 from .base import Adapter, BlockSpec, Contribution, FeatureSite, GateSite, TokenLayout
 from .flux import FluxAdapter
+from .hunyuan_video import HunyuanVideoAdapter
 
-ADAPTERS: list[type[Adapter]] = [FluxAdapter]
+ADAPTERS: list[type[Adapter]] = [FluxAdapter, HunyuanVideoAdapter]
 
 
 def adapter_for(transformer: nn.Module) -> Adapter:

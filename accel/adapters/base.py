@@ -166,6 +166,24 @@ class Adapter:
         `image_index` (latents and their position ids), so the model computes only those image tokens."""
         raise NotImplementedError
 
+    def run_subset(self, forward, args: tuple, kwargs: dict, image_index: torch.Tensor):
+        """Run `forward` (the transformer's own forward) on all text tokens and the image tokens `image_index`
+        only: (the call's return value, the model output of those tokens [batch, len(image_index), channels]).
+        Default: restrict the call's inputs (`with_call_inputs`); a model that cannot take a token subset as
+        input overrides this."""
+        sub_args, sub_kwargs = self.with_call_inputs(args, kwargs, image_index=image_index)
+        out = forward(*sub_args, **sub_kwargs)
+        return out, self.output_sample(out)
+
+    def sample_tokens(self, sample: torch.Tensor) -> torch.Tensor:
+        """A model output tensor as per-image-token values [batch, image tokens, channels] (token order of
+        the layout grid). Default: the output already is."""
+        return sample
+
+    def tokens_sample(self, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The inverse of `sample_tokens`."""
+        return tokens
+
     def call_timestep(self, args: tuple, kwargs: dict) -> torch.Tensor:
         """The timestep argument of a transformer call."""
         raise NotImplementedError
