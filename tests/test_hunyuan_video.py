@@ -21,6 +21,15 @@ STEPS = 8
 N_IMG = math.prod(GRID)  # 3 x 4 x 4 = 48
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is far too small for intra-op threads: one thread is faster and steadier on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_video_pipe()
@@ -87,7 +96,8 @@ def test_forecast_of_real_features_rebuilds_block_output(pipe):
     adapter = adapter_for(t)
     g = torch.Generator().manual_seed(3)
     d = t.config.num_attention_heads * t.config.attention_head_dim
-    hidden, enc, temb = torch.randn(1, N_IMG, d, generator=g), torch.randn(1, TXT_LEN, d, generator=g), torch.randn(1, d, generator=g)
+    hidden, enc = torch.randn(1, N_IMG, d, generator=g), torch.randn(1, TXT_LEN, d, generator=g)
+    temb = torch.randn(1, d, generator=g)
     mask = torch.ones(1, 1, 1, N_IMG + TXT_LEN, dtype=torch.bool)
     mask[..., -TXT_PAD:] = False
     rope = t.rope(torch.zeros(1, 4, GRID[0], GRID[1] * 2, GRID[2] * 2))
@@ -106,12 +116,13 @@ def test_forecast_of_real_features_rebuilds_block_output(pipe):
         with torch.no_grad():
             real = block.module(*args)
             sites = adapter.gate_sites(block)
-            gates = torch.stack([F.linear(adapter.gate_input(temb), *_rows(s.linear, s.n_chunks, s.chunk)) for s in sites])
+            x = adapter.gate_input(temb)
+            gates = torch.stack([F.linear(x, *_rows(s.linear, s.n_chunks, s.chunk)) for s in sites])
             index = {s.feature: i for i, s in enumerate(sites)}
             streams = adapter.block_streams(args, {})
             for c in adapter.contributions(block, layout):
-                streams[c.stream] = accumulate(streams[c.stream], [([captured[c.feature]], index[c.feature], c.row_start)],
-                                               gates, [1.0])
+                entry = ([captured[c.feature]], index[c.feature], c.row_start)
+                streams[c.stream] = accumulate(streams[c.stream], [entry], gates, [1.0])
             rebuilt = adapter.block_output(block, streams)
         for h in handles:
             h.remove()
@@ -304,6 +315,27 @@ def test_partial_call_with_fresh_cache_reproduces_full_outputs(pipe):
     finally:
         for m, p in zip(mods, originals):
             m.set_processor(p)
+
+
+# ---- CFG branches and batches --------------------------------------------------------------------------
+def test_true_cfg_and_batch_keep_separate_states(pipe):
+    pe, pooled, mask = embeds(seed=1, batch=2)
+    ne, npooled, nmask = embeds(seed=2, batch=2)
+    nmask[1, :2] = 0  # the negative prompt of sample 1 is shorter still
+    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, prompt_attention_mask=mask,
+              negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled,
+              negative_prompt_attention_mask=nmask, true_cfg_scale=3.0, height=64, width=64, num_frames=9,
+              num_inference_steps=STEPS, output_type="latent")
+    for cfg in (accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=1),
+                accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2)):
+        with accel.apply(pipe, cfg) as h:
+            out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+            trace = h.trace
+        assert out.shape[0] == 2 and torch.isfinite(out).all()
+        assert trace.contexts() == ["cond", "uncond"]
+        cond, uncond = trace.for_context("cond"), trace.for_context("uncond")
+        assert len(cond) == len(uncond) == STEPS
+        assert all(r.decision != "full" for r in cond[2:] + uncond[2:])
 
 
 # ---- errors ---------------------------------------------------------------------------------------------

@@ -91,8 +91,9 @@ class HunyuanVideoAdapter(Adapter):
         m = block.module
         if block.kind == "double":
             # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa(2), shift_mlp, scale_mlp, gate_mlp(5)
+            ctx = m.norm1_context.linear
             return [GateSite("attn", m.norm1.linear, 6, 2), GateSite("ff", m.norm1.linear, 6, 5),
-                    GateSite("attn_ctx", m.norm1_context.linear, 6, 2), GateSite("ff_ctx", m.norm1_context.linear, 6, 5)]
+                    GateSite("attn_ctx", ctx, 6, 2), GateSite("ff_ctx", ctx, 6, 5)]
         # AdaLayerNormZeroSingle chunks: shift, scale, gate(2)
         return [GateSite("proj_out", m.norm.linear, 3, 2)]
 
