@@ -190,10 +190,14 @@ class Lab:
                         "note": "running the full reference run (cached for this model/prompt/seed/size/steps)…"}),
                         V.error_figure(trace), V.timeline_figure(trace), V.token_maps_figure(trace),
                         _slider_update(trace), skip, skip, skip, trace)
+                    stop.clear()  # a Stop that came as the accelerated run ended must not cancel the reference
                     ref = R.run_to_end(loaded, spec, accel.FullConfig(), stop=stop)
                     if not ref.stopped:
                         self.full_cache.put(spec, ref.image, ref.trace)
                         cached = (ref.image, ref.trace)
+                    else:
+                        extra["note"] = "the full reference run was stopped: no comparison"
+                        diff = V.empty_figure("the full reference run was stopped", title="difference")
                 if cached is not None:
                     ref_image, ref_trace = cached
                     extra["psnr"] = metrics.psnr(final.image, ref_image)
@@ -308,8 +312,9 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                     seed = gr.Number(0, label="seed", precision=0, minimum=0)
                     steps = gr.Slider(1, P.max_steps, value=P.steps, step=1, label="steps", elem_id="speclab-steps")
                 with gr.Row():
-                    width = gr.Slider(P.min_size, P.max_size, value=P.width, step=8, label="width")
-                    height = gr.Slider(P.min_size, P.max_size, value=P.height, step=8, label="height")
+                    width = gr.Slider(P.min_size, P.max_size, value=P.width, step=8, label="width", elem_id="speclab-width")
+                    height = gr.Slider(P.min_size, P.max_size, value=P.height, step=8, label="height",
+                                       elem_id="speclab-height")
                 guidance = gr.Slider(0, 10, value=P.guidance, step=0.1, label="guidance",
                                      info="used only by models with guidance embeds (FLUX.1-dev); tiny FLUX has none")
                 method = gr.Radio(R.METHODS, value=R.SPECA, label="method")

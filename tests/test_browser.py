@@ -59,10 +59,10 @@ def server():
     bundled = os.path.isfile(os.path.join(M.TINY_FLUX_DIR, "model_index.json"))
     if bundled and not os.environ.get("SPECLAB_TEST_RANDOM_PIPE"):
         manager = M.ModelManager()
-    else:  # the random test pipe; slowed to >= 10 ms a step so that a run is still going when Stop comes
+    else:  # the random test pipe; slowed to >= 30 ms a step so that a run is still going when Stop comes
         def factory(preset):
             pipe = tiny.tiny_flux_pipe()
-            pipe.transformer.register_forward_pre_hook(lambda *a: time.sleep(0.01))
+            pipe.transformer.register_forward_pre_hook(lambda *a: time.sleep(0.03))
             return pipe
 
         manager = M.ModelManager(factory=factory)
@@ -94,8 +94,8 @@ def test_generate_in_a_real_browser(browser, server, tmp_path):
         steps = page.locator("#speclab-steps input[type=number]")
         steps.fill("12")
         steps.press("Enter")
-        page.locator("#speclab-steps input[type=range]").wait_for()
-        assert page.locator("#speclab-steps input[type=range]").input_value() == "12"
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-steps input[type=range]').value === '12'", timeout=10_000)
         # method switch hides the other method's controls
         page.get_by_label("SpecDiff").check() if page.get_by_label("SpecDiff").count() else None
         page.wait_for_timeout(300)
@@ -142,15 +142,20 @@ def test_stop_button_ends_a_run(browser, server, tmp_path):
     try:
         page.goto(server, wait_until="domcontentloaded", timeout=60_000)
         page.locator("#speclab-generate").wait_for(timeout=60_000)
-        steps = page.locator("#speclab-steps input[type=number]")
-        steps.fill("100")
-        steps.press("Enter")
+        for box, value in (("#speclab-steps", "100"), ("#speclab-width", "256"), ("#speclab-height", "256")):
+            field = page.locator(f"{box} input[type=number]")  # a long run, so that Stop comes mid-way
+            field.fill(value)
+            field.press("Enter")
         page.locator("#speclab-generate").click()
-        page.wait_for_function(
-            "() => document.querySelector('#speclab-summary').innerText.includes('running')", timeout=60_000)
-        page.locator("#speclab-stop").click()
-        page.wait_for_function(
-            "() => document.querySelector('#speclab-summary').innerText.includes('stopped')", timeout=60_000)
+        try:
+            page.wait_for_function(
+                "() => document.querySelector('#speclab-summary').innerText.includes('running')", timeout=60_000)
+            page.locator("#speclab-stop").click()
+            page.wait_for_function(
+                "() => document.querySelector('#speclab-summary').innerText.includes('stopped')", timeout=60_000)
+        except Exception:
+            _shot(page, tmp_path, "lab_stop_failed.png")
+            raise AssertionError("no stopped run; summary: " + page.locator("#speclab-summary").inner_text())
         text = page.locator("#speclab-summary").inner_text()
         done = int(text.split("— step ")[1].split("/")[0])
         assert 0 < done < 100, text
