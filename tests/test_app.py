@@ -287,3 +287,19 @@ def test_app_wiring_api_and_cli(rlab, monkeypatch):
 def test_accel_exports_the_baselines():
     for name in ("FullConfig", "TaylorSeerConfig", "FirstBlockConfig"):
         assert hasattr(accel, name)
+
+
+def test_out_of_memory_gives_the_fix_and_the_app_keeps_serving(rlab, monkeypatch):
+    pipe = rlab.manager.get(M.TINY).pipe
+    cls = type(pipe)
+    real_call = cls.__call__
+
+    def oom(self, *a, **k):
+        raise M.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cls, "__call__", oom)
+    with pytest.raises(gr.Error, match="out of memory at 64x64.*lower the size"):
+        list(rlab.generate(**kw(steps=4, width=64, height=64, compare=False)))
+    monkeypatch.setattr(cls, "__call__", real_call)
+    assert _no_speclab_hooks(pipe) and not rlab.manager.get(M.TINY).lock.locked()
+    assert len(list(rlab.generate(**kw(steps=4, width=64, height=64, compare=False)))[-1][-1].steps) == 4
