@@ -87,6 +87,27 @@ def check(pipe, n_per_color: int = 2, seed: int = 0, grid: str | None = None, **
     return res
 
 
+def plot_losses(curves: dict[str, list], path: str, w: int = 480, h: int = 200) -> None:
+    """Tiny log-scale line plot of [[step, loss], ...] curves (PIL only; no matplotlib needed)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (w, h * len(curves)), "white")
+    d = ImageDraw.Draw(img)
+    for k, (name, pts) in enumerate(curves.items()):
+        pts = np.array(pts, dtype=np.float64)
+        x, y = pts[:, 0], np.log10(pts[:, 1])
+        x0, y0, y1 = 0.0, y.min(), y.max()
+        ox, oy, pw, ph = 50, k * h + 20, w - 60, h - 45
+        d.rectangle([ox, oy, ox + pw, oy + ph], outline="black")
+        xy = [(ox + pw * (a - x0) / (x.max() - x0), oy + ph * (1 - (b - y0) / max(y1 - y0, 1e-9))) for a, b in zip(x, y)]
+        d.line(xy, fill=(200, 30, 30), width=2)
+        d.text((ox, oy - 15), f"{name}: log10 loss, {pts[0, 1]:.3g} -> {pts[-1, 1]:.3g} at step {int(x.max())}", fill="black")
+        d.text((4, oy), f"{10 ** y1:.2g}", fill="black")
+        d.text((4, oy + ph - 10), f"{10 ** y0:.2g}", fill="black")
+        d.text((ox + pw - 40, oy + ph + 4), f"{int(x.max())}", fill="black")
+    img.save(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="assets/models/tiny-flux")
@@ -97,7 +118,17 @@ def main() -> None:
     ap.add_argument("--max-seq", type=int, default=DEFAULTS["max_sequence_length"])
     ap.add_argument("--out", default=None, help="PNG grid of the generated images")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--plot-logs", nargs="+", default=None, help="only plot the loss curves of these train_log.json")
     args = ap.parse_args()
+    if args.plot_logs:
+        import json
+
+        curves = {}
+        for logfile in args.plot_logs:
+            hist = json.load(open(logfile))
+            curves.update({f"{k} ({os.path.basename(logfile)})": hist[k] for k in ("vae", "dit") if hist.get(k)})
+        plot_losses(curves, args.out or "loss.png")
+        return
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(args.model)

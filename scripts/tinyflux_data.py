@@ -290,6 +290,7 @@ def analyze_single(img) -> dict:
         "cx": float(xs.mean() + 0.5) / w,
         "cy": float(ys.mean() + 0.5) / h,
         "area": float(fg.sum()) / (h * w),
+        "extent": float(max(x1 - x0 + 1, y1 - y0 + 1)) / max(h, w),  # ~0.2 small, ~0.36 large
     }
 
 
