@@ -154,8 +154,8 @@ class Lab:
         for k in ("self", "request"):
             params.pop(k)
         try:
-            spec = R.RunSpec(str(model), str(prompt or ""), R._int("seed", seed), R._int("steps", steps),
-                             R._int("width", width), R._int("height", height), float(guidance or 0.0))
+            spec = R.RunSpec(str(model), str(prompt or ""), R.as_int("seed", seed), R.as_int("steps", steps),
+                             R.as_int("width", width), R.as_int("height", height), float(guidance or 0.0))
             config = R.build_config(str(method), params)
             loaded = self.manager.get(spec.preset)
             R.validate_spec(spec, loaded)
@@ -212,7 +212,8 @@ class Lab:
                                  "done; no comparison with the full run")
                 diff = V.empty_figure("no comparison for a stopped run", title="difference")
             files = _export(trace, run_info)
-            yield (final.preview if final.preview is not None else final.image, final.image, summary_markdown(trace, extra), V.error_figure(trace),
+            shown = final.preview if final.preview is not None else final.image
+            yield (shown, final.image, summary_markdown(trace, extra), V.error_figure(trace),
                    V.timeline_figure(trace, reference=ref_trace), V.token_maps_figure(trace),
                    _slider_update(trace), ref_image, diff, files, trace)
         except gr.Error:
@@ -312,7 +313,8 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                     seed = gr.Number(0, label="seed", precision=0, minimum=0)
                     steps = gr.Slider(1, P.max_steps, value=P.steps, step=1, label="steps", elem_id="speclab-steps")
                 with gr.Row():
-                    width = gr.Slider(P.min_size, P.max_size, value=P.width, step=8, label="width", elem_id="speclab-width")
+                    width = gr.Slider(P.min_size, P.max_size, value=P.width, step=8, label="width",
+                                      elem_id="speclab-width")
                     height = gr.Slider(P.min_size, P.max_size, value=P.height, step=8, label="height",
                                        elem_id="speclab-height")
                 guidance = gr.Slider(0, 10, value=P.guidance, step=0.1, label="guidance",

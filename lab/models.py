@@ -158,7 +158,8 @@ class LoadedModel:
 
     @property
     def has_text_encoders(self) -> bool:
-        return getattr(self.pipe, "text_encoder", None) is not None and getattr(self.pipe, "tokenizer", None) is not None
+        p = self.pipe
+        return getattr(p, "text_encoder", None) is not None and getattr(p, "tokenizer", None) is not None
 
     @property
     def has_guidance(self) -> bool:

@@ -37,7 +37,7 @@ class InputError(ValueError):
     """A control value the run cannot use; the message names it."""
 
 
-def _int(name: str, v) -> int:
+def as_int(name: str, v) -> int:
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -56,24 +56,24 @@ def build_config(method: str, p: dict):
         if method == SPECA:
             return accel.SpeCaConfig(
                 threshold=float(p["speca_threshold"]), decay=float(p["speca_decay"]),
-                order=_int("Taylor order", p["speca_order"]), warmup_steps=_int("warm-up", p["speca_warmup"]),
-                min_spec_steps=_int("min speculative steps", p["speca_min_spec"]),
-                max_spec_steps=_int("max speculative steps", p["speca_max_spec"]),
+                order=as_int("Taylor order", p["speca_order"]), warmup_steps=as_int("warm-up", p["speca_warmup"]),
+                min_spec_steps=as_int("min speculative steps", p["speca_min_spec"]),
+                max_spec_steps=as_int("max speculative steps", p["speca_max_spec"]),
                 metric=str(p["speca_metric"]), on_reject=str(p["speca_on_reject"]),
             )
         if method == SPECDIFF:
             if SpecDiffConfig is None:
                 raise InputError("SpecDiff is not available in this build of accel")
             return SpecDiffConfig(
-                cache_rate=float(p["sd_cache_rate"]), spec_steps=_int("speculative steps", p["sd_spec_steps"]),
-                c2_share=float(p["sd_c2_share"]), history_window=_int("history window", p["sd_history"]),
-                starvation_scale=float(p["sd_starvation"]), warmup_steps=_int("warm-up", p["sd_warmup"]),
+                cache_rate=float(p["sd_cache_rate"]), spec_steps=as_int("speculative steps", p["sd_spec_steps"]),
+                c2_share=float(p["sd_c2_share"]), history_window=as_int("history window", p["sd_history"]),
+                starvation_scale=float(p["sd_starvation"]), warmup_steps=as_int("warm-up", p["sd_warmup"]),
             )
         if method == TAYLORSEER:
             return accel.TaylorSeerConfig(
-                cache_interval=_int("cache interval", p["ts_interval"]),
-                disable_cache_before_step=_int("warm-up", p["ts_warmup"]),
-                max_order=_int("Taylor order", p["ts_order"]), taylor_factors_dtype="float32",
+                cache_interval=as_int("cache interval", p["ts_interval"]),
+                disable_cache_before_step=as_int("warm-up", p["ts_warmup"]),
+                max_order=as_int("Taylor order", p["ts_order"]), taylor_factors_dtype="float32",
             )
         if method == FBCACHE:
             return accel.FirstBlockConfig(threshold=float(p["fbc_threshold"]))

@@ -159,8 +159,7 @@ def test_missing_models_give_clear_messages(monkeypatch):
 
     msg = M.explain_load_error(M.PRESETS[M.DEV], GatedRepoError("401 Client Error"))
     assert "gated" in msg and "accept its licence" in msg and "HF_TOKEN" in msg
-    msg = M.explain_load_error(M.PRESETS[M.DEV], OSError("x")) if False else \
-        M.explain_load_error(M.PRESETS[M.DEV], LocalEntryNotFoundError("cannot find the requested files"))
+    msg = M.explain_load_error(M.PRESETS[M.DEV], LocalEntryNotFoundError("cannot find the requested files"))
     assert "not reachable" in msg and "hf download black-forest-labs/FLUX.1-dev" in msg
     msg = M.explain_load_error(M.PRESETS[M.DEV], RuntimeError("CUDA out of memory. Tried to allocate"))
     assert "out of GPU memory" in msg

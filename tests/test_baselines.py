@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from diffusers.hooks import FirstBlockCacheConfig as DiffusersFBC
-from diffusers.hooks import TaylorSeerCacheConfig as DiffusersTS
 
 import accel
 import tiny
