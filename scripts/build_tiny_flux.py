@@ -15,7 +15,7 @@ Everything is made here, nothing is downloaded:
 
 Usage::
 
-    python scripts/build_tiny_flux.py --out assets/models/tiny-flux            # full-size preset
+    python scripts/build_tiny_flux.py --out assets/models/tiny-flux --force    # full-size preset (replaces the trained weights!)
     python scripts/build_tiny_flux.py --out /tmp/tf-smoke --preset smoke       # tiny, for tests
 """
 
@@ -288,10 +288,13 @@ def build(out: str, preset: str = "default", seed: int = 0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="assets/models/tiny-flux")
+    ap.add_argument("--out", required=True, help="pipeline folder to write (e.g. assets/models/tiny-flux)")
+    ap.add_argument("--force", action="store_true", help="overwrite a folder that already holds a transformer")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if os.path.isdir(os.path.join(args.out, "transformer")) and not args.force:
+        sys.exit(f"{args.out} already holds a model (trained weights?): pass --force to replace it with an untrained one")
     build(args.out, args.preset, args.seed)
 
 
