@@ -15,7 +15,8 @@ Everything is made here, nothing is downloaded:
 
 Usage::
 
-    python scripts/build_tiny_flux.py --out assets/models/tiny-flux --force    # full-size preset (replaces the trained weights!)
+    # full-size preset (--force: replaces the trained weights!)
+    python scripts/build_tiny_flux.py --out assets/models/tiny-flux --force
     python scripts/build_tiny_flux.py --out /tmp/tf-smoke --preset smoke       # tiny, for tests
 """
 
@@ -73,7 +74,8 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte -> printable unicode map (what the ByteLevel pre-tokenizer emits)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -294,7 +296,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if os.path.isdir(os.path.join(args.out, "transformer")) and not args.force:
-        sys.exit(f"{args.out} already holds a model (trained weights?): pass --force to replace it with an untrained one")
+        sys.exit(f"{args.out} already holds a model (trained weights?): --force replaces it with an untrained one")
     build(args.out, args.preset, args.seed)
 
 

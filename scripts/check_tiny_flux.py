@@ -99,9 +99,11 @@ def plot_losses(curves: dict[str, list], path: str, w: int = 480, h: int = 200) 
         x0, y0, y1 = 0.0, y.min(), y.max()
         ox, oy, pw, ph = 50, k * h + 20, w - 60, h - 45
         d.rectangle([ox, oy, ox + pw, oy + ph], outline="black")
-        xy = [(ox + pw * (a - x0) / (x.max() - x0), oy + ph * (1 - (b - y0) / max(y1 - y0, 1e-9))) for a, b in zip(x, y)]
+        xy = [(ox + pw * (a - x0) / (x.max() - x0), oy + ph * (1 - (b - y0) / max(y1 - y0, 1e-9)))
+              for a, b in zip(x, y)]
         d.line(xy, fill=(200, 30, 30), width=2)
-        d.text((ox, oy - 15), f"{name}: log10 loss, {pts[0, 1]:.3g} -> {pts[-1, 1]:.3g} at step {int(x.max())}", fill="black")
+        title = f"{name}: log10 loss, {pts[0, 1]:.3g} -> {pts[-1, 1]:.3g} at step {int(x.max())}"
+        d.text((ox, oy - 15), title, fill="black")
         d.text((4, oy), f"{10 ** y1:.2g}", fill="black")
         d.text((4, oy + ph - 10), f"{10 ** y0:.2g}", fill="black")
         d.text((ox + pw - 40, oy + ph + 4), f"{int(x.max())}", fill="black")

@@ -128,7 +128,10 @@ def sample_scenes(n: int, seed: int | np.random.Generator = 0, p_two: float = 0.
 
 
 def scene_from_attrs(objects: list[dict], bg: str) -> Scenes:
-    """Build a one-scene batch from names, e.g. ``[{"shape": "circle", "color": "red", "size": "large", "pos": "left"}]``."""
+    """Build a one-scene batch from names.
+
+    e.g. ``[{"shape": "circle", "color": "red", "size": "large", "pos": "left"}]``
+    """
     objs = list(objects) + [objects[0]] * (2 - len(objects))
     return Scenes(
         n_obj=np.array([len(objects)]),
@@ -228,7 +231,8 @@ def estimate_background(a: np.ndarray) -> np.ndarray:
     """Median colour of the 2-pixel border."""
     h, w, _ = a.shape
     b = max(1, h // 64)
-    border = np.concatenate([a[:b].reshape(-1, 3), a[-b:].reshape(-1, 3), a[:, :b].reshape(-1, 3), a[:, -b:].reshape(-1, 3)])
+    sides = (a[:b], a[-b:], a[:, :b], a[:, -b:])
+    border = np.concatenate([s.reshape(-1, 3) for s in sides])
     return np.median(border, axis=0)
 
 

@@ -122,7 +122,8 @@ def train_vae(vae, args, device, rng, history):
     vae.register_to_config(scaling_factor=scale, shift_factor=shift)
     history.update(vae_steps=b.i, vae_seconds=time.time() - b.t0, scaling_factor=scale, shift_factor=shift,
                    vae_recon_mse=mse, vae_recon_psnr=10 * math.log10(4.0 / max(mse, 1e-10)))
-    log(f"vae done: {b.i} steps, scaling_factor {scale:.4f} shift_factor {shift:.4f} recon PSNR {history['vae_recon_psnr']:.1f} dB")
+    log(f"vae done: {b.i} steps, scaling_factor {scale:.4f} shift_factor {shift:.4f} "
+        f"recon PSNR {history['vae_recon_psnr']:.1f} dB")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +225,8 @@ def train_dit(pipe, args, device, rng, gen, history):
             acc, n = acc + loss.item(), n + 1
         if b.i % args.log_every == 0 or b.done():
             history["dit"].append([b.i, acc / max(n, 1)])
-            log(f"dit step {b.i} loss {acc / max(n, 1):.4f} lr {opt.param_groups[0]['lr']:.2e} ({time.time() - b.t0:.0f}s)")
+            lr = opt.param_groups[0]["lr"]
+            log(f"dit step {b.i} loss {acc / max(n, 1):.4f} lr {lr:.2e} ({time.time() - b.t0:.0f}s)")
             acc, n = 0.0, 0
         if args.ckpt_every_s > 0 and time.time() - last_ckpt > args.ckpt_every_s:
             history.update(dit_steps=b.i, dit_seconds=time.time() - b.t0)
