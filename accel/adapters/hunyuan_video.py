@@ -30,18 +30,19 @@ on every token.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .base import Adapter, BlockSpec, Contribution, FeatureSite, GateSite, TokenLayout, arg
-
-# Positions of the block arguments (HunyuanVideo(Single)TransformerBlock.forward).
-_HIDDEN, _ENCODER, _TEMB = 0, 1, 2
+from .base import TokenLayout, arg
+from .dual_stream import DualStreamAdapter, put
 
 
-class HunyuanVideoAdapter(Adapter):
+class HunyuanVideoAdapter(DualStreamAdapter):
     family = "hunyuan_video"
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
     timestep_scale = 1.0
+    text_first = False
+    output_order = ("img", "txt")
+    # Positions of the transformer's forward arguments (HunyuanVideoTransformer3DModel.forward).
+    _M_HIDDEN, _M_TIMESTEP, _M_ENCODER = 0, 1, 2
 
     def __init__(self, transformer):
         kind = getattr(getattr(transformer, "config", None), "image_condition_type", None)
@@ -52,17 +53,6 @@ class HunyuanVideoAdapter(Adapter):
                 "(image_condition_type=None) is supported"
             )
         super().__init__(transformer)
-
-    # ---- structure -------------------------------------------------------------------
-    def blocks(self) -> list[BlockSpec]:
-        t = self.transformer
-        specs = [BlockSpec(i, f"transformer_blocks.{i}", "double", b) for i, b in enumerate(t.transformer_blocks)]
-        n = len(specs)
-        specs += [
-            BlockSpec(n + i, f"single_transformer_blocks.{i}", "single", b)
-            for i, b in enumerate(t.single_transformer_blocks)
-        ]
-        return specs
 
     def _patch(self) -> tuple[int, int]:
         c = self.transformer.config
@@ -75,106 +65,20 @@ class HunyuanVideoAdapter(Adapter):
         _, _, f, h, w = hidden.shape
         return TokenLayout(grid=(f // pt, h // p, w // p), n_text=enc.shape[1])
 
-    # ---- SpeCa -------------------------------------------------------------------------------
-    def feature_sites(self, block: BlockSpec) -> list[FeatureSite]:
-        m = block.module
-        if block.kind == "double":
-            # attn returns (image attention output, text attention output), both after their out-projections
-            return [
-                FeatureSite(m.attn, ("attn", "attn_ctx"), index=(0, 1)),
-                FeatureSite(m.ff, ("ff",)),
-                FeatureSite(m.ff_context, ("ff_ctx",)),
-            ]
-        return [FeatureSite(m.proj_out, ("proj_out",))]
-
-    def gate_sites(self, block: BlockSpec) -> list[GateSite]:
-        m = block.module
-        if block.kind == "double":
-            # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa(2), shift_mlp, scale_mlp, gate_mlp(5)
-            ctx = m.norm1_context.linear
-            return [GateSite("attn", m.norm1.linear, 6, 2), GateSite("ff", m.norm1.linear, 6, 5),
-                    GateSite("attn_ctx", ctx, 6, 2), GateSite("ff_ctx", ctx, 6, 5)]
-        # AdaLayerNormZeroSingle chunks: shift, scale, gate(2)
-        return [GateSite("proj_out", m.norm.linear, 3, 2)]
-
-    def gate_input(self, temb):
-        return F.silu(temb)
-
-    def block_temb(self, args, kwargs):
-        return arg(args, kwargs, _TEMB, "temb")
-
-    def contributions(self, block: BlockSpec, layout: TokenLayout) -> list[Contribution]:
-        if block.kind == "double":
-            return [Contribution("img", "attn"), Contribution("img", "ff"),
-                    Contribution("txt", "attn_ctx"), Contribution("txt", "ff_ctx")]
-        # A single block concatenates [image, text], adds gate * proj_out and splits again.
-        return [Contribution("img", "proj_out", 0), Contribution("txt", "proj_out", layout.n_image)]
-
-    def block_streams(self, args, kwargs):
-        return {"img": arg(args, kwargs, _HIDDEN, "hidden_states"),
-                "txt": arg(args, kwargs, _ENCODER, "encoder_hidden_states")}
-
-    def block_output(self, block: BlockSpec, streams):
-        return streams["img"], streams["txt"]
-
-    def with_block_streams(self, args, kwargs, streams):
-        args, kwargs = list(args), dict(kwargs)
-        for pos, name, stream in ((_HIDDEN, "hidden_states", "img"), (_ENCODER, "encoder_hidden_states", "txt")):
-            if name in kwargs or pos >= len(args):
-                kwargs[name] = streams[stream]
-            else:
-                args[pos] = streams[stream]
-        return tuple(args), kwargs
-
-    def verify_feature(self, block: BlockSpec) -> str:
-        return "ff" if block.kind == "double" else "proj_out"
-
-    def image_tokens(self, block: BlockSpec, feature: str, layout: TokenLayout) -> slice:
-        if block.kind == "single":
-            return slice(0, layout.n_image)
-        return slice(None) if feature in ("attn", "ff") else slice(0, 0)
-
     # ---- SpecDiff ----------------------------------------------------------------------------
-    # Positions of the transformer's forward arguments (HunyuanVideoTransformer3DModel.forward).
-    _M_HIDDEN, _M_TIMESTEP, _M_ENCODER = 0, 1, 2
-
-    def attention_modules(self) -> list:
-        t = self.transformer
-        return [b.attn for b in t.transformer_blocks] + [b.attn for b in t.single_transformer_blocks]
-
     def kv_cache_processor(self, attn, layer: int, control):
         from ..attention_hunyuan import HunyuanVideoSpecDiffAttnProcessor
 
         return HunyuanVideoSpecDiffAttnProcessor(layer, control, attn.processor)
 
-    def joint_rows(self, layout: TokenLayout, image_index: torch.Tensor) -> torch.Tensor:
-        text = torch.arange(layout.n_text, device=image_index.device, dtype=image_index.dtype) + layout.n_image
-        return torch.cat([image_index, text])
-
-    def image_key_start(self, layout: TokenLayout) -> int:
-        return 0
-
-    def call_latents(self, args, kwargs) -> torch.Tensor:
-        return arg(args, kwargs, self._M_HIDDEN, "hidden_states")
-
-    def call_timestep(self, args, kwargs) -> torch.Tensor:
-        return arg(args, kwargs, self._M_TIMESTEP, "timestep")
-
     def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None):
         if image_index is not None:
             raise NotImplementedError("HunyuanVideo runs token subsets through run_subset (dense latents in)")
         args, kwargs = list(args), dict(kwargs)
-
-        def put(pos: int, name: str, value) -> None:
-            if name in kwargs or pos >= len(args):
-                kwargs[name] = value
-            else:
-                args[pos] = value
-
         if latents is not None:
-            put(self._M_HIDDEN, "hidden_states", latents)
+            put(args, kwargs, self._M_HIDDEN, "hidden_states", latents)
         if timestep is not None:
-            put(self._M_TIMESTEP, "timestep", timestep)
+            put(args, kwargs, self._M_TIMESTEP, "timestep", timestep)
         return tuple(args), kwargs
 
     # The model output is [B, C, F, H, W]; SpecDiff keeps per-token values [B, N, C * p_t * p * p].
