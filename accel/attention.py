@@ -95,9 +95,9 @@ class AttnControl:
         self.score_layers += 1
 
 
-class FluxSpecDiffAttnProcessor:
-    """K/V-caching, attention-scoring processor for diffusers' `FluxAttention` (see the module doc).
-    Same signature as `FluxAttnProcessor` (diffusers filters call kwargs by it)."""
+class SpecDiffProcessorBase:
+    """What every family's SpecDiff attention processor holds: its layer index, the run's control, and the
+    processor it replaced (used when SpecDiff is off, restored on remove), whose backend settings it keeps."""
 
     _attention_backend = None
     _parallel_config = None
@@ -108,6 +108,11 @@ class FluxSpecDiffAttnProcessor:
         self.original = original
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
+
+
+class FluxSpecDiffAttnProcessor(SpecDiffProcessorBase):
+    """K/V-caching, attention-scoring processor for diffusers' `FluxAttention` (see the module doc).
+    Same signature as `FluxAttnProcessor` (diffusers filters call kwargs by it)."""
 
     def __call__(
         self,

@@ -24,7 +24,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .attention import OFF, PARTIAL, AttnControl
+from .attention import OFF, PARTIAL, SpecDiffProcessorBase
 
 
 @torch.no_grad()
@@ -57,18 +57,8 @@ def attention_received_masked(query: torch.Tensor, key: torch.Tensor, n_keys: in
     return acc / (n_q * h)
 
 
-class HunyuanVideoSpecDiffAttnProcessor:
+class HunyuanVideoSpecDiffAttnProcessor(SpecDiffProcessorBase):
     """Same signature as `HunyuanVideoAttnProcessor2_0` (diffusers' `Attention` filters kwargs by it)."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, layer: int, control: AttnControl, original):
-        self.layer = layer
-        self.control = control
-        self.original = original
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,
