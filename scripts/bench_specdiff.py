@@ -30,39 +30,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import accel  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from benchlib import random_flux_dev, sync  # noqa: E402
 
 
 # ---- pipelines -----------------------------------------------------------------------------------------
-def random_flux_dev(device, dtype):
-    """FLUX.1-dev's transformer config (19 double + 38 single blocks, 24 x 128 heads, guidance embedding) with
-    random weights, FLUX.1-dev's scheduler; no VAE or text encoders (embeddings are given)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            transformer = FluxTransformer2DModel(
-                patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56),
-            ).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
-        use_dynamic_shifting=True,
-    )
-    pipe = FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)
-    g = torch.Generator(device).manual_seed(1)
-    call = dict(prompt_embeds=torch.randn(1, 512, 4096, generator=g, device=device, dtype=dtype),
-                pooled_prompt_embeds=torch.randn(1, 768, generator=g, device=device, dtype=dtype),
-                guidance_scale=3.5)
-    return pipe, call
-
-
 def mid_random(device, dtype):
     """A FLUX-shaped random transformer of middle size (4 double + 8 single blocks, 4 x 64 heads), where
     compute outweighs Python overhead on a CPU at 512px (1024 image tokens); no VAE or text encoders."""
@@ -99,11 +71,6 @@ def bundled(path, device, dtype, prompt):
 
 
 # ---- measuring -----------------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def call(pipe, kw, args, device, steps=None):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -31,6 +31,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import accel  # noqa: E402
+from benchlib import sync  # noqa: E402
 
 FULL_SIZE = dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40,
                  num_refiner_layers=2, text_embed_dim=4096, pooled_projection_dim=768, rope_axes_dim=(16, 56, 56))
@@ -64,11 +65,6 @@ def random_hunyuan_video(device, dtype, small: bool, text_len: int, text_valid: 
               pooled_prompt_embeds=torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(device, dtype),
               prompt_attention_mask=mask.to(device), guidance_scale=6.0)
     return pipe, kw
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def call(pipe, kw, args, device, steps=None):
