@@ -158,3 +158,52 @@ def test_difference_figure():
     assert z.shape == (8, 8) and z[2, 3] == pytest.approx(60) and z.sum() == pytest.approx(60)
     assert "max 60" in fig.layout.title.text
     assert "differ in size" in V.difference_figure(a, np.zeros((4, 4, 3))).layout.annotations[0].text
+
+
+VGRID = [3, 4, 6]  # [frames, h, w], as accel records HunyuanVideo token maps
+
+
+def _video_specdiff_trace() -> Trace:
+    """SpecDiff on a video: maps are [frames][h][w]; frame f of the importance map holds the value f + 0.5."""
+    t = Trace(method="specdiff", config={}, model="SyntheticVideo", num_steps=4, token_grid=VGRID)
+    levels = (np.arange(72) % 3 + 1).reshape(VGRID)
+    imp = np.broadcast_to(np.arange(3)[:, None, None] + 0.5, VGRID)
+    for i in range(4):
+        d = FULL if i < 2 else PARTIAL
+        r = StepRecord(step=i, num_steps=4, decision=d, time_ms=1.0, blocks_computed=5.0 if d == FULL else 2.0,
+                       blocks_total=5, tokens_computed=72 if d == FULL else 20, tokens_total=72)
+        if d == PARTIAL:
+            r.maps["importance"] = imp.tolist()
+            r.maps["level"] = levels.tolist()
+        t.steps.append(r)
+    return t
+
+
+def test_token_maps_of_a_video_show_one_frame_at_a_time():
+    t = _video_specdiff_trace()
+    assert V.map_frames(t) == 3 and V.map_frames(_specdiff_trace()) == 0
+    for f in range(3):
+        fig = V.token_maps_figure(t, step=3, frame=f)
+        imp, lev = fig.data
+        assert np.asarray(imp.z).shape == (4, 6) and np.asarray(lev.z).shape == (4, 6)
+        assert np.all(np.asarray(imp.z) == f + 0.5)
+        assert np.array_equal(np.asarray(lev.z), (np.arange(72) % 3 + 1).reshape(VGRID)[f])
+        assert f"step 3, frame {f}/2" in fig.layout.title.text
+    # default: the middle frame; out-of-range frames are clamped
+    assert np.all(np.asarray(V.token_maps_figure(t).data[0].z) == 1.5)
+    assert "frame 1/2" in V.token_maps_figure(t).layout.title.text
+    assert np.all(np.asarray(V.token_maps_figure(t, frame=99).data[0].z) == 2.5)
+    assert np.all(np.asarray(V.token_maps_figure(t, frame=-4).data[0].z) == 0.5)
+    # a JSON round trip (as exported by the lab) keeps the frames
+    back = Trace.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert V.map_frames(back) == 3
+    assert np.all(np.asarray(V.token_maps_figure(back, step=2, frame=2).data[0].z) == 2.5)
+    # image traces ignore the frame argument and do not name a frame
+    img = V.token_maps_figure(_specdiff_trace(), step=3, frame=2)
+    assert "frame" not in img.layout.title.text and np.asarray(img.data[0].z).shape == tuple(GRID)
+
+
+def test_map_frames_without_a_grid_reads_the_maps():
+    t = _video_specdiff_trace()
+    t.token_grid = None
+    assert V.map_frames(t) == 3

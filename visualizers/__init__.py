@@ -12,6 +12,7 @@ from .figures import (
     difference_figure,
     empty_figure,
     error_figure,
+    map_frames,
     map_steps,
     timeline_figure,
     token_maps_figure,
@@ -19,5 +20,5 @@ from .figures import (
 
 __all__ = [
     "DECISION_COLORS", "LEVEL_COLORS", "OVERHEAD_COLOR", "THRESHOLD_COLOR", "difference_figure", "empty_figure",
-    "error_figure", "map_steps", "timeline_figure", "token_maps_figure",
+    "error_figure", "map_frames", "map_steps", "timeline_figure", "token_maps_figure",
 ]

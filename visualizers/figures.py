@@ -211,18 +211,42 @@ def map_steps(trace, context: str | None = None) -> list[int]:
     return [r.step for r in _records(trace, context) if r.maps]
 
 
-def _grid2d(values) -> np.ndarray:
+def map_frames(trace, context: str | None = None) -> int:
+    """Number of frames of the trace's token maps: `F` for video maps `[frames][h][w]`, 0 for image maps (or
+    none). Read from `trace.token_grid` when it has 3 entries, else from the first 3-D map."""
+    trace = _as_trace(trace)
+    grid = trace.token_grid or []
+    if len(grid) == 3:
+        return int(grid[0])
+    for r in _records(trace, context):
+        for v in (r.maps or {}).values():
+            a = np.asarray(v)
+            if a.ndim == 3:
+                return int(a.shape[0])
+    return 0
+
+
+def _frame_index(n: int, frame: int | None) -> int:
+    """`frame` clamped to 0..n-1; None: the middle frame."""
+    return n // 2 if frame is None else min(max(int(frame), 0), n - 1)
+
+
+def _grid2d(values, frame: int | None = None) -> np.ndarray:
     a = np.asarray(values, dtype=float)
-    if a.ndim == 3:  # [frames][h][w]: the middle frame
-        a = a[a.shape[0] // 2]
+    if a.ndim == 3:  # [frames][h][w]: one frame (the middle one unless `frame` is given)
+        a = a[_frame_index(a.shape[0], frame)]
     if a.ndim == 1:
         a = a[None, :]
     return a
 
 
-def token_maps_figure(trace, step: int | None = None, context: str | None = None) -> go.Figure:
+def token_maps_figure(trace, step: int | None = None, context: str | None = None,
+                      frame: int | None = None) -> go.Figure:
     """Token maps of one step, side by side: "importance" and "level" (SpecDiff), "error" (SpeCa's forecast
-    error per token, FirstBlockCache's residual change). `step=None` shows the last step that has maps."""
+    error per token, FirstBlockCache's residual change). `step=None` shows the last step that has maps.
+
+    Video traces (maps `[frames][h][w]`) show one latent frame at a time: `frame` (clamped to the frames there
+    are; None: the middle frame); the title names it. Image traces ignore `frame`."""
     trace = _as_trace(trace)
     recs = _records(trace, context)
     with_maps = [r for r in recs if r.maps]
@@ -240,8 +264,9 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
         [k for k in rec.maps if k not in ("importance", "level", "error")]
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[MAP_TITLES.get(k, k) for k in keys],
                         horizontal_spacing=0.12)
+    n_frames = max((np.asarray(v).shape[0] for v in rec.maps.values() if np.asarray(v).ndim == 3), default=0)
     for i, key in enumerate(keys, start=1):
-        z = _grid2d(rec.maps[key])
+        z = _grid2d(rec.maps[key], frame)
         bar_x = i / len(keys) - 0.02
         bar = dict(len=0.8, x=bar_x, thickness=12)
         if key == "level":
@@ -267,7 +292,8 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
         fig.update_xaxes(showticklabels=False, row=1, col=i)
     extra = f", {rec.tokens_computed}/{rec.tokens_total} tokens" if rec.tokens_computed and rec.tokens_total else ""
     err = f", error {rec.error:.4g}" if rec.error is not None else ""
-    fig.update_layout(title=f"token maps — step {rec.step} ({rec.decision}{err}{extra})", height=HEIGHT,
+    where = f", frame {_frame_index(n_frames, frame)}/{n_frames - 1}" if n_frames else ""
+    fig.update_layout(title=f"token maps — step {rec.step}{where} ({rec.decision}{err}{extra})", height=HEIGHT,
                       margin=_MARGIN, template="plotly_white")
     return fig
 
