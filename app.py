@@ -31,6 +31,7 @@ from accel.trace import Trace
 from lab import metrics
 from lab import models as M
 from lab import runner as R
+from lab import video as VID
 
 try:  # Hugging Face Spaces (ZeroGPU): run each generation on a GPU slice
     import spaces
@@ -109,6 +110,15 @@ def _slider_update(trace: Trace | None):
                      interactive=True, label="step (scrub the token maps)")
 
 
+def _frame_update(trace: Trace | None):
+    """The token-map frame slider: shown for video traces (maps [frames][h][w]), hidden otherwise."""
+    n = V.map_frames(trace) if trace is not None else 0
+    if n <= 0:
+        return gr.update(visible=False, value=0)
+    return gr.update(visible=True, minimum=0, maximum=max(1, n - 1), value=n // 2, step=1, interactive=n > 1,
+                     label=f"frame (latent frame of the token maps, 0..{n - 1})")
+
+
 def _export(trace: Trace, run: dict) -> list[str]:
     d = tempfile.mkdtemp(prefix="speclab_")
     base = os.path.join(d, f"speclab_{trace.method}")
@@ -149,13 +159,19 @@ class Lab:
                  speca_threshold, speca_decay, speca_order, speca_min_spec, speca_max_spec, speca_warmup,
                  speca_metric, speca_on_reject,
                  sd_cache_rate, sd_spec_steps, sd_c2_share, sd_history, sd_starvation, sd_warmup,
-                 ts_interval, ts_warmup, ts_order, fbc_threshold, request: gr.Request = None):
+                 ts_interval, ts_warmup, ts_order, fbc_threshold, frames=None, request: gr.Request = None):
         params = dict(locals())
         for k in ("self", "request"):
             params.pop(k)
         try:
+            preset = self.manager.preset(str(model))
+            n_frames = None
+            if preset.is_video:
+                n_frames = R.as_int("frames", preset.frames if frames is None else frames)
+            params["frames"] = n_frames
             spec = R.RunSpec(str(model), str(prompt or ""), R.as_int("seed", seed), R.as_int("steps", steps),
-                             R.as_int("width", width), R.as_int("height", height), float(guidance or 0.0))
+                             R.as_int("width", width), R.as_int("height", height), float(guidance or 0.0),
+                             n_frames)
             config = R.build_config(str(method), params)
             loaded = self.manager.get(spec.preset)
             R.validate_spec(spec, loaded)
@@ -164,6 +180,8 @@ class Lab:
         stop = self._new_stop(request)
         skip = gr.skip()
         run_info = {k: params[k] for k in ("model", "prompt", "seed", "steps", "width", "height", "guidance")}
+        if preset.is_video:
+            run_info["frames"] = n_frames
         final = None
         try:
             for up in R.stream_run(loaded, spec, config, stop=stop, every_s=self.every_s):
@@ -175,7 +193,7 @@ class Lab:
                     continue
                 yield (up.preview if up.preview is not None else skip, skip,
                        summary_markdown(t, {"running": True}), V.error_figure(t), V.timeline_figure(t),
-                       V.token_maps_figure(t), skip, skip, skip, skip, skip)
+                       V.token_maps_figure(t), skip, skip, skip, skip, skip, skip, skip)
             trace = final.trace
             extra = {"stopped": final.stopped}
             ref_image, ref_trace, diff = None, None, V.empty_figure("tick 'compare with the full run' to see "
@@ -183,25 +201,29 @@ class Lab:
             if compare and not final.stopped:
                 cached = self.full_cache.get(spec)
                 if cached is None and method == R.FULL:
-                    self.full_cache.put(spec, final.image, trace)
-                    cached = (final.image, trace)
+                    self.full_cache.put(spec, final.image, trace, final.frames)
+                    cached = (final.image, trace, final.frames)
                 if cached is None:
                     yield (final.preview if final.preview is not None else skip, final.image, summary_markdown(trace, {
                         "note": "running the full reference run (cached for this model/prompt/seed/size/steps)…"}),
                         V.error_figure(trace), V.timeline_figure(trace), V.token_maps_figure(trace),
-                        _slider_update(trace), skip, skip, skip, trace)
+                        _slider_update(trace), skip, skip, skip, skip, skip, trace)
                     stop.clear()  # a Stop that came as the accelerated run ended must not cancel the reference
                     ref = R.run_to_end(loaded, spec, accel.FullConfig(), stop=stop)
                     if not ref.stopped:
-                        self.full_cache.put(spec, ref.image, ref.trace)
-                        cached = (ref.image, ref.trace)
+                        self.full_cache.put(spec, ref.image, ref.trace, ref.frames)
+                        cached = (ref.image, ref.trace, ref.frames)
                     else:
                         extra["note"] = "the full reference run was stopped: no comparison"
                         diff = V.empty_figure("the full reference run was stopped", title="difference")
                 if cached is not None:
-                    ref_image, ref_trace = cached
-                    extra["psnr"] = metrics.psnr(final.image, ref_image)
-                    extra["ssim"] = metrics.ssim(final.image, ref_image)
+                    ref_image, ref_trace, ref_frames = cached
+                    if final.frames and ref_frames:  # a video: PSNR/SSIM over all its frames (side by side)
+                        a, b = VID.strip(final.frames, len(final.frames)), VID.strip(ref_frames, len(ref_frames))
+                    else:
+                        a, b = final.image, ref_image
+                    extra["psnr"] = metrics.psnr(a, b)
+                    extra["ssim"] = metrics.ssim(a, b)
                     diff = V.difference_figure(final.image, ref_image)
                     full_ms = ref_trace.summary()["measured_ms"]
                     mine = trace.summary()["measured_ms"]
@@ -212,10 +234,15 @@ class Lab:
                                  "done; no comparison with the full run")
                 diff = V.empty_figure("no comparison for a stopped run", title="difference")
             files = _export(trace, run_info)
+            video = None
+            if final.frames:
+                video = VID.write_mp4(final.frames, preset.fps, os.path.join(os.path.dirname(files[0]),
+                                                                               f"speclab_{trace.method}.mp4"))
+                files.append(video)
             shown = final.preview if final.preview is not None else final.image
             yield (shown, final.image, summary_markdown(trace, extra), V.error_figure(trace),
                    V.timeline_figure(trace, reference=ref_trace), V.token_maps_figure(trace),
-                   _slider_update(trace), ref_image, diff, files, trace)
+                   _slider_update(trace), ref_image, diff, files, video, _frame_update(trace), trace)
         except gr.Error:
             raise
         except Exception as e:
@@ -223,10 +250,10 @@ class Lab:
 
     # ---- post-run views ---------------------------------------------------------------------------
     @staticmethod
-    def scrub(step, trace):
+    def scrub(step, trace, frame=None):
         if trace is None:
             return V.empty_figure("no trace yet", title="token maps")
-        return V.token_maps_figure(trace, step=int(step))
+        return V.token_maps_figure(trace, step=int(step), frame=None if frame is None else int(frame))
 
     @staticmethod
     def load_trace(file):
@@ -240,7 +267,7 @@ class Lab:
             raise gr.Error(f"could not read {os.path.basename(str(path))}: {e}") from None
         return (summary_markdown(trace, {"note": f"loaded from {os.path.basename(str(path))}"}),
                 V.error_figure(trace), V.timeline_figure(trace), V.token_maps_figure(trace), _slider_update(trace),
-                trace)
+                _frame_update(trace), trace)
 
 
 def build_app(lab: Lab | None = None) -> gr.Blocks:
@@ -254,11 +281,12 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                  speca_threshold, speca_decay, speca_order, speca_min_spec, speca_max_spec, speca_warmup,
                  speca_metric, speca_on_reject,
                  sd_cache_rate, sd_spec_steps, sd_c2_share, sd_history, sd_starvation, sd_warmup,
-                 ts_interval, ts_warmup, ts_order, fbc_threshold, request: gr.Request = None):
-        """Generate an image with one acceleration method, streaming its trace step by step.
+                 ts_interval, ts_warmup, ts_order, fbc_threshold, frames=None, request: gr.Request = None):
+        """Generate an image (or, with a video preset, a video) with one acceleration method, streaming its trace step by step.
 
         Args:
-            model: model preset, e.g. "tiny FLUX (bundled, CPU)", "FLUX.1-dev (GPU)", "FLUX.1-schnell (GPU)".
+            model: model preset, e.g. "tiny FLUX (bundled, CPU)", "FLUX.1-dev (GPU)", "FLUX.1-schnell (GPU)",
+                "tiny HunyuanVideo (bundled, CPU)", "HunyuanVideo (hub, GPU)".
             prompt: text prompt.
             seed: random seed (the full reference run uses the same one).
             steps: denoising steps.
@@ -285,18 +313,20 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
             ts_warmup: TaylorSeerCache steps before caching starts.
             ts_order: TaylorSeerCache Taylor order.
             fbc_threshold: FirstBlockCache threshold.
+            frames: video presets only: number of frames (4k + 1); None: the preset's default.
 
         Returns:
             preview: latent preview (live). image: final image. summary: Markdown of the run's numbers.
             error_plot, timeline_plot, maps_plot: Plotly figures. step: the token-map step slider.
             full_image: the full run's image (compare). diff_plot: difference heatmap (compare).
-            files: trace JSON, trace CSV, exact config JSON.
+            files: trace JSON, trace CSV, exact config JSON (and the mp4 for a video).
+            video: the mp4 (video presets), else None. frame: the token-map frame slider (video traces).
         """
         yield from lab.generate(model, prompt, seed, steps, width, height, guidance, method, compare,
                                 speca_threshold, speca_decay, speca_order, speca_min_spec, speca_max_spec,
                                 speca_warmup, speca_metric, speca_on_reject, sd_cache_rate, sd_spec_steps,
                                 sd_c2_share, sd_history, sd_starvation, sd_warmup, ts_interval, ts_warmup, ts_order,
-                                fbc_threshold, request=request)
+                                fbc_threshold, frames, request=request)
 
     with gr.Blocks(title="SpecLab") as demo:
         gr.Markdown("# SpecLab — speculative caching for diffusion transformers\n"
@@ -318,7 +348,10 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                     height = gr.Slider(P.min_size, P.max_size, value=P.height, step=8, label="height",
                                        elem_id="speclab-height")
                 guidance = gr.Slider(0, 10, value=P.guidance, step=0.1, label="guidance",
-                                     info="used only by models with guidance embeds (FLUX.1-dev); tiny FLUX has none")
+                                     info="used only by models with guidance embeds (FLUX.1-dev, HunyuanVideo); "
+                                          "tiny FLUX has none")
+                frames = gr.Slider(1, P.max_frames, value=P.frames or 9, step=4, label="frames (4k + 1)",
+                                   visible=P.is_video, elem_id="speclab-frames")
                 method = gr.Radio(R.METHODS, value=R.SPECA, label="method")
                 with gr.Group(visible=True) as g_speca:
                     speca_threshold = gr.Slider(0, 20, value=SPECA_DEF.threshold, step=0.01, label="threshold base")
@@ -371,6 +404,8 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                                      interactive=False)
                     full_image = gr.Image(label="full run (same seed)", type="pil", height=260,
                                           elem_id="speclab-full", interactive=False)
+                video = gr.Video(label="video (mp4)", visible=P.is_video, elem_id="speclab-video", interactive=False,
+                                 height=300)
                 summary = gr.Markdown(summary_markdown(None), elem_id="speclab-summary")
                 with gr.Row():
                     error_plot = gr.Plot(V.empty_figure("press Generate", "verification error vs threshold"),
@@ -384,6 +419,8 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                                         label="difference vs full run", elem_id="speclab-diff")
                 step_slider = gr.Slider(0, 1, value=0, step=1, label="step (scrub the token maps)",
                                         interactive=False, elem_id="speclab-step")
+                frame_slider = gr.Slider(0, 1, value=0, step=1, label="frame (latent frame of the token maps)",
+                                         visible=False, elem_id="speclab-frame")
                 with gr.Accordion("Export / load a trace", open=False):
                     files = gr.File(label="trace JSON, trace CSV, exact config", file_count="multiple",
                                     interactive=False)
@@ -392,9 +429,9 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         inputs = [model, prompt, seed, steps, width, height, guidance, method, compare,
                   speca_threshold, speca_decay, speca_order, speca_min_spec, speca_max_spec, speca_warmup,
                   speca_metric, speca_on_reject, sd_cache_rate, sd_spec_steps, sd_c2_share, sd_history,
-                  sd_starvation, sd_warmup, ts_interval, ts_warmup, ts_order, fbc_threshold]
+                  sd_starvation, sd_warmup, ts_interval, ts_warmup, ts_order, fbc_threshold, frames]
         outputs = [preview, image, summary, error_plot, timeline_plot, maps_plot, step_slider, full_image,
-                   diff_plot, files, state]
+                   diff_plot, files, video, frame_slider, state]
         run_btn.click(generate, inputs, outputs, api_name="generate", concurrency_limit=1,
                       concurrency_id="pipeline")
         stop_btn.click(lab.stop, None, None, queue=False, api_name="stop")
@@ -415,13 +452,19 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                     gr.update(maximum=p.max_steps, value=p.steps),
                     gr.update(minimum=p.min_size, maximum=p.max_size, value=p.width),
                     gr.update(minimum=p.min_size, maximum=p.max_size, value=p.height),
-                    gr.update(value=p.guidance))
+                    gr.update(value=p.guidance),
+                    gr.update(visible=p.is_video, maximum=p.max_frames, value=p.frames or 1),
+                    gr.update(visible=p.is_video),
+                    gr.update(visible=False, value=0))
 
-        model.change(on_model, model, [model_status, steps, width, height, guidance], api_visibility="private",
-                     queue=False)
-        step_slider.input(lab.scrub, [step_slider, state], maps_plot, api_visibility="private",
+        model.change(on_model, model, [model_status, steps, width, height, guidance, frames, video, frame_slider],
+                     api_visibility="private", queue=False)
+        step_slider.input(lab.scrub, [step_slider, state, frame_slider], maps_plot, api_visibility="private",
                           concurrency_limit=None)
-        upload.upload(lab.load_trace, upload, [summary, error_plot, timeline_plot, maps_plot, step_slider, state],
+        frame_slider.input(lab.scrub, [step_slider, state, frame_slider], maps_plot, api_visibility="private",
+                           concurrency_limit=None)
+        upload.upload(lab.load_trace, upload,
+                      [summary, error_plot, timeline_plot, maps_plot, step_slider, frame_slider, state],
                       api_name="load_trace", concurrency_limit=None)
     demo.lab = lab
     return demo

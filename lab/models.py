@@ -14,6 +14,7 @@ from .preview import Previewer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLUX_DIR = os.path.join(ROOT, "assets", "models", "tiny-flux")
+TINY_VIDEO_DIR = os.path.join(ROOT, "assets", "models", "tiny-hunyuanvideo")
 
 
 class ModelError(Exception):
@@ -40,12 +41,24 @@ class Preset:
     needs_gpu: bool = False
     dtype: str = "float32"
     note: str = ""
+    frames: int | None = None
+    """Video presets: default number of frames (4k + 1 for HunyuanVideo); None: an image preset."""
+    max_frames: int = 129
+    fps: int = 8
+    family: str = "flux"  # "flux" | "hunyuan_video"
+    build_script: str = "scripts/train_tiny_flux.py"
+    """Local presets: the script that produces the folder."""
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames is not None
 
 
 TINY = "tiny FLUX (bundled, CPU)"
 DEV = "FLUX.1-dev (GPU)"
 SCHNELL = "FLUX.1-schnell (GPU)"
-HUNYUAN = "HunyuanVideo (planned)"
+TINY_VIDEO = "tiny HunyuanVideo (bundled, CPU)"
+HUNYUAN = "HunyuanVideo (hub, GPU)"
 
 PRESETS: dict[str, Preset] = {
     TINY: Preset(TINY, TINY_FLUX_DIR, "local", 128, 128, 28, 1.0, 32, None, 32, 512, 100, False, "float32",
@@ -54,7 +67,12 @@ PRESETS: dict[str, Preset] = {
                 "bfloat16", "gated: accept the licence on its hub page and provide HF_TOKEN"),
     SCHNELL: Preset(SCHNELL, "black-forest-labs/FLUX.1-schnell", "hub", 1024, 1024, 4, 0.0, 256, 16, 256, 2048, 50,
                     True, "bfloat16", "4-step distilled model; Apache-2.0"),
-    HUNYUAN: Preset(HUNYUAN, "hunyuanvideo-community/HunyuanVideo", "planned", note="video support comes later"),
+    TINY_VIDEO: Preset(TINY_VIDEO, TINY_VIDEO_DIR, "local", 64, 64, 20, 1.0, 32, None, 32, 256, 100, False,
+                       "float32", "a tiny video model bundled with the lab; runs on a CPU", frames=9, max_frames=33,
+                       fps=8, family="hunyuan_video", build_script="scripts/train_tiny_video.py"),
+    HUNYUAN: Preset(HUNYUAN, "hunyuanvideo-community/HunyuanVideo", "hub", 512, 320, 30, 6.0, 256, 16, 256, 1280,
+                    100, True, "bfloat16", "13B video model; about 40 GB of GPU memory in bfloat16 at small sizes",
+                    frames=33, max_frames=129, fps=15, family="hunyuan_video"),
 }
 DEFAULT_PRESET = TINY
 
@@ -73,10 +91,11 @@ def preset_status(name: str) -> str:
     if p.kind == "local":
         if not os.path.isfile(os.path.join(p.source, "model_index.json")):
             return (f"**{p.name}**: the model folder `{os.path.relpath(p.source, ROOT)}` is missing "
-                    "(it is produced by `scripts/train_tiny_flux.py`).")
+                    f"(it is produced by `{p.build_script}`).")
         return f"**{p.name}**: {p.note}."
     if p.needs_gpu and not gpu_available():
-        return f"**{p.name}**: needs a CUDA GPU and this machine has none: use the bundled tiny FLUX here."
+        return (f"**{p.name}**: needs a CUDA GPU and this machine has none: use the bundled tiny "
+                f"{'HunyuanVideo' if p.is_video else 'FLUX'} here.")
     return f"**{p.name}** (`{p.source}`): {p.note}. Loaded on first use (several minutes the first time)."
 
 
@@ -105,37 +124,43 @@ def explain_load_error(preset: Preset, e: BaseException) -> str:
     if "RepositoryNotFoundError" in names:
         return f"{preset.source} was not found on the hub, or this token cannot see it ({hub_page})."
     if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
-        return (f"out of GPU memory while loading {preset.name}: it needs about 24 GB in bfloat16 (plus the text "
+        need = "about 40 GB" if preset.is_video else "about 24 GB"
+        return (f"out of GPU memory while loading {preset.name}: it needs {need} in bfloat16 (plus the text "
                 "encoders); free the GPU or use a larger one.")
     return f"could not load {preset.name} from {preset.source}: {type(e).__name__}: {e}"
 
 
 def load_preset(preset: Preset):
     """Default factory: the diffusers pipeline of `preset`, on the GPU if it needs one."""
-    from diffusers import FluxPipeline
+    from diffusers import FluxPipeline, HunyuanVideoPipeline
 
+    cls = HunyuanVideoPipeline if preset.family == "hunyuan_video" else FluxPipeline
     if preset.kind == "planned":
-        raise ModelError(f"{preset.name}: {preset.note}; the lab supports FLUX models for now.")
+        raise ModelError(f"{preset.name}: {preset.note}; not available yet.")
     if preset.kind == "local":
         if not os.path.isfile(os.path.join(preset.source, "model_index.json")):
+            what = "video model is not installed" if preset.is_video else "tiny FLUX model is missing"
             raise ModelError(
-                f"The bundled tiny FLUX model is missing: expected a diffusers folder at "
+                f"The bundled {what}: expected a diffusers folder at "
                 f"{os.path.relpath(preset.source, ROOT)}/ (with model_index.json). It is produced by "
-                "scripts/train_tiny_flux.py; until then pick another preset."
+                f"{preset.build_script}; until then pick another preset."
             )
         try:
-            pipe = FluxPipeline.from_pretrained(preset.source)
+            pipe = cls.from_pretrained(preset.source)
         except Exception as e:  # a half-written folder, a version mismatch...
             raise ModelError(explain_load_error(preset, e)) from None
     else:
         if preset.needs_gpu and not gpu_available():
+            need, tiny = ("about 40 GB", "tiny HunyuanVideo") if preset.is_video else ("about 24 GB", "tiny FLUX")
             raise ModelError(
-                f"{preset.name} needs a CUDA GPU (about 24 GB in bfloat16) and this machine has none. "
-                "Use the bundled tiny FLUX preset here, or run the lab on a GPU (e.g. a Hugging Face Space)."
+                f"{preset.name} needs a CUDA GPU ({need} in bfloat16) and this machine has none. "
+                f"Use the bundled {tiny} preset here, or run the lab on a GPU (e.g. a Hugging Face Space)."
             )
         try:
-            pipe = FluxPipeline.from_pretrained(preset.source, torch_dtype=getattr(torch, preset.dtype))
+            pipe = cls.from_pretrained(preset.source, torch_dtype=getattr(torch, preset.dtype))
             pipe.to("cuda")
+            if preset.is_video and hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
+                pipe.vae.enable_tiling()
         except ModelError:
             raise
         except Exception as e:
@@ -162,6 +187,10 @@ class LoadedModel:
         return getattr(p, "text_encoder", None) is not None and getattr(p, "tokenizer", None) is not None
 
     @property
+    def is_video(self) -> bool:
+        return self.preset.is_video
+
+    @property
     def has_guidance(self) -> bool:
         return bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
 
@@ -171,6 +200,8 @@ def _warm_up(m: LoadedModel) -> None:
     try:
         size = max(m.preset.min_size, m.size_multiple * 4)
         kw = dict(height=size, width=size, num_inference_steps=2, output_type="latent")
+        if m.is_video:
+            kw["num_frames"] = 1
         if m.has_text_encoders:
             kw.update(prompt="warm up", max_sequence_length=m.preset.max_sequence_length)
         else:

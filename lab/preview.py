@@ -52,9 +52,12 @@ class Previewer:
     def _decode(self, lat: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         p = next(vae.parameters())
-        z = lat.to(p.device, p.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        z = lat.to(p.device, p.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        video = hasattr(vae.config, "temporal_compression_ratio")  # a video VAE: (B, C, F, h, w), one frame here
         with torch.no_grad():
-            img = vae.decode(z, return_dict=False)[0]
+            img = vae.decode(z[:, :, None] if video else z, return_dict=False)[0]
+        if video:
+            img = img[:, :, 0]
         return ((img.float().cpu() + 1) / 2).clamp(0, 1)
 
     def calibrate(self, size: int = 16, seed: int = 0) -> None:

@@ -24,6 +24,7 @@ from accel.trace import Trace
 
 from .models import LoadedModel
 from .preview import decode, unpack
+from .video import decode_video, latent_frames, strip, to_pil_frames
 
 SpecDiffConfig = getattr(accel, "SpecDiffConfig", None)
 
@@ -97,9 +98,12 @@ class RunSpec:
     width: int
     height: int
     guidance: float
+    frames: int | None = None
+    """Video presets: number of frames; None for image presets."""
 
     def key(self) -> tuple:
-        return (self.preset, self.prompt, self.seed, self.steps, self.width, self.height, round(self.guidance, 4))
+        return (self.preset, self.prompt, self.seed, self.steps, self.width, self.height, round(self.guidance, 4),
+                self.frames)
 
 
 def validate_spec(spec: RunSpec, model: LoadedModel) -> None:
@@ -116,6 +120,14 @@ def validate_spec(spec: RunSpec, model: LoadedModel) -> None:
             lo, hi = v // m * m, (v // m + 1) * m
             raise InputError(f"{name}={v} is not a multiple of {m}, as {p.name} needs (vae_scale_factor x 2): "
                              f"use {lo if lo >= p.min_size else hi} or {hi}")
+    if p.is_video:
+        f = spec.frames
+        if f is None or not 1 <= f <= p.max_frames:
+            raise InputError(f"frames={f} is out of range: {p.name} takes 1..{p.max_frames} frames")
+        if (f - 1) % 4:
+            lo = (f - 1) // 4 * 4 + 1
+            raise InputError(f"frames={f} is not 4k + 1, as {p.name} needs (its VAE packs 4 frames in one "
+                             f"latent frame): use {lo} or {lo + 4}")
     if spec.seed < 0 or spec.seed >= 2**63:
         raise InputError(f"seed={spec.seed} is out of range: use 0 .. 2**63-1")
 
@@ -127,7 +139,8 @@ def _hashed_embeds(prompt: str, model: LoadedModel, batch: int = 1):
     g = torch.Generator().manual_seed(seed)
     dtype = next(model.pipe.transformer.parameters()).dtype
     dev = next(model.pipe.transformer.parameters()).device
-    pe = torch.randn(batch, 8, cfg.joint_attention_dim, generator=g).to(dev, dtype)
+    txt_dim = getattr(cfg, "joint_attention_dim", None) or cfg.text_embed_dim
+    pe = torch.randn(batch, 8, txt_dim, generator=g).to(dev, dtype)
     pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dev, dtype)
     return pe, pooled
 
@@ -136,15 +149,28 @@ def pipe_kwargs(spec: RunSpec, model: LoadedModel) -> dict:
     pipe = model.pipe
     kw = dict(height=spec.height, width=spec.width, num_inference_steps=spec.steps,
               generator=torch.Generator(device="cpu").manual_seed(spec.seed))
-    if model.has_guidance:
+    if model.is_video:
+        kw["num_frames"] = int(spec.frames)
+    if model.has_guidance or model.is_video:  # HunyuanVideo always embeds its guidance
         kw["guidance_scale"] = float(spec.guidance)
     if model.has_text_encoders:
         kw.update(prompt=spec.prompt, max_sequence_length=model.preset.max_sequence_length)
     else:
         pe, pooled = _hashed_embeds(spec.prompt, model)
         kw.update(prompt_embeds=pe, pooled_prompt_embeds=pooled)
-    kw["output_type"] = "pil" if getattr(pipe, "vae", None) is not None else "latent"
+        if model.is_video:
+            kw["prompt_attention_mask"] = torch.ones(pe.shape[:2], device=pe.device)
+    has_vae = getattr(pipe, "vae", None) is not None
+    kw["output_type"] = ("np" if model.is_video else "pil") if has_vae else "latent"
     return kw
+
+
+def _preview_image(model: LoadedModel, latents: torch.Tensor, spec: RunSpec):
+    """Live preview: one image for FLUX (packed latents); a strip of the latent frames for video."""
+    size = (spec.width, spec.height)
+    if model.is_video:
+        return strip(latent_frames(model.previewer, latents, size))
+    return model.previewer.to_image(unpack(model.pipe, latents, spec.height, spec.width), size)
 
 
 @dataclass
@@ -157,7 +183,9 @@ class RunUpdate:
     num_steps: int = 0
     done: bool = False
     image: object = None
-    """Final image (PIL) when done."""
+    """Final image (PIL) when done; for a video, a strip of evenly spaced frames."""
+    frames: list | None = None
+    """Video runs: the final video's frames (PIL) when done."""
     stopped: bool = False
     elapsed_s: float = 0.0
     config: dict = field(default_factory=dict)
@@ -215,7 +243,7 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
             last = i == spec.steps - 1
             if preview and (last or p._interrupt or now - state["last_preview"] >= every_s):
                 try:
-                    img = model.previewer.to_image(unpack(p, x0_estimate(p, i, lat), spec.height, spec.width), size)
+                    img = _preview_image(model, x0_estimate(p, i, lat), spec)
                     events.put(("preview", i, img))
                     state["last_preview"] = now
                 except Exception:  # never let a preview break the run
@@ -231,7 +259,7 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
             try:
                 out = pipe(**kwargs, callback_on_step_end=on_step_end,
                            callback_on_step_end_tensor_inputs=["latents"])
-                result["images"] = out.images
+                result["images"] = out.frames if model.is_video else out.images
             except BaseException as e:  # re-raised in the consumer
                 result["error"] = e
             finally:
@@ -269,12 +297,28 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
             raise e
         images = result["images"]
         stopped = state["interrupted"]
-        if stopped and state["x0_stop"] is not None:
+        frames = None
+        if model.is_video:
+            lat = state["x0_stop"] if stopped and state["x0_stop"] is not None else None
+            if kwargs["output_type"] == "latent":
+                frames = latent_frames(model.previewer, lat if lat is not None else images, size)
+            else:
+                frames = decode_video(pipe, lat) if lat is not None else to_pil_frames(images)
+                fl = state["final_latents"]
+                if fl is not None and not stopped and model.previewer is not None:
+                    try:  # the first latent frame is the first video frame alone (causal VAE)
+                        model.previewer.refit(fl[:1, :, 0], frames[0])
+                    except Exception:
+                        pass
+            image = strip(frames)
+        elif stopped and state["x0_stop"] is not None:
             # Stopped: show the model's estimate of the clean image at the last step done, not the noisy latents.
             images = state["x0_stop"]
             if kwargs["output_type"] != "latent":
                 images = [decode(pipe, images, spec.height, spec.width)]
-        if kwargs["output_type"] == "latent":
+        if model.is_video:
+            pass
+        elif kwargs["output_type"] == "latent":
             image = model.previewer.to_image(unpack(pipe, images, spec.height, spec.width), (spec.width, spec.height))
         else:
             image = images[0]
@@ -287,7 +331,7 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
         handle.remove()
         trace = handle.trace
         yield RunUpdate(snapshot(trace), latest_preview, last_step, spec.steps, done=True, image=image,
-                        stopped=stopped, elapsed_s=time.perf_counter() - start, config=cfg_dict)
+                        frames=frames, stopped=stopped, elapsed_s=time.perf_counter() - start, config=cfg_dict)
     finally:
         if worker is not None and worker.is_alive():  # consumer went away: end the run, then clean up
             stop.set()
@@ -320,9 +364,9 @@ class FullRunCache:
                 self._d.move_to_end(spec.key())
             return v
 
-    def put(self, spec: RunSpec, image, trace: Trace) -> None:
+    def put(self, spec: RunSpec, image, trace: Trace, frames: list | None = None) -> None:
         with self._lock:
-            self._d[spec.key()] = (image, trace)
+            self._d[spec.key()] = (image, trace, frames)
             self._d.move_to_end(spec.key())
             while len(self._d) > self.capacity:
                 self._d.popitem(last=False)

@@ -7,12 +7,14 @@ from types import SimpleNamespace
 
 import gradio as gr
 import plotly.graph_objects as go
+import numpy as np
 import pytest
 from PIL import Image
 
 import accel
 import app
 import tiny
+import tiny_video
 from accel.trace import Trace
 from lab import metrics
 from lab import models as M
@@ -66,7 +68,8 @@ def _no_speclab_hooks(pipe):
 def test_generate_end_to_end_with_compare(lab):
     outs = list(lab.generate(**kw(R.SPECA)))
     assert len(outs) >= 2, "streams at least one update before the final one"
-    preview, image, summary, err, tl, maps, slider, full_image, diff, files, trace = outs[-1]
+    preview, image, summary, err, tl, maps, slider, full_image, diff, files, video, frame, trace = outs[-1]
+    assert video is None and frame["visible"] is False  # an image preset: no video, no frame slider
     assert isinstance(image, Image.Image) and image.size == (128, 128)
     assert isinstance(preview, Image.Image)
     for fig in (err, tl, maps, diff):
@@ -145,7 +148,7 @@ def test_missing_models_give_clear_messages(monkeypatch):
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
     with pytest.raises(M.ModelError, match="needs a CUDA GPU"):
         M.load_preset(M.PRESETS[M.DEV])
-    with pytest.raises(M.ModelError, match="planned"):
+    with pytest.raises(M.ModelError, match="needs a CUDA GPU.*tiny HunyuanVideo"):
         M.load_preset(M.PRESETS[M.HUNYUAN])
     lab = app.Lab(M.ModelManager())
     with pytest.raises(gr.Error, match="needs a CUDA GPU"):
@@ -229,7 +232,8 @@ def test_load_trace_and_scrub(rlab, tmp_path):
                                     speca_min_spec=0, speca_threshold=0.01)))[-1][-1]
     p = tmp_path / "t.json"
     trace.to_json(str(p))
-    summary, err, tl, maps, slider, state = app.Lab.load_trace(str(p))
+    summary, err, tl, maps, slider, frame, state = app.Lab.load_trace(str(p))
+    assert frame["visible"] is False
     assert "loaded from t.json" in summary and state.summary() == trace.summary()
     assert len(err.data) > 0 and len(tl.data) > 0
     step = next(r.step for r in trace.steps if r.maps)
@@ -259,7 +263,8 @@ def test_app_wiring_api_and_cli(rlab, monkeypatch):
     params = [p["parameter_name"] for p in eps["/generate"]["parameters"]]
     assert params[:9] == ["model", "prompt", "seed", "steps", "width", "height", "guidance", "method", "compare"]
     assert "fbc_threshold" in params and "request" not in params
-    assert len(eps["/generate"]["returns"]) == 10  # the gr.State output is not part of the API
+    assert len(eps["/generate"]["returns"]) == 12  # the gr.State output is not part of the API
+    assert params[-1] == "frames"
     assert app.GPU(len) is len or hasattr(app, "spaces")
 
     launched = {}
@@ -302,3 +307,148 @@ def test_out_of_memory_gives_the_fix_and_the_app_keeps_serving(rlab, monkeypatch
     monkeypatch.setattr(cls, "__call__", real_call)
     assert _no_speclab_hooks(pipe) and not rlab.manager.get(M.TINY).lock.locked()
     assert len(list(rlab.generate(**kw(steps=4, width=64, height=64, compare=False)))[-1][-1].steps) == 4
+
+
+# ---- video (HunyuanVideo) ---------------------------------------------------------------------------------------
+def _video_factory(preset):
+    return tiny_video.tiny_video_pipe() if preset.is_video else tiny.tiny_flux_pipe()
+
+
+@pytest.fixture(scope="module")
+def vlab():
+    """The tiny random HunyuanVideo pipe (no text encoders, no VAE) behind the video preset."""
+    return app.Lab(M.ModelManager(factory=_video_factory), every_s=0.2)
+
+
+def vkw(method=R.SPECDIFF, **over):
+    return kw(method, **{"model": M.TINY_VIDEO, "steps": 8, "width": 64, "height": 64, "frames": 9,
+                         "guidance": 6.0, "sd_warmup": 2, **over})
+
+
+@pytest.mark.parametrize("method", [R.SPECDIFF, R.SPECA])
+def test_video_preset_end_to_end(vlab, method):
+    outs = list(vlab.generate(**vkw(method, compare=True)))
+    preview, image, summary, err, tl, maps, slider, full_image, diff, files, video, frame, trace = outs[-1]
+    # a video file, also among the exported files
+    assert video is not None and video.endswith(".mp4") and os.path.getsize(video) > 1000 and video in files
+    import imageio.v2 as imageio
+
+    got = imageio.mimread(video)
+    assert len(got) == 3 and got[0].shape == (64, 64, 3)  # no VAE in the test pipe: one frame per latent frame
+    # the image panels show a strip of frames; the comparison runs over the frames
+    assert isinstance(image, Image.Image) and image.size == (64 * 3, 64)
+    assert isinstance(full_image, Image.Image) and full_image.size == image.size
+    assert isinstance(preview, Image.Image) and preview.size == (64 * 3, 64)  # 3 latent frames
+    assert "PSNR" in summary and "measured speedup" in summary
+    # the per-step panels are the image ones
+    for fig in (err, tl, maps, diff):
+        assert isinstance(fig, go.Figure) and len(fig.data) > 0
+    assert isinstance(trace, Trace) and len(trace.steps) == 8 and trace.token_grid == list(tiny_video.GRID)
+    # token maps: one frame at a time, with the frame slider shown for this trace
+    assert frame["visible"] is True and frame["maximum"] == 2 and frame["value"] == 1
+    step = max(V_steps(trace))
+    for f in range(3):
+        fig = app.Lab.scrub(step, trace, f)
+        assert f"frame {f}/2" in fig.layout.title.text and np.asarray(fig.data[0].z).shape == (4, 4)
+    run = [f for f in files if f.endswith("_config.json")][0]
+    assert '"frames": 9' in open(run).read()
+    assert _no_speclab_hooks(vlab.manager.get(M.TINY_VIDEO).pipe)
+
+
+def V_steps(trace):
+    import visualizers
+
+    return visualizers.map_steps(trace)
+
+
+@pytest.mark.parametrize("over, needle", [
+    (dict(frames=8), "frames=8 is not 4k \\+ 1.*use 5 or 9"),
+    (dict(frames=101), "frames=101 is out of range"),
+    (dict(frames="x"), "frames must be a number"),
+])
+def test_video_bad_frames_are_gr_errors(vlab, over, needle):
+    with pytest.raises(gr.Error, match=needle):
+        list(vlab.generate(**vkw(**over)))
+
+
+def test_video_preset_frames_default_and_stop(vlab, slow_video_steps):
+    req = SimpleNamespace(session_hash="vid")
+    gen = vlab.generate(**vkw(R.SPECA, steps=60, compare=True, frames=None), request=req)
+    next(gen)
+    vlab.stop(req)
+    final = list(gen)[-1]
+    assert 0 < len(final[-1].steps) < 60 and "stopped" in final[2]
+    assert final[10].endswith(".mp4") and final[7] is None
+    m = vlab.manager.get(M.TINY_VIDEO)
+    assert _no_speclab_hooks(m.pipe) and not m.lock.locked() and not m.pipe._interrupt
+
+
+@pytest.fixture
+def slow_video_steps(vlab):
+    pipe = vlab.manager.get(M.TINY_VIDEO).pipe
+    h = pipe.transformer.register_forward_pre_hook(lambda *a: time.sleep(0.02))
+    yield
+    h.remove()
+
+
+def test_missing_bundled_video_model_and_hub_video_errors(monkeypatch, tmp_path):
+    missing = M.Preset(M.TINY_VIDEO, str(tmp_path / "tiny-hunyuanvideo"), "local", frames=9,
+                       family="hunyuan_video", build_script="scripts/train_tiny_video.py")
+    with pytest.raises(M.ModelError, match="bundled video model is not installed.*scripts/train_tiny_video.py"):
+        M.load_preset(missing)
+    lab = app.Lab(M.ModelManager(presets={M.TINY_VIDEO: missing}))
+    with pytest.raises(gr.Error, match="not installed.*train_tiny_video"):
+        list(lab.generate(**vkw()))
+    assert "train_tiny_video.py" in M.preset_status(M.TINY_VIDEO) or os.path.isfile(
+        os.path.join(M.TINY_VIDEO_DIR, "model_index.json"))
+    hub = M.PRESETS[M.HUNYUAN]
+    assert hub.kind == "hub" and hub.source == "hunyuanvideo-community/HunyuanVideo" and hub.is_video
+
+    class GatedRepoError(Exception):
+        pass
+
+    assert "gated" in M.explain_load_error(hub, GatedRepoError("401"))
+    assert "out of GPU memory" in M.explain_load_error(hub, RuntimeError("CUDA out of memory"))
+    assert "hf download hunyuanvideo-community/HunyuanVideo" in M.explain_load_error(
+        hub, ConnectionError("offline"))
+    monkeypatch.setattr(M.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert "needs a CUDA GPU" in M.preset_status(M.HUNYUAN)
+
+
+def _video_pipe_with_vae():
+    """The tiny random video pipe plus a tiny random HunyuanVideo VAE: the decode path of real video models."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    pipe = tiny_video.tiny_video_pipe()
+    M.torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    norm_num_groups=4).eval()
+    pipe.register_modules(vae=vae)
+    return pipe
+
+
+def test_video_preset_with_a_vae_writes_every_frame(slow_video_steps_vae):
+    vlab_vae, req = slow_video_steps_vae
+    out = list(vlab_vae.generate(**vkw(R.SPECA, steps=4, compare=False)))[-1]
+    image, video, trace = out[1], out[10], out[-1]
+    import imageio.v2 as imageio
+
+    got = imageio.mimread(video)
+    assert len(got) == 9 and got[0].shape == (64, 64, 3)  # the VAE's 9 frames, not the 3 latent ones
+    assert image.size == (64 * 8, 64) and len(trace.steps) == 4
+    assert vlab_vae.manager.get(M.TINY_VIDEO).previewer.weights is not None  # calibrated on the video VAE
+    # stopped mid-run: the frames are the VAE decode of the clean estimate
+    gen = vlab_vae.generate(**vkw(R.SPECA, steps=40, compare=False), request=req)
+    next(gen)
+    vlab_vae.stop(req)
+    final = list(gen)[-1]
+    assert "stopped" in final[2] and len(imageio.mimread(final[10])) == 9
+
+
+@pytest.fixture
+def slow_video_steps_vae():
+    lab = app.Lab(M.ModelManager(factory=lambda p: _video_pipe_with_vae()), every_s=0.2)
+    pipe = lab.manager.get(M.TINY_VIDEO).pipe
+    pipe.transformer.register_forward_pre_hook(lambda *a: time.sleep(0.02))
+    return lab, SimpleNamespace(session_hash="vae")
