@@ -49,6 +49,12 @@ EXAMPLES = [
     "a large green square in the center, on a white background",
     "a small purple circle at the bottom and a large orange triangle at the top, on a gray background",
 ]
+VIDEO_EXAMPLES = [  # captions of the bundled tiny HunyuanVideo's training clips (scripts/tinyvideo_data.py)
+    "a large red circle moving left, on a gray background",
+    "a small yellow triangle moving up, on a black background",
+    "a large green square moving right, on a white background",
+    "a small blue circle moving down, on a gray background",
+]
 SPECA_DEF = accel.SpeCaConfig()
 SD_DEF = R.SpecDiffConfig() if R.SpecDiffConfig is not None else None
 TS_DEF = accel.TaylorSeerConfig()
@@ -339,6 +345,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                 model_status = gr.Markdown(M.preset_status(default_preset) if default_preset in M.PRESETS else "")
                 prompt = gr.Textbox(EXAMPLES[0], label="prompt", lines=2)
                 gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="example prompts")
+                gr.Examples([[e] for e in VIDEO_EXAMPLES], inputs=[prompt], label="example prompts (video)")
                 with gr.Row():
                     seed = gr.Number(0, label="seed", precision=0, minimum=0)
                     steps = gr.Slider(1, P.max_steps, value=P.steps, step=1, label="steps", elem_id="speclab-steps")
@@ -444,11 +451,15 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         speca_metric.change(lambda m: gr.update(value=METRIC_THRESHOLDS.get(m, 7.0)), speca_metric,
                             speca_threshold, api_visibility="private", queue=False)
 
-        def on_model(name):
+        def on_model(name, current_prompt):
             p = presets.get(name)
             if p is None:
                 raise gr.Error(f"unknown model preset {name!r}")
+            examples = VIDEO_EXAMPLES if p.is_video else EXAMPLES
+            switch = current_prompt in (EXAMPLES + VIDEO_EXAMPLES) and current_prompt not in examples
             return (M.preset_status(name) if name in M.PRESETS else "",
+                    gr.update(value=examples[EXAMPLES.index(current_prompt) if current_prompt in EXAMPLES else
+                                             VIDEO_EXAMPLES.index(current_prompt)]) if switch else gr.update(),
                     gr.update(maximum=p.max_steps, value=p.steps),
                     gr.update(minimum=p.min_size, maximum=p.max_size, value=p.width),
                     gr.update(minimum=p.min_size, maximum=p.max_size, value=p.height),
@@ -457,7 +468,8 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                     gr.update(visible=p.is_video),
                     gr.update(visible=False, value=0))
 
-        model.change(on_model, model, [model_status, steps, width, height, guidance, frames, video, frame_slider],
+        model.change(on_model, [model, prompt],
+                     [model_status, prompt, steps, width, height, guidance, frames, video, frame_slider],
                      api_visibility="private", queue=False)
         step_slider.input(lab.scrub, [step_slider, state, frame_slider], maps_plot, api_visibility="private",
                           concurrency_limit=None)

@@ -179,7 +179,12 @@ class LoadedModel:
 
     @property
     def size_multiple(self) -> int:
-        return self.preset.size_multiple or int(getattr(self.pipe, "vae_scale_factor", 8)) * 2
+        if self.preset.size_multiple:
+            return self.preset.size_multiple
+        if self.is_video:  # HunyuanVideo: the VAE's spatial compression x the transformer's patch size
+            patch = int(getattr(self.pipe.transformer.config, "patch_size", 2) or 1)
+            return int(getattr(self.pipe, "vae_scale_factor_spatial", 8)) * patch
+        return int(getattr(self.pipe, "vae_scale_factor", 8)) * 2
 
     @property
     def has_text_encoders(self) -> bool:
