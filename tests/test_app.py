@@ -464,3 +464,13 @@ def test_model_switch_shows_the_video_controls_only_for_video_presets(vlab):
     status, prompt, steps, width, height, guidance, frames, video, frame = on_model(M.TINY, app.VIDEO_EXAMPLES[1])
     assert frames["visible"] is False and video["visible"] is False and prompt["value"] == app.EXAMPLES[1]
     assert "value" not in on_model(M.TINY, "my own prompt")[1]  # a prompt of the user's own stays
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(M.TINY_VIDEO_DIR, "model_index.json")),
+                    reason="the bundled tiny HunyuanVideo is not installed (scripts/train_tiny_video.py)")
+def test_bundled_tiny_video_model_runs():
+    lab = app.Lab(M.ModelManager(), every_s=1.0)
+    p = M.PRESETS[M.TINY_VIDEO]
+    out = list(lab.generate(**vkw(R.SPECDIFF, prompt=app.VIDEO_EXAMPLES[0], steps=4, compare=False,
+                                  width=p.width, height=p.height, frames=p.frames)))[-1]
+    assert out[10].endswith(".mp4") and out[11]["visible"] is True and len(out[-1].steps) == 4
