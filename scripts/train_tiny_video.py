@@ -1,0 +1,243 @@
+"""Train the tiny HunyuanVideo model: first the video VAE, then the transformer (flow matching).
+
+Clips come from ``tinyvideo_data`` (rendered on the training device on the fly), text embeddings from the
+pipeline's own ``encode_prompt`` (frozen Llama + CLIP, ``prompt_template=PROMPT_TEMPLATE``), so training sees
+what ``HunyuanVideoPipeline.__call__`` feeds the transformer.
+
+Objective (``FlowMatchEulerDiscreteScheduler.step``: x_next = x + (sigma_next - sigma) * v):
+    x_sigma = (1 - sigma) * x0 + sigma * noise,  target v = noise - x0,
+    the transformer gets ``timestep = 1000 * sigma`` (the pipeline passes the scheduler's timesteps, 0..1000).
+x0 = VAE latent * scaling_factor (the pipeline decodes latents / scaling_factor, no shift). sigma: logit-normal
+(80 %) / uniform (20 %), then the scheduler's static shift. 10 % of captions are dropped to "". float32 + TF32.
+
+GPU (defaults, ~8 minutes)::
+
+    python scripts/build_tiny_video.py --out assets/models/tiny-hunyuanvideo --force
+    python scripts/train_tiny_video.py --model assets/models/tiny-hunyuanvideo --eval
+
+CPU smoke run (smoke preset in a temp folder, a few iterations, same code path)::
+
+    python scripts/train_tiny_video.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tinyvideo_data as data  # noqa: E402
+from build_tiny_video import PROMPT_TEMPLATE  # noqa: E402
+from train_tiny_flux import Budget, log, lr_at  # noqa: E402
+
+# the shipped model's default call (docs/tiny-video.md)
+DEFAULT_CALL = dict(height=64, width=64, num_frames=9, num_inference_steps=10, max_sequence_length=32,
+                    prompt_template=PROMPT_TEMPLATE)
+EVAL_PROMPTS = [data.caption(s, c, z, d, b) for (s, c, z, b) in [
+    ("circle", "red", "large", "black"), ("square", "blue", "large", "white"), ("triangle", "green", "large", "gray"),
+    ("circle", "yellow", "small", "black"), ("square", "orange", "large", "gray"), ("circle", "cyan", "large", "black"),
+] for d in data.DIR_NAMES]  # 24 prompts: 6 objects x 4 directions
+
+
+def train_vae(vae, args, device, rng, history):
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    b = Budget(args.vae_steps, args.vae_seconds)
+    acc, n = 0.0, 0
+    while not b.done():
+        for g in opt.param_groups:
+            g["lr"] = lr_at(b.progress(), args.vae_lr)
+        x = data.render(data.sample_clips(args.vae_batch, rng), args.frames, args.res, device) * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        b.i += 1
+        acc, n = acc + loss.item(), n + 1
+        if b.i % args.log_every == 0 or b.done():
+            history["vae"].append([b.i, acc / n])
+            log(f"vae step {b.i} loss {acc / n:.5f} kl {kl.item():.3f} ({time.time() - b.t0:.0f}s)")
+            acc, n = 0.0, 0
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        x = data.render(data.sample_clips(max(8, args.vae_batch), rng), args.frames, args.res, device) * 2 - 1
+        z = vae.encode(x).latent_dist.sample()
+        scale = 1.0 / z.std().item()
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        mse = F.mse_loss(rec.clamp(-1, 1), x).item()
+    vae.register_to_config(scaling_factor=scale)
+    history.update(vae_steps=b.i, vae_seconds=time.time() - b.t0, scaling_factor=scale, latent_mean=z.mean().item(),
+                   vae_recon_mse=mse, vae_recon_psnr=10 * math.log10(4.0 / max(mse, 1e-10)))
+    log(f"vae done: {b.i} steps, scaling_factor {scale:.4f} latent mean {z.mean().item():.3f} "
+        f"recon PSNR {history['vae_recon_psnr']:.1f} dB")
+
+
+def sample_sigmas(n, shift, gen, device):
+    u = torch.sigmoid(torch.randn(n, generator=gen))
+    u = torch.where(torch.rand(n, generator=gen) < 0.2, torch.rand(n, generator=gen), u).clamp(1e-3, 1.0)
+    return (shift * u / (1 + (shift - 1) * u)).to(device)
+
+
+def dit_batch(pipe, args, device, rng, gen, dropout: float):
+    clips = data.sample_clips(args.batch, rng)
+    caps = ["" if d else c for c, d in zip(data.captions(clips), rng.random(args.batch) < dropout)]
+    with torch.no_grad():
+        pe, pooled, mask = pipe.encode_prompt(caps, prompt_template=PROMPT_TEMPLATE, device=device,
+                                              max_sequence_length=int(rng.choice(args.seq_lens)))
+        x = data.render(clips, args.frames, args.res, device) * 2 - 1
+        x0 = pipe.vae.encode(x).latent_dist.sample() * pipe.vae.config.scaling_factor
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    sigma = sample_sigmas(args.batch, pipe.scheduler.config.shift, gen, device)
+    s = sigma[:, None, None, None, None]
+    return dict(xt=(1 - s) * x0 + s * noise, t=sigma * 1000.0, target=noise - x0, pe=pe, pooled=pooled, mask=mask)
+
+
+def dit_loss(tr, bt):
+    pred = tr(hidden_states=bt["xt"], timestep=bt["t"], encoder_hidden_states=bt["pe"],
+              encoder_attention_mask=bt["mask"], pooled_projections=bt["pooled"], guidance=None,
+              return_dict=False)[0]
+    return F.mse_loss(pred.float(), bt["target"])
+
+
+def train_dit(pipe, args, device, rng, gen, history):
+    tr = pipe.transformer
+    tr.train().requires_grad_(True)
+    params = list(tr.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    b = Budget(args.dit_steps, args.dit_seconds)
+    acc, n = 0.0, 0
+    while not b.done():
+        for g in opt.param_groups:
+            g["lr"] = lr_at(b.progress(), args.lr)
+        loss = dit_loss(tr, dit_batch(pipe, args, device, rng, gen, args.caption_dropout))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.ema, (1 + b.i) / (10 + b.i)))
+        b.i += 1
+        acc, n = acc + loss.item(), n + 1
+        if b.i % args.log_every == 0 or b.done():
+            history["dit"].append([b.i, acc / n])
+            log(f"dit step {b.i} loss {acc / n:.4f} lr {opt.param_groups[0]['lr']:.2e} ({time.time() - b.t0:.0f}s)")
+            acc, n = 0.0, 0
+    tr.eval().requires_grad_(False)
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+        vrng, vgen = np.random.default_rng(12345), torch.Generator().manual_seed(12345)
+        vl = [dit_loss(tr, dit_batch(pipe, args, device, vrng, vgen, 0.0)).item() for _ in range(4)]
+    history.update(dit_steps=b.i, dit_seconds=time.time() - b.t0, dit_eval_loss=float(np.mean(vl)))
+    log(f"dit done: {b.i} steps, held-out loss (EMA) {history['dit_eval_loss']:.4f}")
+
+
+def evaluate(pipe, prompts=EVAL_PROMPTS, seed: int = 0, strip: str | None = None, **call) -> dict:
+    """Motion / colour adherence of ``pipe`` on ``prompts`` (one clip each, seed + i)."""
+    kw = {**DEFAULT_CALL, **call}
+    details, clips = [], []
+    for i, p in enumerate(prompts):
+        out = pipe(p, generator=torch.Generator().manual_seed(seed + i), output_type="pt", **kw).frames[0]
+        clip = out.permute(1, 0, 2, 3).float().cpu()  # (F, 3, H, W) -> (3, F, H, W)
+        clips.append(clip)
+        a = data.analyze_clip(clip)
+        want = p.split(" moving ")[1].split(",")[0]
+        details.append(dict(prompt=p, direction=a["direction"], color=a["color"], ok_dir=a["direction"] == want,
+                            ok_color=a["color"] == p.split()[2]))
+    if strip:
+        data.save_strip(torch.stack(clips), strip)
+    n = len(details)
+    return dict(direction_pct=100 * sum(d["ok_dir"] for d in details) / n,
+                color_pct=100 * sum(d["ok_color"] for d in details) / n, n=n, details=details)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="assets/models/tiny-hunyuanvideo")
+    ap.add_argument("--out", default=None, help="where vae/, transformer/ and train_log.json go (default --model)")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--res", type=int, default=data.RES)
+    ap.add_argument("--frames", type=int, default=data.FRAMES)
+    ap.add_argument("--vae-steps", type=int, default=0)
+    ap.add_argument("--vae-seconds", type=float, default=110)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--kl-weight", type=float, default=1e-5)
+    ap.add_argument("--dit-steps", type=int, default=0)
+    ap.add_argument("--dit-seconds", type=float, default=300)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--caption-dropout", type=float, default=0.1)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--eval", action="store_true")
+    args = ap.parse_args(argv)
+    tmp = None
+    if args.smoke:
+        import build_tiny_video
+
+        tmp = tempfile.mkdtemp(prefix="tinyvideo-smoke-")
+        build_tiny_video.build(os.path.join(tmp, "model"), preset="smoke", seed=args.seed)
+        args.model, args.device, args.out = os.path.join(tmp, "model"), "cpu", None
+        args.res, args.frames, args.vae_batch, args.batch = 32, 5, 2, 2
+        args.vae_steps, args.dit_steps, args.vae_seconds, args.dit_seconds = 2, 3, 0, 0
+        args.log_every, args.eval = 1, True
+    elif args.device == "cpu":
+        sys.exit("a full run on the CPU takes hours: use a GPU or --smoke")
+    args.out = args.out or args.model
+    os.makedirs(args.out, exist_ok=True)
+
+    from diffusers import HunyuanVideoPipeline
+
+    torch.manual_seed(args.seed)
+    rng, gen, device = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed), torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    pipe = HunyuanVideoPipeline.from_pretrained(args.model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.text_encoder, pipe.text_encoder_2):
+        m.eval().requires_grad_(False)
+    history = {"args": dict(vars(args)), "vae": [], "dit": []}
+    t0 = time.time()
+    if args.vae_steps > 0 or args.vae_seconds > 0:
+        train_vae(pipe.vae, args, device, rng, history)
+        pipe.vae.save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
+    train_dit(pipe, args, device, rng, gen, history)
+    pipe.transformer.save_pretrained(os.path.join(args.out, "transformer"), safe_serialization=True)
+    history["train_seconds"] = time.time() - t0
+    log(f"saved to {args.out} ({history['train_seconds']:.0f}s)")
+    if args.eval:
+        kw = dict(height=args.res, width=args.res, num_frames=args.frames)
+        prompts = EVAL_PROMPTS[:2] if args.smoke else EVAL_PROMPTS
+        if args.smoke:
+            kw["num_inference_steps"] = 2
+        res = evaluate(pipe, prompts, strip=os.path.join(args.out, "samples.png"), **kw)
+        history["adherence"] = {k: v for k, v in res.items() if k != "details"}
+        history["adherence_details"] = res["details"]
+        log(f"adherence: direction {res['direction_pct']:.0f}% colour {res['color_pct']:.0f}% of {res['n']}")
+    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+        json.dump(history, f, indent=1)
+    if tmp:
+        history["smoke_dir"] = tmp
+    return history
+
+
+if __name__ == "__main__":
+    main()
