@@ -85,17 +85,9 @@ class Forecast:
         self.terms = terms
         self.coefs = coefs
 
-    @classmethod
-    def of(cls, feats: Features) -> "Forecast":
-        """A forecast that is exactly these features."""
-        return cls({k: [v] for k, v in feats.items()}, [1.0])
-
     def __getitem__(self, name: str) -> torch.Tensor:
         terms = self.terms[name]
         p = terms[0] if self.coefs[0] == 1.0 else terms[0] * self.coefs[0]
         for t, c in zip(terms[1:], self.coefs[1:]):
             p = torch.add(p, t, alpha=c)
         return p
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.terms
