@@ -7,7 +7,10 @@ Nothing is downloaded:
                       ``prompt_template=PROMPT_TEMPLATE`` (``{"template": "{}", "crop_start": 0}``): the app must pass it (the pipeline's default
                       template is cut at ``crop_start=95`` real-Llama tokens, which this tokenizer cannot match).
 * ``text_encoder/``   LlamaModel, 2 layers: the pipeline reads ``hidden_states[-3]`` (skip 2 layers), i.e. the
-                      token embeddings; frozen at the seeded random init (the transformer learns to read them).
+                      token embeddings; frozen at the seeded random init (the transformer learns to read them),
+                      each row scaled to unit RMS. At Llama's init (std 0.02) the words were too faint: the
+                      refiner's ``proj_in`` bias outweighed them about 6 to 1, and a model trained on them
+                      ignored colour and direction (docs/tiny-video.md).
 * ``tokenizer_2/``    CLIPTokenizer (``build_tiny_flux.clip_vocab_and_merges`` on this grammar), max length 77.
 * ``text_encoder_2/`` CLIPTextModel (pooled output), frozen random.
 * ``vae/``            AutoencoderKLHunyuanVideo, 3 blocks: spatial compression 4, temporal 4, 8 latent channels.
@@ -48,7 +51,7 @@ PRESETS = {
                          attention_head_dim=8, rope_axes_dim=(2, 2, 4)),
     ),
 }
-LATENT_CHANNELS = 8
+LATENT_CHANNELS = 8  # default; --latent-channels
 CLIP_MAX_LEN = 77  # the pipeline pads CLIP prompts to 77
 
 
@@ -107,7 +110,13 @@ def check_tokenizers(folder: str) -> None:
     assert len(t1(cap).input_ids) == 12 and ids[1][3] == t1.pad_token_id, t1.convert_ids_to_tokens(ids[1])
 
 
-def build(out: str, preset: str = "default", seed: int = 0) -> None:
+def unit_rms_rows_(weight: torch.Tensor) -> None:
+    """Scale each embedding row to unit RMS in place; the all-zero padding row stays zero."""
+    with torch.no_grad():
+        weight.div_(weight.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-6))
+
+
+def build(out: str, preset: str = "default", seed: int = 0, latent_channels: int = LATENT_CHANNELS) -> None:
     from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
                            HunyuanVideoTransformer3DModel)
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
@@ -119,6 +128,7 @@ def build(out: str, preset: str = "default", seed: int = 0) -> None:
     torch.manual_seed(seed)
     text_encoder = LlamaModel(LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024,
                                           pad_token_id=tok.pad_token_id, **P["llama"])).eval()
+    unit_rms_rows_(text_encoder.embed_tokens.weight)
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok2), max_position_embeddings=CLIP_MAX_LEN, bos_token_id=tok2.bos_token_id,
@@ -127,12 +137,12 @@ def build(out: str, preset: str = "default", seed: int = 0) -> None:
     torch.manual_seed(seed + 2)
     n = len(P["vae"]["block_out_channels"])
     vae = AutoencoderKLHunyuanVideo(
-        latent_channels=LATENT_CHANNELS, down_block_types=("HunyuanVideoDownBlock3D",) * n,
+        latent_channels=latent_channels, down_block_types=("HunyuanVideoDownBlock3D",) * n,
         up_block_types=("HunyuanVideoUpBlock3D",) * n, spatial_compression_ratio=4, temporal_compression_ratio=4,
         scaling_factor=1.0, mid_block_add_attention=True, **P["vae"])
     torch.manual_seed(seed + 3)
     transformer = HunyuanVideoTransformer3DModel(
-        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, patch_size=1, patch_size_t=1,
+        in_channels=latent_channels, out_channels=latent_channels, patch_size=1, patch_size_t=1,
         guidance_embeds=False, text_embed_dim=P["llama"]["hidden_size"],
         pooled_projection_dim=P["clip"]["hidden_size"], **P["transformer"])
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=2.0)
@@ -151,10 +161,11 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="overwrite a folder that already holds a transformer")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latent-channels", type=int, default=LATENT_CHANNELS)
     args = ap.parse_args()
     if os.path.isdir(os.path.join(args.out, "transformer")) and not args.force:
         sys.exit(f"{args.out} already holds a model (trained weights?): --force replaces it with an untrained one")
-    build(args.out, args.preset, args.seed)
+    build(args.out, args.preset, args.seed, args.latent_channels)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ generator output and on clips the trained pipeline makes.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,6 +80,18 @@ def clip_from_attrs(shape: str, color: str, size: str, direction: str, bg: str) 
 
 def caption(shape: str, color: str, size: str, direction: str, bg: str) -> str:
     return f"a {size} {color} {shape} moving {direction}, on a {bg} background"
+
+
+CAPTION_RE = re.compile(r"^a (?P<size>\w+) (?P<color>\w+) (?P<shape>\w+) moving (?P<direction>\w+), on a (?P<bg>\w+) "
+                        r"background$")
+
+
+def parse_caption(text: str) -> dict:
+    """Inverse of ``caption``: {size, color, shape, direction, bg}; ValueError for text outside the grammar."""
+    m = CAPTION_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"not a caption of this grammar: {text!r}")
+    return m.groupdict()
 
 
 def clip_attrs(c: Clips, i: int) -> dict:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tinyvideo_data as data  # noqa: E402
 from build_tiny_video import PROMPT_TEMPLATE  # noqa: E402
-from train_tiny_flux import Budget, log, lr_at  # noqa: E402
+from train_tiny_flux import Budget, autocast, log, lr_at  # noqa: E402
 
 # the shipped model's default call (docs/tiny-video.md)
 DEFAULT_CALL = dict(height=64, width=64, num_frames=9, num_inference_steps=10, max_sequence_length=32,
@@ -57,9 +57,10 @@ def train_vae(vae, args, device, rng, history):
         for g in opt.param_groups:
             g["lr"] = lr_at(b.progress(), args.vae_lr)
         x = data.render(data.sample_clips(args.vae_batch, rng), args.frames, args.res, device) * 2 - 1
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        kl = post.kl().mean() / post.mean[0].numel()
+        with autocast(device, args.vae_bf16):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
+        kl = post.kl().float().mean() / post.mean[0].numel()
         loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,16 +92,63 @@ def sample_sigmas(n, shift, gen, device):
     return (shift * u / (1 + (shift - 1) * u)).to(device)
 
 
-def dit_batch(pipe, args, device, rng, gen, dropout: float):
-    clips = data.sample_clips(args.batch, rng)
-    caps = ["" if d else c for c, d in zip(data.captions(clips), rng.random(args.batch) < dropout)]
-    with torch.no_grad():
-        pe, pooled, mask = pipe.encode_prompt(caps, prompt_template=PROMPT_TEMPLATE, device=device,
-                                              max_sequence_length=int(rng.choice(args.seq_lens)))
-        x = data.render(clips, args.frames, args.res, device) * 2 - 1
-        x0 = pipe.vae.encode(x).latent_dist.sample() * pipe.vae.config.scaling_factor
-    noise = torch.randn(x0.shape, generator=gen).to(device)
-    sigma = sample_sigmas(args.batch, pipe.scheduler.config.shift, gen, device)
+class LatentSet:
+    """``n`` clips encoded once by the trained VAE (posterior mean and std), with their captions.
+
+    A DiT step then samples ``x0 = (mean + std * eps) * scaling_factor`` from it instead of rendering and
+    encoding a fresh batch: the tiny transformer's step is a few ms of GPU work, the VAE encode was most of it.
+    The clip parameters are continuous (travel, offsets), the grammar has 576 captions, so 50k clips cover it.
+    """
+
+    def __init__(self, vae, n: int, args, device, rng, chunk: int = 256):
+        self.clips = data.sample_clips(n, rng)
+        self.captions = np.array(data.captions(self.clips))
+        means, stds = [], []
+        with torch.no_grad():
+            for i in range(0, n, chunk):
+                part = data.Clips(*[getattr(self.clips, f)[i:i + chunk] for f in data.Clips.__dataclass_fields__])
+                post = vae.encode(data.render(part, args.frames, args.res, device) * 2 - 1).latent_dist
+                means.append(post.mean.half())
+                stds.append(post.std.half())
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        self.scale = vae.config.scaling_factor
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def sample(self, idx: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        i = torch.as_tensor(idx, device=self.mean.device)
+        m, s = self.mean[i].float(), self.std[i].float()
+        return (m + s * torch.randn(m.shape, generator=gen).to(m.device)) * self.scale
+
+
+class TextCache:
+    """``encode_prompt`` output per caption at ``max_len`` tokens; shorter lengths are prefixes of it.
+
+    That holds because right padding is used and the pipeline reads the Llama's embedding layer (no context) and
+    CLIP's pooled output (which does not see the Llama length)."""
+
+    def __init__(self, pipe, device, max_len: int):
+        self.pipe, self.device, self.max_len, self.store = pipe, device, max_len, {}
+
+    def __call__(self, caps: list[str], length: int):
+        new = sorted(set(caps) - set(self.store))
+        if new:
+            with torch.no_grad():
+                pe, pooled, mask = self.pipe.encode_prompt(new, prompt_template=PROMPT_TEMPLATE, device=self.device,
+                                                           max_sequence_length=self.max_len)
+            self.store.update({c: (pe[k], pooled[k], mask[k]) for k, c in enumerate(new)})
+        pe, pooled, mask = (torch.stack(t) for t in zip(*(self.store[c] for c in caps)))
+        return pe[:, :length], pooled, mask[:, :length]
+
+
+def dit_batch(lat: LatentSet, text: TextCache, args, rng, gen, dropout: float):
+    idx = rng.integers(0, len(lat), args.batch)
+    caps = ["" if d else c for c, d in zip(lat.captions[idx], rng.random(args.batch) < dropout)]
+    pe, pooled, mask = text(caps, int(rng.choice(args.seq_lens)))
+    x0 = lat.sample(idx, gen)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    sigma = sample_sigmas(args.batch, text.pipe.scheduler.config.shift, gen, x0.device)
     s = sigma[:, None, None, None, None]
     return dict(xt=(1 - s) * x0 + s * noise, t=sigma * 1000.0, target=noise - x0, pe=pe, pooled=pooled, mask=mask)
 
@@ -112,18 +160,20 @@ def dit_loss(tr, bt):
     return F.mse_loss(pred.float(), bt["target"])
 
 
-def train_dit(pipe, args, device, rng, gen, history):
+def train_dit(pipe, lat: LatentSet, args, device, rng, gen, history):
+    """Flow matching on ``lat``; every ``--eval-every`` seconds the EMA weights are scored for adherence."""
     tr = pipe.transformer
+    text = TextCache(pipe, device, max(args.seq_lens))
     tr.train().requires_grad_(True)
     params = list(tr.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = [p.detach().clone() for p in params]
     b = Budget(args.dit_steps, args.dit_seconds)
-    acc, n = 0.0, 0
+    acc, n, next_eval = 0.0, 0, args.eval_every
     while not b.done():
         for g in opt.param_groups:
             g["lr"] = lr_at(b.progress(), args.lr)
-        loss = dit_loss(tr, dit_batch(pipe, args, device, rng, gen, args.caption_dropout))
+        loss = dit_loss(tr, dit_batch(lat, text, args, rng, gen, args.caption_dropout))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -136,33 +186,81 @@ def train_dit(pipe, args, device, rng, gen, history):
             history["dit"].append([b.i, acc / n])
             log(f"dit step {b.i} loss {acc / n:.4f} lr {opt.param_groups[0]['lr']:.2e} ({time.time() - b.t0:.0f}s)")
             acc, n = 0.0, 0
+        if args.eval_every > 0 and time.time() - b.t0 >= next_eval and not b.done():
+            next_eval += args.eval_every
+            with swapped(params, ema):
+                tr.eval()
+                res = evaluate(pipe, EVAL_PROMPTS, height=args.res, width=args.res, num_frames=args.frames)
+                tr.train()
+            history["checkpoints"].append(dict(step=b.i, seconds=time.time() - b.t0, **summary(res)))
+            log(f"  eval at step {b.i}: {fmt(res)}")
     tr.eval().requires_grad_(False)
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
         vrng, vgen = np.random.default_rng(12345), torch.Generator().manual_seed(12345)
-        vl = [dit_loss(tr, dit_batch(pipe, args, device, vrng, vgen, 0.0)).item() for _ in range(4)]
-    history.update(dit_steps=b.i, dit_seconds=time.time() - b.t0, dit_eval_loss=float(np.mean(vl)))
-    log(f"dit done: {b.i} steps, held-out loss (EMA) {history['dit_eval_loss']:.4f}")
+        vl = [dit_loss(tr, dit_batch(lat, text, args, vrng, vgen, 0.0)).item() for _ in range(4)]
+        # how much the transformer uses its text: the same held-out batches with captions shuffled
+        vrng, vgen = np.random.default_rng(12345), torch.Generator().manual_seed(12345)
+        lat.captions, saved = lat.captions[np.random.default_rng(1).permutation(len(lat))], lat.captions
+        sl = [dit_loss(tr, dit_batch(lat, text, args, vrng, vgen, 0.0)).item() for _ in range(4)]
+        lat.captions = saved
+    history.update(dit_steps=b.i, dit_seconds=time.time() - b.t0, dit_eval_loss=float(np.mean(vl)),
+                   dit_eval_loss_shuffled_captions=float(np.mean(sl)))
+    log(f"dit done: {b.i} steps, held-out loss (EMA) {history['dit_eval_loss']:.4f}, "
+        f"with shuffled captions {history['dit_eval_loss_shuffled_captions']:.4f}")
 
 
-def evaluate(pipe, prompts=EVAL_PROMPTS, seed: int = 0, strip: str | None = None, **call) -> dict:
-    """Motion / colour adherence of ``pipe`` on ``prompts`` (one clip each, seed + i)."""
+class swapped:
+    """Within the block ``params`` hold ``other``'s values (EMA weights for an evaluation), then their own."""
+
+    def __init__(self, params, other):
+        self.params, self.other = params, other
+
+    def __enter__(self):
+        self.saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, o in zip(self.params, self.other):
+                p.copy_(o)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for p, s in zip(self.params, self.saved):
+                p.copy_(s)
+
+
+def summary(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k != "details"}
+
+
+def fmt(res: dict) -> str:
+    return (f"direction {res['direction_pct']:.0f}% colour {res['color_pct']:.0f}% shape {res['shape_pct']:.0f}% "
+            f"background {res['bg_pct']:.0f}% of {res['n']}")
+
+
+def evaluate(pipe, prompts=EVAL_PROMPTS, seed: int = 0, strip: str | None = None, batch: int = 8, **call) -> dict:
+    """Motion / colour adherence of ``pipe`` on ``prompts`` (one clip each, generator seeded ``seed + i``).
+
+    Prompts go through the pipeline ``batch`` at a time with one generator each, which draws the same starting
+    noise as one call per prompt."""
     kw = {**DEFAULT_CALL, **call}
     details, clips = [], []
-    for i, p in enumerate(prompts):
-        out = pipe(p, generator=torch.Generator().manual_seed(seed + i), output_type="pt", **kw).frames[0]
-        clip = out.permute(1, 0, 2, 3).float().cpu()  # (F, 3, H, W) -> (3, F, H, W)
-        clips.append(clip)
-        a = data.analyze_clip(clip)
-        want = p.split(" moving ")[1].split(",")[0]
-        details.append(dict(prompt=p, direction=a["direction"], color=a["color"], ok_dir=a["direction"] == want,
-                            ok_color=a["color"] == p.split()[2]))
+    for k in range(0, len(prompts), batch):
+        part = list(prompts[k:k + batch])
+        gens = [torch.Generator().manual_seed(seed + k + j) for j in range(len(part))]
+        with torch.no_grad():
+            out = pipe(part, generator=gens, output_type="pt", **kw).frames  # (B, F, 3, H, W)
+        for p, video in zip(part, out):
+            clip = video.permute(1, 0, 2, 3).float().cpu()  # (F, 3, H, W) -> (3, F, H, W)
+            clips.append(clip)
+            a, want = data.analyze_clip(clip), data.parse_caption(p)
+            details.append(dict(prompt=p, direction=a["direction"], color=a["color"], shape=a["shape"], bg=a["bg"],
+                                **{f"ok_{k}": a[k] == want[k] for k in ("direction", "color", "shape", "bg")}))
     if strip:
         data.save_strip(torch.stack(clips), strip)
     n = len(details)
-    return dict(direction_pct=100 * sum(d["ok_dir"] for d in details) / n,
-                color_pct=100 * sum(d["ok_color"] for d in details) / n, n=n, details=details)
+    pct = {f"{k}_pct": 100 * sum(d[f"ok_{k}"] for d in details) / n for k in ("direction", "color", "shape", "bg")}
+    return dict(**pct, n=n, details=details)
 
 
 def main(argv=None) -> dict:
@@ -179,6 +277,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-lr", type=float, default=1e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-5)
+    ap.add_argument("--vae-bf16", action="store_true", help="bf16 autocast for the VAE (the 3-D convs dominate)")
     ap.add_argument("--dit-steps", type=int, default=0)
     ap.add_argument("--dit-seconds", type=float, default=300)
     ap.add_argument("--batch", type=int, default=64)
@@ -186,8 +285,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--caption-dropout", type=float, default=0.1)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--latent-clips", type=int, default=50000, help="clips encoded once for the DiT (LatentSet)")
     ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=float, default=0, help="seconds between adherence checks in training")
     ap.add_argument("--eval", action="store_true")
+    ap.add_argument("--allow-cpu", action="store_true", help="allow a full (non-smoke) run on the CPU")
     args = ap.parse_args(argv)
     tmp = None
     if args.smoke:
@@ -198,8 +300,8 @@ def main(argv=None) -> dict:
         args.model, args.device, args.out = os.path.join(tmp, "model"), "cpu", None
         args.res, args.frames, args.vae_batch, args.batch = 32, 5, 2, 2
         args.vae_steps, args.dit_steps, args.vae_seconds, args.dit_seconds = 2, 3, 0, 0
-        args.log_every, args.eval = 1, True
-    elif args.device == "cpu":
+        args.log_every, args.eval, args.latent_clips = 1, True, 8
+    elif args.device == "cpu" and not args.allow_cpu:
         sys.exit("a full run on the CPU takes hours: use a GPU or --smoke")
     args.out = args.out or args.model
     os.makedirs(args.out, exist_ok=True)
@@ -214,12 +316,16 @@ def main(argv=None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     for m in (pipe.text_encoder, pipe.text_encoder_2):
         m.eval().requires_grad_(False)
-    history = {"args": dict(vars(args)), "vae": [], "dit": []}
+    history = {"args": dict(vars(args)), "vae": [], "dit": [], "checkpoints": []}
     t0 = time.time()
     if args.vae_steps > 0 or args.vae_seconds > 0:
         train_vae(pipe.vae, args, device, rng, history)
         pipe.vae.save_pretrained(os.path.join(args.out, "vae"), safe_serialization=True)
-    train_dit(pipe, args, device, rng, gen, history)
+    t1 = time.time()
+    lat = LatentSet(pipe.vae, args.latent_clips, args, device, rng)
+    history["latent_set_seconds"] = time.time() - t1
+    log(f"encoded {len(lat)} clips in {history['latent_set_seconds']:.0f}s")
+    train_dit(pipe, lat, args, device, rng, gen, history)
     pipe.transformer.save_pretrained(os.path.join(args.out, "transformer"), safe_serialization=True)
     history["train_seconds"] = time.time() - t0
     log(f"saved to {args.out} ({history['train_seconds']:.0f}s)")
@@ -229,9 +335,8 @@ def main(argv=None) -> dict:
         if args.smoke:
             kw["num_inference_steps"] = 2
         res = evaluate(pipe, prompts, strip=os.path.join(args.out, "samples.png"), **kw)
-        history["adherence"] = {k: v for k, v in res.items() if k != "details"}
-        history["adherence_details"] = res["details"]
-        log(f"adherence: direction {res['direction_pct']:.0f}% colour {res['color_pct']:.0f}% of {res['n']}")
+        history["adherence"], history["adherence_details"] = summary(res), res["details"]
+        log(f"adherence: {fmt(res)}")
     with open(os.path.join(args.out, "train_log.json"), "w") as f:
         json.dump(history, f, indent=1)
     if tmp:
