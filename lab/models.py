@@ -48,6 +48,9 @@ class Preset:
     family: str = "flux"  # "flux" | "hunyuan_video"
     build_script: str = "scripts/train_tiny_flux.py"
     """Local presets: the script that produces the folder."""
+    prompt_template: dict | None = None
+    """HunyuanVideo: the pipeline's ``prompt_template`` (None: the pipeline's default, cut at 95 real-Llama tokens,
+    which only the real Llama tokenizer reproduces; the bundled model uses a plain "{}" template)."""
 
     @property
     def is_video(self) -> bool:
@@ -69,7 +72,8 @@ PRESETS: dict[str, Preset] = {
                     True, "bfloat16", "4-step distilled model; Apache-2.0"),
     TINY_VIDEO: Preset(TINY_VIDEO, TINY_VIDEO_DIR, "local", 64, 64, 20, 1.0, 32, None, 32, 256, 100, False,
                        "float32", "a tiny video model bundled with the lab; runs on a CPU", frames=9, max_frames=33,
-                       fps=8, family="hunyuan_video", build_script="scripts/train_tiny_video.py"),
+                       fps=8, family="hunyuan_video", build_script="scripts/train_tiny_video.py",
+                       prompt_template={"template": "{}", "crop_start": 0}),
     HUNYUAN: Preset(HUNYUAN, "hunyuanvideo-community/HunyuanVideo", "hub", 512, 320, 30, 6.0, 256, 16, 256, 1280,
                     100, True, "bfloat16", "13B video model; about 40 GB of GPU memory in bfloat16 at small sizes",
                     frames=33, max_frames=129, fps=15, family="hunyuan_video"),
@@ -196,6 +200,14 @@ class LoadedModel:
         return self.preset.is_video
 
     @property
+    def text_kwargs(self) -> dict:
+        """Pipeline arguments that go with a text prompt for this preset."""
+        kw = dict(max_sequence_length=self.preset.max_sequence_length)
+        if self.preset.prompt_template is not None:
+            kw["prompt_template"] = dict(self.preset.prompt_template)
+        return kw
+
+    @property
     def has_guidance(self) -> bool:
         return bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
 
@@ -208,7 +220,7 @@ def _warm_up(m: LoadedModel) -> None:
         if m.is_video:
             kw["num_frames"] = 1
         if m.has_text_encoders:
-            kw.update(prompt="warm up", max_sequence_length=m.preset.max_sequence_length)
+            kw.update(prompt="warm up", **m.text_kwargs)
         else:
             return
         m.pipe(**kw)

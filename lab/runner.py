@@ -154,7 +154,7 @@ def pipe_kwargs(spec: RunSpec, model: LoadedModel) -> dict:
     if model.has_guidance or model.is_video:  # HunyuanVideo always embeds its guidance
         kw["guidance_scale"] = float(spec.guidance)
     if model.has_text_encoders:
-        kw.update(prompt=spec.prompt, max_sequence_length=model.preset.max_sequence_length)
+        kw.update(prompt=spec.prompt, **model.text_kwargs)
     else:
         pe, pooled = _hashed_embeds(spec.prompt, model)
         kw.update(prompt_embeds=pe, pooled_prompt_embeds=pooled)

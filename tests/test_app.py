@@ -15,6 +15,7 @@ import accel
 import app
 import tiny
 import tiny_video
+import tinyvideo_data
 from accel.trace import Trace
 from lab import metrics
 from lab import models as M
@@ -466,11 +467,46 @@ def test_model_switch_shows_the_video_controls_only_for_video_presets(vlab):
     assert "value" not in on_model(M.TINY, "my own prompt")[1]  # a prompt of the user's own stays
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(M.TINY_VIDEO_DIR, "model_index.json")),
-                    reason="the bundled tiny HunyuanVideo is not installed (scripts/train_tiny_video.py)")
-def test_bundled_tiny_video_model_runs():
-    lab = app.Lab(M.ModelManager(), every_s=1.0)
+@pytest.fixture(scope="module")
+def bundled_video_lab():
+    """The real bundled tiny HunyuanVideo, loaded the way the app loads it."""
+    return app.Lab(M.ModelManager(), every_s=1.0)
+
+
+def _bundled_video(lab, method, prompt, **over):
+    import imageio.v2 as imageio
+
     p = M.PRESETS[M.TINY_VIDEO]
-    out = list(lab.generate(**vkw(R.SPECDIFF, prompt=app.VIDEO_EXAMPLES[0], steps=4, compare=False,
-                                  width=p.width, height=p.height, frames=p.frames)))[-1]
-    assert out[10].endswith(".mp4") and out[11]["visible"] is True and len(out[-1].steps) == 4
+    out = list(lab.generate(**vkw(method, **{"prompt": prompt, "steps": p.steps, "compare": False, "width": p.width,
+                                           "height": p.height, "frames": p.frames, "guidance": p.guidance, **over})))
+    *_, video, frame, trace = out[-1]
+    assert video.endswith(".mp4") and frame["visible"] is True
+    frames = imageio.mimread(video)
+    assert len(frames) == p.frames and frames[0].shape == (p.height, p.width, 3)
+    return tinyvideo_data.analyze_clip(frames), trace
+
+
+@pytest.mark.parametrize("method,prompt", [(R.FULL, app.VIDEO_EXAMPLES[0]), (R.SPECA, app.VIDEO_EXAMPLES[1]),
+                                           (R.SPECDIFF, app.VIDEO_EXAMPLES[2])])
+def test_bundled_tiny_video_follows_the_prompt_in_the_lab(bundled_video_lab, method, prompt):
+    """The lab passes the bundled model's prompt template (the pipeline's default one would crop the prompt away):
+    the mp4 it writes shows the named colour moving in the named direction."""
+    a, trace = _bundled_video(bundled_video_lab, method, prompt)
+    want = tinyvideo_data.parse_caption(prompt)
+    assert (a["direction"], a["color"], a["bg"]) == (want["direction"], want["color"], want["bg"]), (prompt, a)
+    assert len(trace.steps) == M.PRESETS[M.TINY_VIDEO].steps and trace.token_grid[0] == 3  # 3 latent frames
+
+
+def test_bundled_tiny_video_prompt_template_is_passed():
+    def fake_pipe():
+        return SimpleNamespace(text_encoder=object(), tokenizer=object(),
+                               transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=False)))
+
+    m = M.LoadedModel(M.PRESETS[M.TINY_VIDEO], pipe=fake_pipe())
+    spec = R.RunSpec(M.TINY_VIDEO, app.VIDEO_EXAMPLES[0], seed=0, steps=4, width=64, height=64, guidance=1.0, frames=9)
+    kwargs = R.pipe_kwargs(spec, m)
+    assert kwargs["prompt_template"] == {"template": "{}", "crop_start": 0}
+    assert kwargs["prompt"] == app.VIDEO_EXAMPLES[0] and kwargs["max_sequence_length"] == 32
+    # presets without a template of their own leave the pipeline's default alone
+    hub = M.LoadedModel(M.PRESETS[M.HUNYUAN], pipe=fake_pipe())
+    assert "prompt_template" not in R.pipe_kwargs(spec, hub)
