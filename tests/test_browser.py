@@ -98,7 +98,8 @@ def test_generate_in_a_real_browser(browser, server, tmp_path):
             "() => document.querySelector('#speclab-steps input[type=range]').value === '12'", timeout=10_000)
         # method switch hides the other method's controls
         page.get_by_label("SpecDiff").check() if page.get_by_label("SpecDiff").count() else None
-        page.wait_for_timeout(300)
+        # wait for the round trip (a fixed 300 ms pause failed on a loaded 2-core machine); fails after 10 s
+        page.get_by_text("threshold base").wait_for(state="hidden", timeout=10_000)
         assert not page.get_by_text("threshold base").is_visible()
         page.get_by_label("SpeCa", exact=True).check()
         page.get_by_text("threshold base").wait_for(state="visible", timeout=10_000)
