@@ -1,8 +1,10 @@
-"""Cheap previews of FLUX latents: a linear latent->RGB map instead of the VAE.
+"""Cheap previews of latents (FLUX, HunyuanVideo): a linear latent->RGB map instead of the VAE.
 
-The map is fitted by least squares, once per pipeline, on a small VAE decode of random latents (so it needs
-no table of magic numbers and fits any VAE), and refitted on every finished run's real latents and image.
-Without a VAE (test pipelines) the first three channels are shown, each normalised.
+The map is fitted by least squares, once per pipeline, on the VAE's *encoding* of random colour blocks (so it
+needs no table of magic numbers and fits any VAE), and every finished run's real latents and image are added to
+the fit. Encoding known colours, rather than decoding random latents, matters: random N(0, 1) latents are not
+what a VAE's decoder sees (the tiny HunyuanVideo's are ~3x wider once unscaled) and gave a red circle a green
+preview. Without a VAE (test pipelines) the first three channels are shown, each normalised.
 """
 
 from __future__ import annotations
@@ -36,40 +38,49 @@ class Previewer:
         self.pipe = pipe
         self.weights: torch.Tensor | None = None  # (C + 1, 3): channels + bias -> RGB in [0, 1]
         self._lock = threading.Lock()
+        self._xtx: torch.Tensor | None = None  # normal equations of every sample fitted so far (per-pixel means)
+        self._xty: torch.Tensor | None = None
 
     # ---- fitting ----------------------------------------------------------------------------------
-    def _fit(self, lat: torch.Tensor, rgb: torch.Tensor) -> None:
-        """lat (B, C, h, w), rgb (B, 3, h, w) in [0, 1]."""
+    def _fit(self, lat: torch.Tensor, rgb: torch.Tensor, weight: float = 1.0) -> None:
+        """Add lat (B, C, h, w) -> rgb (B, 3, h, w) in [0, 1] to the fit, then solve. Sums are per pixel, so one
+        run's image counts as much as the whole calibration set (weight 1) however large either is."""
         c = lat.shape[1]
         x = lat.permute(0, 2, 3, 1).reshape(-1, c).double()
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
         y = rgb.permute(0, 2, 3, 1).reshape(-1, 3).double()
-        sol = torch.linalg.lstsq(x, y).solution
-        if torch.isfinite(sol).all():
-            with self._lock:
-                self.weights = sol.float()
+        xtx, xty = weight * x.T @ x / len(x), weight * x.T @ y / len(x)
+        with self._lock:
+            if self._xtx is not None and self._xtx.shape == xtx.shape:
+                xtx, xty = xtx + self._xtx, xty + self._xty
+            ridge = 1e-6 * torch.eye(c + 1, dtype=xtx.dtype)
+            sol = torch.linalg.solve(xtx + ridge, xty)
+            if torch.isfinite(sol).all():
+                self._xtx, self._xty, self.weights = xtx, xty, sol.float()
 
-    def _decode(self, lat: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        p = next(vae.parameters())
-        z = lat.to(p.device, p.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        video = hasattr(vae.config, "temporal_compression_ratio")  # a video VAE: (B, C, F, h, w), one frame here
-        with torch.no_grad():
-            img = vae.decode(z[:, :, None] if video else z, return_dict=False)[0]
-        if video:
-            img = img[:, :, 0]
-        return ((img.float().cpu() + 1) / 2).clamp(0, 1)
-
-    def calibrate(self, size: int = 16, seed: int = 0) -> None:
-        """Fit the map on the VAE's decode of random latents (a one-off, small decode)."""
+    def calibrate(self, size: int = 16, seed: int = 0, images: int = 8) -> None:
+        """Fit the map on the VAE's encoding of random colour blocks (a one-off, small encode)."""
         vae = getattr(self.pipe, "vae", None)
         if vae is None:
             return
         g = torch.Generator().manual_seed(seed)
-        c = vae.config.latent_channels
-        lat = torch.randn(2, c, size, size, generator=g)
-        rgb = self._decode(lat)
-        self._fit(lat, F.adaptive_avg_pool2d(rgb, (size, size)))
+        video = hasattr(vae.config, "temporal_compression_ratio")
+        f = int(getattr(self.pipe, "vae_scale_factor_spatial" if video else "vae_scale_factor", 8))
+        parts = []
+        for grid in (size // 4, size // 2, size):  # blocks 4, 2 and 1 latent pixels wide: flat areas and detail
+            blocks = torch.rand(images, 3, grid, grid, generator=g)
+            # half at the RGB cube's corners: black, white and saturated colours are what uniform draws miss
+            corner = torch.rand(images, 1, grid, grid, generator=g) < 0.5
+            blocks = torch.where(corner, blocks.round(), blocks)
+            parts.append(F.interpolate(blocks, size=(size * f, size * f), mode="nearest"))
+        rgb = torch.cat(parts)  # flat colours, sharp edges
+        p = next(vae.parameters())
+        x = (rgb * 2 - 1).to(p.device, p.dtype)
+        with torch.no_grad():
+            z = vae.encode(x[:, :, None] if video else x).latent_dist.mean.float().cpu()  # video: 1 latent frame
+        z = z[:, :, 0] if video else z
+        lat = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        self._fit(lat, F.adaptive_avg_pool2d(rgb, lat.shape[-2:]))
 
     def refit(self, latents_unpacked: torch.Tensor, image) -> None:
         """Refit on a finished run: its final latents (B, C, h, w) and its decoded PIL image."""
