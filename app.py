@@ -341,7 +341,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1, min_width=320, elem_id="speclab-controls"):
-                model = gr.Dropdown(list(presets), value=default_preset, label="model")
+                model = gr.Dropdown(list(presets), value=default_preset, label="model", elem_id="speclab-model")
                 model_status = gr.Markdown(M.preset_status(default_preset) if default_preset in M.PRESETS else "")
                 prompt = gr.Textbox(EXAMPLES[0], label="prompt", lines=2)
                 gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="example prompts")

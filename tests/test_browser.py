@@ -163,3 +163,43 @@ def test_stop_button_ends_a_run(browser, server, tmp_path):
         _shot(page, tmp_path, "lab_stopped.png")
     finally:
         page.close()
+
+
+def test_bundled_video_preset_in_a_real_browser(browser, server, tmp_path):
+    """Pick the bundled tiny HunyuanVideo in the dropdown, Generate: an mp4 plays in the video panel, the per-step
+    panels render, and the token maps get their frame slider."""
+    if not os.path.isfile(os.path.join(M.TINY_VIDEO_DIR, "model_index.json")) or os.environ.get(
+            "SPECLAB_TEST_RANDOM_PIPE"):
+        pytest.skip("the server runs the random test pipe, not the bundled models")
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    try:
+        page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+        page.locator("#speclab-generate").wait_for(timeout=60_000)
+        page.locator("#speclab-model input").click()
+        page.get_by_role("option", name=M.TINY_VIDEO).click()
+        page.locator("#speclab-frames").wait_for(state="visible", timeout=30_000)
+        page.locator("#speclab-video").wait_for(state="visible", timeout=30_000)
+        steps = page.locator("#speclab-steps input[type=number]")
+        steps.fill("8")
+        steps.press("Enter")
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-steps input[type=range]').value === '8'", timeout=10_000)
+        page.locator("#speclab-generate").click()
+        page.wait_for_function(  # done, or an error toast
+            "() => { const s = document.querySelector('#speclab-summary'); "
+            "return (s && s.innerText.includes('step 8/8') && s.innerText.includes('PSNR')) "
+            "|| document.querySelector('.toast-body, [data-testid=\"toast-body\"]'); }",
+            timeout=120_000,
+        )
+        toast = page.locator(".toast-body, [data-testid='toast-body']")
+        assert toast.count() == 0, f"the app reported an error: {toast.first.inner_text()}"
+        video = page.locator("#speclab-video video")
+        video.wait_for(timeout=30_000)
+        assert ".mp4" in (video.get_attribute("src") or "")
+        for pid in ("speclab-error", "speclab-timeline", "speclab-maps"):
+            page.locator(f"#{pid} .js-plotly-plot").first.wait_for(timeout=30_000)
+        page.locator("#speclab-frame").wait_for(state="visible", timeout=30_000)
+        assert "frame" in page.locator("#speclab-maps .gtitle").first.text_content()
+        _shot(page, tmp_path, "lab_video_after_run.png")
+    finally:
+        page.close()

@@ -188,10 +188,10 @@ def test_token_maps_of_a_video_show_one_frame_at_a_time():
         assert np.asarray(imp.z).shape == (4, 6) and np.asarray(lev.z).shape == (4, 6)
         assert np.all(np.asarray(imp.z) == f + 0.5)
         assert np.array_equal(np.asarray(lev.z), (np.arange(72) % 3 + 1).reshape(VGRID)[f])
-        assert f"step 3, frame {f}/2" in fig.layout.title.text
+        assert f"step 3, frame {f} (0–2)" in fig.layout.title.text
     # default: the middle frame; out-of-range frames are clamped
     assert np.all(np.asarray(V.token_maps_figure(t).data[0].z) == 1.5)
-    assert "frame 1/2" in V.token_maps_figure(t).layout.title.text
+    assert "frame 1 (0–2)" in V.token_maps_figure(t).layout.title.text
     assert np.all(np.asarray(V.token_maps_figure(t, frame=99).data[0].z) == 2.5)
     assert np.all(np.asarray(V.token_maps_figure(t, frame=-4).data[0].z) == 0.5)
     # a JSON round trip (as exported by the lab) keeps the frames

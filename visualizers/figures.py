@@ -292,7 +292,7 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
         fig.update_xaxes(showticklabels=False, row=1, col=i)
     extra = f", {rec.tokens_computed}/{rec.tokens_total} tokens" if rec.tokens_computed and rec.tokens_total else ""
     err = f", error {rec.error:.4g}" if rec.error is not None else ""
-    where = f", frame {_frame_index(n_frames, frame)}/{n_frames - 1}" if n_frames else ""
+    where = f", frame {_frame_index(n_frames, frame)} (0–{n_frames - 1})" if n_frames else ""  # 0-based, as the slider
     fig.update_layout(title=f"token maps — step {rec.step}{where} ({rec.decision}{err}{extra})", height=HEIGHT,
                       margin=_MARGIN, template="plotly_white")
     return fig
