@@ -350,7 +350,7 @@ def test_video_preset_end_to_end(vlab, method):
     step = max(V_steps(trace))
     for f in range(3):
         fig = app.Lab.scrub(step, trace, f)
-        assert f"frame {f}/2" in fig.layout.title.text and np.asarray(fig.data[0].z).shape == (4, 4)
+        assert f"frame {f} (0–2)" in fig.layout.title.text and np.asarray(fig.data[0].z).shape == (4, 4)
     run = [f for f in files if f.endswith("_config.json")][0]
     assert '"frames": 9' in open(run).read()
     assert _no_speclab_hooks(vlab.manager.get(M.TINY_VIDEO).pipe)

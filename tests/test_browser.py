@@ -85,17 +85,34 @@ def _shot(page, tmp_path, name):
     return path
 
 
+def _set_steps(page, n: int) -> None:
+    """Type `n` into the steps box, as a user would, and wait until the slider took it."""
+    box = page.locator("#speclab-steps input[type=number]")
+    box.fill(str(n))
+    box.press("Enter")
+    page.wait_for_function(
+        f"() => document.querySelector('#speclab-steps input[type=range]').value === '{n}'", timeout=10_000)
+
+
+def _generate_and_wait(page, steps: int) -> None:
+    """Click Generate; wait until the summary shows the finished, compared run, or fail at once on an error toast."""
+    page.locator("#speclab-generate").click()
+    page.wait_for_function(
+        "() => { const s = document.querySelector('#speclab-summary'); "
+        f"return (s && s.innerText.includes('step {steps}/{steps}') && s.innerText.includes('PSNR')) "
+        "|| document.querySelector('.toast-body, [data-testid=\"toast-body\"]'); }",
+        timeout=120_000,
+    )
+    toast = page.locator(".toast-body, [data-testid='toast-body']")
+    assert toast.count() == 0, f"the app reported an error: {toast.first.inner_text()}"
+
+
 def test_generate_in_a_real_browser(browser, server, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(server, wait_until="domcontentloaded", timeout=60_000)
         page.locator("#speclab-generate").wait_for(timeout=60_000)
-        # set a slider: steps -> 12 (through its number box, as a user typing)
-        steps = page.locator("#speclab-steps input[type=number]")
-        steps.fill("12")
-        steps.press("Enter")
-        page.wait_for_function(
-            "() => document.querySelector('#speclab-steps input[type=range]').value === '12'", timeout=10_000)
+        _set_steps(page, 12)  # set a slider through its number box, as a user typing
         # method switch hides the other method's controls
         page.get_by_label("SpecDiff").check() if page.get_by_label("SpecDiff").count() else None
         # wait for the round trip (a fixed 300 ms pause failed on a loaded 2-core machine); fails after 10 s
@@ -104,15 +121,7 @@ def test_generate_in_a_real_browser(browser, server, tmp_path):
         page.get_by_label("SpeCa", exact=True).check()
         page.get_by_text("threshold base").wait_for(state="visible", timeout=10_000)
 
-        page.locator("#speclab-generate").click()
-        page.wait_for_function(  # done, or an error toast (then fail at once with its text)
-            "() => { const s = document.querySelector('#speclab-summary'); "
-            "return (s && s.innerText.includes('step 12/12') && s.innerText.includes('PSNR')) "
-            "|| document.querySelector('.toast-body, [data-testid=\"toast-body\"]'); }",
-            timeout=120_000,
-        )
-        toast = page.locator(".toast-body, [data-testid='toast-body']")
-        assert toast.count() == 0, f"the app reported an error: {toast.first.inner_text()}"
+        _generate_and_wait(page, 12)
         for pid in ("speclab-error", "speclab-timeline", "speclab-maps", "speclab-diff"):
             page.locator(f"#{pid} .js-plotly-plot").first.wait_for(timeout=30_000)
         # the error plot has markers, the timeline has bars, the maps have a heatmap
@@ -179,20 +188,8 @@ def test_bundled_video_preset_in_a_real_browser(browser, server, tmp_path):
         page.get_by_role("option", name=M.TINY_VIDEO).click()
         page.locator("#speclab-frames").wait_for(state="visible", timeout=30_000)
         page.locator("#speclab-video").wait_for(state="visible", timeout=30_000)
-        steps = page.locator("#speclab-steps input[type=number]")
-        steps.fill("8")
-        steps.press("Enter")
-        page.wait_for_function(
-            "() => document.querySelector('#speclab-steps input[type=range]').value === '8'", timeout=10_000)
-        page.locator("#speclab-generate").click()
-        page.wait_for_function(  # done, or an error toast
-            "() => { const s = document.querySelector('#speclab-summary'); "
-            "return (s && s.innerText.includes('step 8/8') && s.innerText.includes('PSNR')) "
-            "|| document.querySelector('.toast-body, [data-testid=\"toast-body\"]'); }",
-            timeout=120_000,
-        )
-        toast = page.locator(".toast-body, [data-testid='toast-body']")
-        assert toast.count() == 0, f"the app reported an error: {toast.first.inner_text()}"
+        _set_steps(page, 8)
+        _generate_and_wait(page, 8)
         video = page.locator("#speclab-video video")
         video.wait_for(timeout=30_000)
         assert ".mp4" in (video.get_attribute("src") or "")
