@@ -21,7 +21,7 @@ run() {
   local name=$1 ch=$2; shift 2
   python3 scripts/build_tiny_video.py --out "/tmp/$name" --force --latent-channels "$ch" > "$OUT/$name.log" 2>&1
   python3 scripts/train_tiny_video.py --model "/tmp/$name" --eval --vae-bf16 --vae-seconds "$VAE_S" \
-    --dit-seconds "$DIT_S" --batch 128 --latent-clips 32768 --eval-every 60 --log-every 500 "$@" >> "$OUT/$name.log" 2>&1
+    --dit-seconds "$DIT_S" --eval-every 60 --log-every 500 "$@" >> "$OUT/$name.log" 2>&1
   cp "$OUT/$name.log" "/tmp/$name/train_stdout.log"
   tar -C /tmp -cf "/tmp/$name.tar" "$name" && split -b 15M "/tmp/$name.tar" "$OUT/$name.tar.part"
 }
@@ -30,7 +30,7 @@ if [ -n "${CONTINUE_FROM:-}" ]; then
   # from its weights; the VAE's latents move little, the transformer adapts within its first steps).
   rm -rf /tmp/cont && cp -r "$CONTINUE_FROM" /tmp/cont && rm -f /tmp/cont/samples.png
   python3 scripts/train_tiny_video.py --model /tmp/cont --eval --vae-bf16 --vae-seconds "$VAE_S" --vae-lr 5e-4 \
-    --dit-seconds "$DIT_S" --lr 6e-4 --batch 128 --latent-clips 32768 --eval-every 110 --log-every 500 \
+    --dit-seconds "$DIT_S" --lr 6e-4 --eval-every 110 --log-every 500 \
     > "$OUT/cont.log" 2>&1 || echo "cont failed"
   cp "$OUT/cont.log" /tmp/cont/train_stdout.log
   tar -C /tmp -cf /tmp/cont.tar cont && split -b 15M /tmp/cont.tar "$OUT/cont.tar.part"
