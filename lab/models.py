@@ -71,7 +71,8 @@ PRESETS: dict[str, Preset] = {
     SCHNELL: Preset(SCHNELL, "black-forest-labs/FLUX.1-schnell", "hub", 1024, 1024, 4, 0.0, 256, 16, 256, 2048, 50,
                     True, "bfloat16", "4-step distilled model; Apache-2.0"),
     TINY_VIDEO: Preset(TINY_VIDEO, TINY_VIDEO_DIR, "local", 64, 64, 20, 1.0, 32, None, 32, 256, 100, False,
-                       "float32", "a tiny video model bundled with the lab; runs on a CPU", frames=9, max_frames=33,
+                       "float32", "trained on clips of one coloured shape moving left, right, up or down (prompts like "
+                       "the video examples); runs on a CPU in seconds", frames=9, max_frames=33,
                        fps=8, family="hunyuan_video", build_script="scripts/train_tiny_video.py",
                        prompt_template={"template": "{}", "crop_start": 0}),
     HUNYUAN: Preset(HUNYUAN, "hunyuanvideo-community/HunyuanVideo", "hub", 512, 320, 30, 6.0, 256, 16, 256, 1280,
