@@ -42,14 +42,14 @@ class Previewer:
         self._xty: torch.Tensor | None = None
 
     # ---- fitting ----------------------------------------------------------------------------------
-    def _fit(self, lat: torch.Tensor, rgb: torch.Tensor, weight: float = 1.0) -> None:
+    def _fit(self, lat: torch.Tensor, rgb: torch.Tensor) -> None:
         """Add lat (B, C, h, w) -> rgb (B, 3, h, w) in [0, 1] to the fit, then solve. Sums are per pixel, so one
-        run's image counts as much as the whole calibration set (weight 1) however large either is."""
+        run's image counts as much as the whole calibration set, however large either is."""
         c = lat.shape[1]
         x = lat.permute(0, 2, 3, 1).reshape(-1, c).double()
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
         y = rgb.permute(0, 2, 3, 1).reshape(-1, 3).double()
-        xtx, xty = weight * x.T @ x / len(x), weight * x.T @ y / len(x)
+        xtx, xty = x.T @ x / len(x), x.T @ y / len(x)
         with self._lock:
             if self._xtx is not None and self._xtx.shape == xtx.shape:
                 xtx, xty = xtx + self._xtx, xty + self._xty

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # accel
 import tinyvideo_data as data  # noqa: E402
-from train_tiny_video import evaluate, fmt, summary  # noqa: E402
+from train_tiny_video import ATTRS, evaluate, fmt, summary  # noqa: E402
 
 
 def heldout_prompts(n: int, seed: int) -> list[str]:
@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
     run_s = time.perf_counter() - t
     if args.verbose:
         for d in res["details"]:
-            marks = "".join("." if d[f"ok_{k}"] else k[0].upper() for k in ("direction", "color", "shape", "bg"))
+            marks = "".join("." if d[f"ok_{k}"] else k[0].upper() for k in ATTRS)
             print(f"{marks:5s} {d['prompt']:60s} -> {d['direction']}, {d['color']}, {d['shape']}, {d['bg']}")
     print(args.method, fmt(res), f"({run_s:.1f}s)")
     if handle is not None:

@@ -50,6 +50,7 @@ EVAL_PROMPTS = [data.caption(s, c, z, d, b) for (s, c, z, b) in [
     ("circle", "red", "large", "black"), ("square", "blue", "large", "white"), ("triangle", "green", "large", "gray"),
     ("circle", "yellow", "small", "black"), ("square", "orange", "large", "gray"), ("circle", "cyan", "large", "black"),
 ] for d in data.DIR_NAMES]  # 24 prompts: 6 objects x 4 directions
+ATTRS = ("direction", "color", "shape", "bg")  # what evaluate() reads back from a clip and scores
 
 
 def train_vae(vae, args, device, rng, history):
@@ -146,9 +147,11 @@ class TextCache:
         return pe[:, :length], pooled, mask[:, :length]
 
 
-def dit_batch(lat: LatentSet, text: TextCache, args, rng, gen, dropout: float):
+def dit_batch(lat: LatentSet, text: TextCache, args, rng, gen, dropout: float, captions: np.ndarray | None = None):
+    """A training batch from ``lat``; ``captions`` (one per clip of ``lat``) replaces its own, e.g. shuffled."""
     idx = rng.integers(0, len(lat), args.batch)
-    caps = ["" if d else c for c, d in zip(lat.captions[idx], rng.random(args.batch) < dropout)]
+    caps = lat.captions if captions is None else captions
+    caps = ["" if d else c for c, d in zip(caps[idx], rng.random(args.batch) < dropout)]
     pe, pooled, mask = text(caps, int(rng.choice(args.seq_lens)))
     x0 = lat.sample(idx, gen)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
@@ -206,9 +209,8 @@ def train_dit(pipe, lat: LatentSet, args, device, rng, gen, history):
         vl = [dit_loss(tr, dit_batch(lat, text, args, vrng, vgen, 0.0)).item() for _ in range(4)]
         # how much the transformer uses its text: the same held-out batches with captions shuffled
         vrng, vgen = np.random.default_rng(12345), torch.Generator().manual_seed(12345)
-        lat.captions, saved = lat.captions[np.random.default_rng(1).permutation(len(lat))], lat.captions
-        sl = [dit_loss(tr, dit_batch(lat, text, args, vrng, vgen, 0.0)).item() for _ in range(4)]
-        lat.captions = saved
+        shuffled = lat.captions[np.random.default_rng(1).permutation(len(lat))]
+        sl = [dit_loss(tr, dit_batch(lat, text, args, vrng, vgen, 0.0, shuffled)).item() for _ in range(4)]
     history.update(dit_steps=b.i, dit_seconds=time.time() - b.t0, dit_eval_loss=float(np.mean(vl)),
                    dit_eval_loss_shuffled_captions=float(np.mean(sl)))
     log(f"dit done: {b.i} steps, held-out loss (EMA) {history['dit_eval_loss']:.4f}, "
@@ -249,9 +251,9 @@ def evaluate(pipe, prompts=EVAL_PROMPTS, seed: int = 0, strip: str | None = None
     noise as one call per prompt."""
     kw = {**DEFAULT_CALL, **call}
     details, clips = [], []
-    for k in range(0, len(prompts), batch):
-        part = list(prompts[k:k + batch])
-        gens = [torch.Generator().manual_seed(seed + k + j) for j in range(len(part))]
+    for start in range(0, len(prompts), batch):
+        part = list(prompts[start:start + batch])
+        gens = [torch.Generator().manual_seed(seed + start + j) for j in range(len(part))]
         with torch.no_grad():
             out = pipe(part, generator=gens, output_type="pt", **kw).frames  # (B, F, 3, H, W)
         for p, video in zip(part, out):
@@ -259,11 +261,11 @@ def evaluate(pipe, prompts=EVAL_PROMPTS, seed: int = 0, strip: str | None = None
             clips.append(clip)
             a, want = data.analyze_clip(clip), data.parse_caption(p)
             details.append(dict(prompt=p, direction=a["direction"], color=a["color"], shape=a["shape"], bg=a["bg"],
-                                **{f"ok_{k}": a[k] == want[k] for k in ("direction", "color", "shape", "bg")}))
+                                **{f"ok_{k}": a[k] == want[k] for k in ATTRS}))
     if strip:
         data.save_strip(torch.stack(clips), strip)
     n = len(details)
-    pct = {f"{k}_pct": 100 * sum(d[f"ok_{k}"] for d in details) / n for k in ("direction", "color", "shape", "bg")}
+    pct = {f"{k}_pct": 100 * sum(d[f"ok_{k}"] for d in details) / n for k in ATTRS}
     return dict(**pct, n=n, details=details)
 
 
