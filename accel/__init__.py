@@ -6,18 +6,21 @@
     handle.trace.summary()
     handle.remove()
 
+A method is one module (its config, hooks and attach function, registered with `@register_method`);
+`accel.methods()` lists them and `accel.knobs(ConfigClass)` describes every field of a config.
 Importable without Gradio or Plotly.
 """
 
-from .api import apply, register_method
+from . import baselines, speca, specdiff  # noqa: F401  (each module registers its methods)
+from .api import Method, apply, method, methods, register_method
 from .baselines import FirstBlockConfig, FullConfig, TaylorSeerConfig
-from .config import SpeCaConfig, SpecDiffConfig
+from .config import ConfigBase, Knob, knob, knobs
 from .runtime import Handle
-from .specdiff import attach_specdiff
+from .speca import SpeCaConfig
+from .specdiff import SpecDiffConfig
 from .trace import StepRecord, Trace
 
-register_method(SpecDiffConfig, attach_specdiff)
-
-__all__ = ["Handle", "SpeCaConfig", "SpecDiffConfig", "StepRecord", "Trace", "apply"]
-__all__ += ["FirstBlockConfig", "FullConfig", "TaylorSeerConfig"]
+__all__ = ["ConfigBase", "FirstBlockConfig", "FullConfig", "Handle", "Knob", "Method", "SpeCaConfig",
+           "SpecDiffConfig", "StepRecord", "TaylorSeerConfig", "Trace", "apply", "knob", "knobs", "method",
+           "methods", "register_method"]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ from diffusers.hooks import ModelHook
 
 from .adapters import Adapter
 from .api import register_method
-from .config import _check, _ConfigBase, _is_int
+from .config import ConfigBase, knob
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
 from .trace import ACCEPTED, FULL, StepRecord
 
@@ -37,61 +37,38 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # ---- configs ------------------------------------------------------------------------------------------
 
 
+SYNC_HELP = "Synchronise CUDA around each step so traced times are real."
+
+
 @dataclass
-class FullConfig(_ConfigBase):
+class FullConfig(ConfigBase):
     """No acceleration: every step computes every block. Traced like the other methods (the reference run)."""
 
-    sync_timing: bool = True
-    """Synchronise CUDA around each step so traced times are real."""
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        _check(isinstance(self.sync_timing, bool), "sync_timing", "a bool", self.sync_timing)
+    sync_timing: bool = knob(True, SYNC_HELP, label="synchronised timing", advanced=True)
 
 
 @dataclass
-class TaylorSeerConfig(_ConfigBase):
+class TaylorSeerConfig(ConfigBase):
     """diffusers' `TaylorSeerCacheConfig` (arXiv 2503.06923): the attention outputs of every block are
     forecast with a Taylor series between full steps taken every `cache_interval` steps."""
 
-    cache_interval: int = 5
-    """Steps between full computations (a full step, then cache_interval - 1 forecast steps)."""
-
-    disable_cache_before_step: int = 3
-    """Steps before this index are full (they seed the Taylor factors). Must be >= 1."""
-
-    disable_cache_after_step: int | None = None
-    """Steps from this index on are full again; None: never."""
-
-    max_order: int = 1
-    """Taylor order of the forecast, 0-4."""
-
-    taylor_factors_dtype: str = "bfloat16"
-    """dtype of the stored Taylor factors ("float32", "bfloat16", "float16"); diffusers' default is bfloat16."""
-
-    use_lite_mode: bool = False
-    """diffusers' lite variant: skip whole blocks and forecast only the final `proj_out`."""
-
-    sync_timing: bool = True
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        _check(_is_int(self.cache_interval) and self.cache_interval >= 1, "cache_interval", "an integer >= 1",
-               self.cache_interval)
-        _check(_is_int(self.disable_cache_before_step) and self.disable_cache_before_step >= 1,
-               "disable_cache_before_step", "an integer >= 1 (the first step must be full)",
-               self.disable_cache_before_step)
-        _check(self.disable_cache_after_step is None
-               or (_is_int(self.disable_cache_after_step) and self.disable_cache_after_step >= 0),
-               "disable_cache_after_step", "None or an integer >= 0", self.disable_cache_after_step)
-        _check(_is_int(self.max_order) and 0 <= self.max_order <= 4, "max_order", "an integer in 0..4", self.max_order)
-        _check(self.taylor_factors_dtype in _DTYPES, "taylor_factors_dtype", f"one of {tuple(_DTYPES)}",
-               self.taylor_factors_dtype)
-        _check(isinstance(self.use_lite_mode, bool), "use_lite_mode", "a bool", self.use_lite_mode)
+    cache_interval: int = knob(
+        5, "Steps between full computations (a full step, then cache_interval - 1 forecast steps).",
+        label="cache interval", minimum=1, maximum=10_000, ui_range=(1, 10))
+    disable_cache_before_step: int = knob(
+        3, "Steps before this index are full (they seed the Taylor factors).",
+        label="warm-up steps", minimum=1, maximum=10_000, ui_range=(1, 10), advanced=True)
+    disable_cache_after_step: int | None = knob(
+        None, "Steps from this index on are full again; None: never.",
+        label="full again from step", kind="int", minimum=0, maximum=10_000, optional=True, advanced=True)
+    max_order: int = knob(1, "Taylor order of the forecast.", label="Taylor order", minimum=0, maximum=4)
+    taylor_factors_dtype: str = knob(
+        "bfloat16", "dtype of the stored Taylor factors (diffusers' default: bfloat16).",
+        label="Taylor factors dtype", choices=tuple(_DTYPES), advanced=True)
+    use_lite_mode: bool = knob(
+        False, "diffusers' lite variant: skip whole blocks and forecast only the final proj_out.",
+        label="lite mode", advanced=True)
+    sync_timing: bool = knob(True, SYNC_HELP, label="synchronised timing", advanced=True)
 
     def planned_full(self, step: int) -> tuple[bool, str]:
         """diffusers' rule (TaylorSeerCacheHook._measure_should_compute), for the trace's `reason`."""
@@ -114,22 +91,15 @@ class TaylorSeerConfig(_ConfigBase):
 
 
 @dataclass
-class FirstBlockConfig(_ConfigBase):
+class FirstBlockConfig(ConfigBase):
     """diffusers' `FirstBlockCacheConfig` (ParaAttention's First Block Cache, after TeaCache): the first block
     always runs; if its residual changed by less than `threshold` (relative mean absolute change since the
     last full step) the other blocks are skipped and their cached residual is added instead."""
 
-    threshold: float = 0.05
-    """Relative change of the first block's residual below which the rest of the model is skipped (>= 0)."""
-
-    sync_timing: bool = True
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        _check(isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)
-               and self.threshold >= 0, "threshold", "a number >= 0", self.threshold)
+    threshold: float = knob(
+        0.05, "Relative change of the first block's residual below which the rest of the model is skipped.",
+        minimum=0, maximum=1e6, ui_range=(0, 1), step=0.005)
+    sync_timing: bool = knob(True, SYNC_HELP, label="synchronised timing", advanced=True)
 
     def to_diffusers(self):
         from diffusers.hooks import FirstBlockCacheConfig as _Cfg
@@ -278,6 +248,7 @@ def _enable_cache(handle: Handle, transformer, diffusers_config) -> None:
     handle.cleanups.append(transformer.disable_cache)
 
 
+@register_method("full", FullConfig)
 def attach_full(pipe, adapter: Adapter, config: FullConfig) -> Handle:
     handle = Handle(pipe, adapter, "full", config, HOOK_NAME)
     driver = BaselineDriver(pipe, adapter, config, BaselineState, handle, count=False)
@@ -285,6 +256,7 @@ def attach_full(pipe, adapter: Adapter, config: FullConfig) -> Handle:
     return handle
 
 
+@register_method("taylorseer", TaylorSeerConfig)
 def attach_taylorseer(pipe, adapter: Adapter, config: TaylorSeerConfig) -> Handle:
     handle = Handle(pipe, adapter, "taylorseer", config, HOOK_NAME)
     driver = TaylorSeerDriver(pipe, adapter, config, BaselineState, handle)
@@ -294,6 +266,7 @@ def attach_taylorseer(pipe, adapter: Adapter, config: TaylorSeerConfig) -> Handl
     return handle
 
 
+@register_method("fbcache", FirstBlockConfig)
 def attach_first_block(pipe, adapter: Adapter, config: FirstBlockConfig) -> Handle:
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
@@ -310,7 +283,3 @@ def attach_first_block(pipe, adapter: Adapter, config: FirstBlockConfig) -> Hand
     _enable_cache(handle, adapter.transformer, config.to_diffusers())
     return handle
 
-
-register_method(FullConfig, attach_full)
-register_method(TaylorSeerConfig, attach_taylorseer)
-register_method(FirstBlockConfig, attach_first_block)

@@ -57,6 +57,8 @@ class StepDriverHook(ModelHook):
         self.handle = handle
         self.n_blocks = len(adapter.blocks())
         self._busy = threading.Lock()
+        self.run_states: dict[str, RunState] = {}
+        """This run's state of every cache context seen so far (cleared when the run ends)."""
         self._timesteps_cpu: torch.Tensor | None = None
 
     # ---- step location -------------------------------------------------------------------
@@ -97,6 +99,7 @@ class StepDriverHook(ModelHook):
     def _call(self, module, args, kwargs):
         state = self.states.get_state()
         info = self._locate(state, args, kwargs)
+        self.run_states[info.context] = state
         if state.last_step is not None and info.step <= state.last_step:
             state.reset()  # a new run in this context (the last one ended without a reset)
         if state.layout is None:
@@ -133,6 +136,7 @@ class StepDriverHook(ModelHook):
 
     def reset_state(self, module):
         self.states.reset()
+        self.run_states.clear()
         self.handle._end_run()
         return module
 
@@ -159,6 +163,11 @@ class Handle:
     @property
     def trace(self) -> Trace | None:
         return self._current if self._current is not None else (self.traces[-1] if self.traces else None)
+
+    @property
+    def running_trace(self) -> Trace | None:
+        """The trace of the run in progress; None between runs."""
+        return self._current
 
     def _new_trace(self, info: StepInfo, layout: TokenLayout) -> Trace:
         return Trace(

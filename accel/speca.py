@@ -15,11 +15,14 @@ is shared because the batch runs through one forward); the trace keeps every sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.hooks import ModelHook
 
 from .adapters import Adapter, BlockSpec, FeatureSite
-from .config import SpeCaConfig
+from .api import register_method
+from .config import ConfigBase, check, knob
 from .kernels import accumulate
 from .metrics import verification_errors
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
@@ -29,6 +32,100 @@ from .trace import ACCEPTED, FULL, REJECTED, StepRecord
 HOOK_NAME = "speclab_speca"
 FULL_MODE, SPEC_MODE = "full", "spec"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+METRICS = ("rel_l1", "rel_l2", "cosine")
+REJECT_POLICIES = ("recompute", "defer")
+DISTANCES = ("step", "sigma")
+TAYLOR_FORMS = ("newton", "reference")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class SpeCaConfig(ConfigBase):
+    """SpeCa, "forecast then verify" (arXiv 2509.11628).
+
+    On a speculative step every block's cached features are forecast by a Taylor series fitted on
+    past full steps; the verify block is then computed for real from the forecast hidden state and
+    its real output is compared with its forecast. Too large an error rejects the step.
+    Defaults are the paper's FLUX settings.
+    """
+
+    threshold: float = knob(
+        7.0, """Base of the acceptance threshold. The threshold at step i of n is `threshold * decay ** (i / n)`.
+        The default suits the elementwise rel_l1 metric (the paper's FLUX value); for rel_l2 and cosine use values
+        around 0.05-0.3. 0 rejects every verified step.""",
+        label="threshold base", minimum=0, ui_range=(0, 20), step=0.01)
+    decay: float = knob(
+        0.3, "Threshold decay over the run: 1 keeps it constant, smaller tightens it toward the end.",
+        label="threshold decay", minimum=0, exclusive_minimum=True, maximum=1, ui_range=(0.01, 1), step=0.01)
+    order: int = knob(
+        2, """Taylor order of the forecast. 0 reuses the last full step's features as they are. The order actually
+        used grows with the number of full steps seen (k full steps allow order k-1).""",
+        label="Taylor order", minimum=0, maximum=4)
+    warmup_steps: int = knob(
+        3, "The first warm-up steps are always full (they also seed the forecast's history).",
+        label="warm-up steps", minimum=1, maximum=10_000, ui_range=(1, 10), advanced=True)
+    min_spec_steps: int = knob(
+        2, """The first speculative steps after a full step are accepted whatever the error (their error is still
+        measured and traced); verification can reject only after them.""",
+        label="min speculative steps", minimum=0, maximum=10_000, ui_range=(0, 10), advanced=True)
+    max_spec_steps: int = knob(
+        8, "After this many consecutive speculative steps the next step is forced full (>= min speculative steps).",
+        label="max speculative steps", minimum=1, maximum=10_000, ui_range=(1, 16), advanced=True)
+    metric: str = knob(
+        "rel_l1", """Verification error, per sample. rel_l1: elementwise mean(|pred-real| / (|real|+eps)), as the
+        reference code; rel_l2: ||pred-real|| / ||real||; cosine: 1 - cos(pred, real).""",
+        label="error metric", choices=METRICS, advanced=True)
+    on_reject: str = knob(
+        "recompute", """recompute (the paper): a rejected step is computed again fully, so its output is exact.
+        defer (the released code): keep the rejected forecast and make the next step full.""",
+        label="on reject", choices=REJECT_POLICIES, advanced=True)
+    verify_block: int = knob(
+        -1, """Which block verifies, as an index into the model's blocks in execution order (FLUX: 19 double then
+        38 single blocks); negative counts from the end. Default: the last block.""",
+        label="verify block", minimum=-100_000, maximum=100_000, ui_range=(-8, -1), advanced=True)
+    schedule: list[bool] | None = knob(
+        None, """Forced schedule replay: one bool per step, True = full step, False = speculative (accepted). When
+        set, the warm-up/min/max/threshold rules are not used; verification still runs on speculative steps (its
+        error is traced, nothing is rejected). `Trace.schedule()` gives one from an earlier run.""",
+        kind="other", optional=True)
+    distance: str = knob(
+        "step", """Coordinate of the Taylor series: step (step indices, as the reference) or sigma (the
+        scheduler's noise level, for non-uniform schedules).""",
+        choices=DISTANCES, advanced=True)
+    taylor_form: str = knob(
+        "newton", """newton: Newton divided differences over the last order+1 full steps, exact for feature
+        trajectories that are polynomials of degree <= order. reference: the recursive differences of the
+        TaylorSeer/SpeCa code, D[i+1] = (D[i]_new - D[i]_prev) / N, exact only up to order 1.""",
+        label="Taylor form", choices=TAYLOR_FORMS, advanced=True)
+    eps: float = knob(
+        1e-6, "Added to |real| in the rel_l1 denominator (and to norms) to avoid division by zero.",
+        minimum=0, exclusive_minimum=True, advanced=True)
+    cache_dtype: str | None = knob(
+        None, "dtype of the cached Taylor terms; None keeps the features' dtype.",
+        label="cache dtype", choices=CACHE_DTYPES, optional=True, advanced=True)
+    record_maps: bool = knob(
+        True, "Store the per-token verification error map (image tokens, on the token grid) in the trace.",
+        label="record token maps", advanced=True)
+    sync_timing: bool = knob(
+        True, "Synchronise CUDA around each step so traced times are real (costs a little overlap).",
+        label="synchronised timing", advanced=True)
+
+    def check_relations(self) -> None:
+        check(self.max_spec_steps >= max(1, self.min_spec_steps), "max_spec_steps",
+              f"an integer >= max(1, min_spec_steps={self.min_spec_steps})", self.max_spec_steps)
+        if self.schedule is not None:
+            check(isinstance(self.schedule, (list, tuple)) and 0 < len(self.schedule) <= 100_000
+                  and all(isinstance(b, bool) for b in self.schedule),
+                  "schedule", "None or a non-empty list of bools (True = full step)", self.schedule)
+            check(self.schedule[0], "schedule", "a list whose first entry is True (step 0 must be full)",
+                  self.schedule)
+            self.schedule = list(self.schedule)
+
+    def threshold_at(self, step: int, num_steps: int) -> float:
+        """tau(step) = threshold * decay ** (step / num_steps)."""
+        return float(self.threshold) * float(self.decay) ** (step / max(1, num_steps))
 
 
 class SpeCaState(RunState):
@@ -232,14 +329,15 @@ class SpeCaModelHook(StepDriverHook):
 
     def reset_state(self, module):
         # The run is over: note how much the forecast caches held, before the state goes.
-        trace = self.handle._current
+        trace = self.handle.running_trace
         if trace is not None:
             trace.meta["cache_bytes"] = sum(
-                f.nbytes() for st in self.states._state_cache.values() for f in st.forecasters.values()
+                f.nbytes() for st in self.run_states.values() for f in st.forecasters.values()
             )
         return super().reset_state(module)
 
 
+@register_method("speca", SpeCaConfig)
 def attach_speca(pipe, adapter: Adapter, config: SpeCaConfig) -> Handle:
     blocks = adapter.blocks()
     n = len(blocks)

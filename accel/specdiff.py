@@ -26,6 +26,7 @@ One host sync per step, for the trace (level counts and maps); the compute path 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -33,12 +34,81 @@ from .adapters import Adapter
 from .attention import FULL as A_FULL
 from .attention import PARTIAL as A_PARTIAL
 from .attention import AttnControl
-from .config import SpecDiffConfig
+from .api import register_method
+from .config import ConfigBase, knob
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
 from .trace import FULL, PARTIAL, StepRecord
 
 HOOK_NAME = "speclab_specdiff"
 _TINY = 1e-12
+
+
+@dataclass
+class SpecDiffConfig(ConfigBase):
+    """SpecDiff, self-speculative multi-level token caching (arXiv 2509.13848).
+
+    A short speculative pre-run of the same model (`spec_steps` Euler steps over the same noise range, from
+    the same initial latents) records how much attention every image token receives at those timesteps
+    ("future"). Each later step ranks the image tokens by
+    `importance = history * future * exp(starvation_scale * times_cached)` and splits them in three levels:
+    C1 (the top `1 - cache_rate` share, computed through the model), C2 (the lowest-importance tokens holding
+    the bottom `c2_share` of the total importance: their last output is reused) and C3 (the rest: a weighted
+    average of their last `history_window` computed outputs). See docs/specdiff.md.
+    """
+
+    cache_rate: float = knob(
+        0.85, """Share of the image tokens NOT computed on a partial step. C1 holds
+        max(1, round((1 - cache_rate) * image tokens)) tokens. 0 computes every step fully (bit-identical to the
+        plain pipeline, no pre-run). The paper's FLUX settings: 0.85 and 0.95.""",
+        label="cache rate", minimum=0, maximum=1, exclusive_maximum=True, ui_range=(0, 0.99), step=0.01)
+    spec_steps: int = knob(
+        2, """Model calls of the speculative pre-run (paper: 2). Its sigmas are picked evenly (by index) across the
+        main schedule's remaining sigmas; every call costs a full step and counts in every speedup.""",
+        label="speculative steps", minimum=1, maximum=16, ui_range=(1, 8), advanced=True)
+    share_first_step: bool = knob(
+        True, """The pre-run's first call is the main run's first (full) step, bit for bit. True reuses that step
+        (its output and attention) instead of computing it twice, so the pre-run costs spec_steps - 1 calls;
+        False computes it again (the literal pre-run cost).""",
+        label="share first step", advanced=True)
+    c2_share: float = knob(
+        0.1, """C2 = the lowest-importance tokens whose summed importance stays within this share of the total
+        (paper: 10%). They reuse their last computed output as is. C1 takes precedence where the two overlap.""",
+        label="C2 share (reused)", minimum=0, maximum=1, exclusive_maximum=True, ui_range=(0, 0.9), step=0.01,
+        advanced=True)
+    history_window: int = knob(
+        3, """How many of a token's last computed outputs C3 averages (paper: 3), with weights e^-i for the i-th
+        most recent, over the outputs that exist, normalised to sum 1.""",
+        label="history window", minimum=1, maximum=8, advanced=True)
+    starvation_scale: float = knob(
+        0.1, """Importance grows by exp(starvation_scale * k) for a token not computed for k consecutive steps (as
+        in RAS), so no token stays cached forever. 0 turns it off.""",
+        label="starvation scale", minimum=0, maximum=50, ui_range=(0, 2), step=0.01)
+    warmup_steps: int = knob(
+        4, "The first warm-up steps are computed fully (RAS: 4); partial steps need a computed history.",
+        label="warm-up steps", minimum=1, maximum=10_000, ui_range=(1, 10), advanced=True)
+    refresh_every: int = knob(
+        0, """After this many consecutive partial steps the next step is computed fully (every token refreshed).
+        0 never refreshes (the paper's speedups count no refresh).""",
+        label="refresh every", minimum=0, maximum=10_000, ui_range=(0, 10), advanced=True)
+    score_chunk: int = knob(
+        1024, """Queries per chunk when computing the attention each token receives: the softmax is materialised
+        for this many queries x all keys x heads at a time, never the full N x N map.""",
+        label="score chunk", minimum=1, maximum=1 << 20, advanced=True)
+    score_every: int = knob(
+        4, """Attention received is summed over every score_every-th attention layer (layers in execution order).
+        1 uses all layers as the paper; larger values make the side computation proportionally cheaper (measured
+        choice of the default: docs/specdiff.md). On partial steps only the computed queries are scored.""",
+        label="score every n-th layer", minimum=1, maximum=10_000, ui_range=(1, 16), advanced=True)
+    record_maps: bool = knob(
+        True, "Store per-step importance and level maps (image-token grid) in the trace.",
+        label="record token maps", advanced=True)
+    sync_timing: bool = knob(
+        True, "Synchronise CUDA around each step so traced times are real (costs a little overlap).",
+        label="synchronised timing", advanced=True)
+
+    def n_computed(self, n_image: int) -> int:
+        """C1 size for `n_image` image tokens."""
+        return min(n_image, max(1, int(round((1.0 - float(self.cache_rate)) * n_image))))
 
 
 def history_weights(window: int, available: torch.Tensor) -> torch.Tensor:
@@ -249,7 +319,7 @@ class SpecDiffModelHook(StepDriverHook):
         picks = [int(round(j * total / cfg.spec_steps)) for j in range(cfg.spec_steps + 1)]
         x = adapter.call_latents(args, kwargs)
         n_train = float(getattr(sched.config, "num_train_timesteps", 1000))
-        trace = self.handle._current
+        trace = self.handle.running_trace
         context = self.states.context.name
         on_cuda = cfg.sync_timing and torch.cuda.is_available() and x.device.type == "cuda"
         fut, fut_sigmas = [], []
@@ -298,6 +368,7 @@ class SpecDiffModelHook(StepDriverHook):
         return super().reset_state(module)
 
 
+@register_method("specdiff", SpecDiffConfig)
 def attach_specdiff(pipe, adapter: Adapter, config: SpecDiffConfig) -> Handle:
     if getattr(pipe.scheduler, "sigmas", None) is None:
         raise ValueError(
@@ -320,5 +391,5 @@ def attach_specdiff(pipe, adapter: Adapter, config: SpecDiffConfig) -> Handle:
     return handle
 
 
-__all__ = ["SpecDiffModelHook", "SpecDiffState", "assign_levels", "attach_specdiff", "history_weights",
+__all__ = ["SpecDiffConfig", "SpecDiffModelHook", "SpecDiffState", "assign_levels", "attach_specdiff", "history_weights",
            "normalise_scores"]
