@@ -20,6 +20,12 @@ from .adapters import Adapter, TokenLayout
 from .trace import StepRecord, Trace
 
 
+_CONCURRENT = (
+    "this pipeline is already running an accelerated call in another thread. SpecLab keeps one run's caches "
+    "per pipeline: wait for that call to finish, or give each concurrent run its own pipeline."
+)
+
+
 @dataclass
 class StepInfo:
     step: int
@@ -57,6 +63,12 @@ class StepDriverHook(ModelHook):
         self.handle = handle
         self.n_blocks = len(adapter.blocks())
         self._busy = threading.Lock()
+        self._owner_lock = threading.Lock()
+        self._owner: tuple[int | None, float] = (None, 0.0)
+        self._slowest_step_s = 0.0
+        self._schedule_ref = None
+        self.current_state: RunState | None = None
+        """The state of the denoiser call in progress (read by the method's inner hooks)."""
         self.run_states: dict[str, RunState] = {}
         """This run's state of every cache context seen so far (cleared when the run ends)."""
         self._timesteps_cpu: torch.Tensor | None = None
@@ -72,33 +84,80 @@ class StepDriverHook(ModelHook):
         if idx is None:  # scheduler without an index: count calls
             idx = 0 if state.last_step is None else state.last_step + 1
         idx = int(idx)
-        if n and (self._timesteps_cpu is None or len(self._timesteps_cpu) != n or idx == 0):
+        if n and (timesteps is not self._schedule_ref or self._timesteps_cpu is None):
+            # The scheduler was set (again) since this hook's last call: a new run, or another call on this
+            # pipeline reset the shared scheduler in the middle of this one.
             self._timesteps_cpu = timesteps.detach().float().cpu()
+            self._schedule_ref = timesteps
+            if state.last_step is not None and idx < n:
+                self._check_schedule(idx, args, kwargs)
         t = float(self._timesteps_cpu[idx]) if n and idx < n else None
         sigmas = getattr(sched, "sigmas", None)
         sigma = float(sigmas[idx]) if sigmas is not None and idx < len(sigmas) else None
         name = self.states.context.name
         return StepInfo(step=idx, num_steps=max(n, idx + 1), context=name, timestep=t, sigma=sigma)
 
+    def _check_schedule(self, idx: int, args, kwargs) -> None:
+        """Raise if this call's own timestep is not the scheduler's step `idx` (one host sync, only when the
+        scheduler was set during a run): then another caller reset the scheduler under this run, whose
+        output would be silently wrong."""
+        t_call = float(self.adapter.call_timestep(args, kwargs).flatten()[0]) * self.adapter.timestep_scale
+        t_sched = float(self._timesteps_cpu[idx])
+        if abs(t_call - t_sched) > 1e-3 * max(1.0, abs(t_sched)):
+            raise RuntimeError(
+                "another call on this pipeline reset its scheduler in the middle of this run, so this run cannot "
+                "go on correctly. A pipeline runs one call at a time: give each concurrent run its own pipeline, "
+                "or wait for the running call to finish."
+            )
+
     # ---- diffusers hook API ----------------------------------------------------------------
     def new_forward(self, module, *args, **kwargs):
-        if self.states._context is None:
+        try:
+            self.states.context
+        except ValueError:
             # Called outside a pipeline's `cache_context` (e.g. directly): give it one.
             with module.cache_context("default"):
                 return self.new_forward(module, *args, **kwargs)
+        self._claim()
         if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "this pipeline is already inside an accelerated call (another thread?). SpecLab keeps one run's "
-                "caches per pipeline: give each concurrent run its own pipeline."
-            )
+            raise RuntimeError(_CONCURRENT)
         try:
             return self._call(module, args, kwargs)
+        except BaseException:
+            self._release()  # the run is abandoned: another thread may use the pipeline now
+            raise
         finally:
+            self.current_state = None
             self._busy.release()
+
+    # ---- one run at a time -----------------------------------------------------------------
+    def _claim(self) -> None:
+        """The thread of a run's first denoiser call owns the pipeline until the run ends (the pipeline's
+        reset), raises, or goes quiet for longer than `_stale_after()`. A call from another thread meanwhile
+        raises at once, before touching any state, so the owner's run goes on undisturbed."""
+        me = threading.get_ident()
+        now = time.monotonic()
+        with self._owner_lock:
+            owner, last = self._owner
+            if owner is not None and owner != me:
+                alive = any(t.ident == owner for t in threading.enumerate())
+                if alive and now - last < self._stale_after():
+                    raise RuntimeError(_CONCURRENT)
+            self._owner = (me, now)
+
+    def _release(self) -> None:
+        with self._owner_lock:
+            self._owner = (None, 0.0)
+
+    def _stale_after(self) -> float:
+        """Seconds of silence after which an owner's run counts as abandoned (its thread raised outside the
+        transformer, e.g. in a step callback): 30 s, or 10 of its slowest steps."""
+        return max(30.0, 10.0 * self._slowest_step_s)
 
     def _call(self, module, args, kwargs):
         state = self.states.get_state()
         info = self._locate(state, args, kwargs)
+        self.current_state = state
         self.run_states[info.context] = state
         if state.last_step is not None and info.step <= state.last_step:
             state.reset()  # a new run in this context (the last one ended without a reset)
@@ -118,6 +177,7 @@ class StepDriverHook(ModelHook):
         if on_cuda:
             torch.cuda.synchronize()
         rec.time_ms = (time.perf_counter() - start) * 1000.0
+        self._slowest_step_s = max(self._slowest_step_s, rec.time_ms / 1000.0)
         rec.blocks_computed = state.blocks_computed
         state.last_step = info.step
         trace.steps.append(rec)
@@ -137,6 +197,7 @@ class StepDriverHook(ModelHook):
     def reset_state(self, module):
         self.states.reset()
         self.run_states.clear()
+        self._release()
         self.handle._end_run()
         return module
 

@@ -201,7 +201,7 @@ class SpeCaBlockHook(ModelHook):
         return out, feats
 
     def new_forward(self, module, *args, **kwargs):
-        state: SpeCaState = self.driver.states.get_state()
+        state: SpeCaState = self.driver.current_state
         forecaster = self._forecaster(state)
         if state.mode == FULL_MODE:
             out, feats = self._real(args, kwargs, state)
