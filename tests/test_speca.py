@@ -16,6 +16,7 @@ from accel.taylor import TaylorForecaster
 from tiny import embeds, run, tiny_flux_pipe
 
 STEPS = 12
+FORECASTS = ("stack", "per_block")
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +91,9 @@ def test_threshold_schedule():
 
 
 # ---- exactness ----------------------------------------------------------------------------------------
-def test_all_full_is_bit_identical_and_remove_restores(pipe, baseline):
-    handle = accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS))
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_all_full_is_bit_identical_and_remove_restores(pipe, baseline, forecast):
+    handle = accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS, forecast=forecast))
     out = run(pipe, STEPS)
     assert torch.equal(out, baseline)
     s = handle.trace.summary()
@@ -100,8 +102,9 @@ def test_all_full_is_bit_identical_and_remove_restores(pipe, baseline):
     assert torch.equal(run(pipe, STEPS), baseline)
 
 
-def test_remove_after_speculation_restores_baseline(pipe, baseline):
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9)) as handle:
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_remove_after_speculation_restores_baseline(pipe, baseline, forecast):
+    with accel.apply(pipe, accel.SpeCaConfig(forecast=forecast, threshold=1e9)) as handle:
         out = run(pipe, STEPS)
         assert handle.trace.summary()["accepted_steps"] > 0
         assert not torch.equal(out, baseline)
@@ -155,12 +158,13 @@ def _rows(linear, n_chunks, chunk):
 
 
 # ---- real compute and decision rules --------------------------------------------------------------------
-def test_loose_threshold_drops_real_block_compute(pipe):
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_loose_threshold_drops_real_block_compute(pipe, forecast):
     counter = LinearCounter(pipe.transformer)
     run(pipe, STEPS)
     plain_calls = counter.calls
     counter.calls = 0
-    cfg = accel.SpeCaConfig(threshold=1e9, warmup_steps=3, min_spec_steps=1, max_spec_steps=4)
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=1e9, warmup_steps=3, min_spec_steps=1, max_spec_steps=4)
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         trace = handle.trace
@@ -186,8 +190,9 @@ def test_loose_threshold_drops_real_block_compute(pipe):
     assert s["ideal_speedup"] > 1.5
 
 
-def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline):
-    cfg = accel.SpeCaConfig(threshold=0.0, warmup_steps=2, min_spec_steps=2, max_spec_steps=8)
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=0.0, warmup_steps=2, min_spec_steps=2, max_spec_steps=8)
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         recs = handle.trace.steps
@@ -201,8 +206,9 @@ def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline):
     assert all(r.error is not None for r in recs if r.decision != "full")
 
 
-def test_defer_policy_makes_next_step_full(pipe):
-    cfg = accel.SpeCaConfig(threshold=0.0, warmup_steps=2, min_spec_steps=0, on_reject="defer")
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_defer_policy_makes_next_step_full(pipe, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=0.0, warmup_steps=2, min_spec_steps=0, on_reject="defer")
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         recs = handle.trace.steps
@@ -211,14 +217,15 @@ def test_defer_policy_makes_next_step_full(pipe):
     assert recs[3].decision == "full" and recs[3].reason == "after_reject"
 
 
-def test_schedule_replay_reproduces_run(pipe):
-    cfg = accel.SpeCaConfig(threshold=8.0, min_spec_steps=1)
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_schedule_replay_reproduces_run(pipe, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=8.0, min_spec_steps=1)
     with accel.apply(pipe, cfg) as handle:
         first = run(pipe, STEPS)
         trace = handle.trace
     schedule = trace.schedule()
     assert len(schedule) == STEPS and schedule[0]
-    with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule)) as handle:
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, forecast=forecast)) as handle:
         replay = run(pipe, STEPS)
         assert handle.trace.schedule() == schedule
     assert torch.equal(first, replay)
@@ -259,18 +266,19 @@ def test_interleaved_pipelines_do_not_share_state():
     ha.remove(), hb.remove()
 
 
-def test_true_cfg_keeps_separate_states(pipe):
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_true_cfg_keeps_separate_states(pipe, forecast):
     pe, pooled = embeds(seed=1)
     ne, npooled = embeds(seed=2)
     kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=ne,
               negative_pooled_prompt_embeds=npooled, true_cfg_scale=3.0, height=64, width=64,
               num_inference_steps=STEPS, output_type="latent")
     base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS)) as handle:
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS, forecast=forecast)) as handle:
         full = pipe(generator=torch.Generator().manual_seed(0), **kw).images
         assert handle.trace.contexts() == ["cond", "uncond"]
     assert torch.equal(full, base)
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, min_spec_steps=1)) as handle:
+    with accel.apply(pipe, accel.SpeCaConfig(forecast=forecast, threshold=1e9, min_spec_steps=1)) as handle:
         out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
         trace = handle.trace
     cond, uncond = trace.for_context("cond"), trace.for_context("uncond")
@@ -280,16 +288,18 @@ def test_true_cfg_keeps_separate_states(pipe):
     assert [r.error for r in cond if r.error] != [r.error for r in uncond if r.error]
 
 
-def test_batch_decision_uses_every_sample(pipe):
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, min_spec_steps=0)) as handle:
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_batch_decision_uses_every_sample(pipe, forecast):
+    with accel.apply(pipe, accel.SpeCaConfig(forecast=forecast, threshold=1e9, min_spec_steps=0)) as handle:
         run(pipe, STEPS, batch=2)
         recs = [r for r in handle.trace.steps if r.errors]
     assert recs and all(len(r.errors) == 2 and r.error == max(r.errors) for r in recs)
 
 
 # ---- trace ----------------------------------------------------------------------------------------------
-def test_trace_round_trips_and_has_error_maps(pipe, tmp_path):
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9)) as handle:
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_trace_round_trips_and_has_error_maps(pipe, tmp_path, forecast):
+    with accel.apply(pipe, accel.SpeCaConfig(forecast=forecast, threshold=1e9)) as handle:
         run(pipe, STEPS, size=64)
     trace = handle.trace
     spec = [r for r in trace.steps if r.decision == "accepted"]
@@ -341,3 +351,115 @@ def test_bad_pipelines_and_blocks_raise(pipe):
     with accel.apply(pipe, accel.SpeCaConfig()):
         with pytest.raises(ValueError, match="already attached"):
             accel.apply(pipe, accel.SpeCaConfig())
+
+
+# ---- the stack forecast ---------------------------------------------------------------------------------
+def _lagrange(xs, ys, x):
+    """The polynomial through (xs, ys) at x, in float64 (independent of accel.taylor)."""
+    out = 0.0
+    for i, (xi, yi) in enumerate(zip(xs, ys)):
+        w = 1.0
+        for j, xj in enumerate(xs):
+            if j != i:
+                w *= (x - xj) / (xi - xj)
+        out = out + w * yi
+    return out
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_stack_forecast_is_the_polynomial_through_the_recorded_stacks(pipe, order):
+    """On a speculative step the verify block receives the streams entering the first block plus the
+    interpolating polynomial (degree = order) through the full steps' recorded growth of the streams up to the
+    verify block: so a stack whose growth is a polynomial of degree <= order in the step is forecast exactly."""
+    t = pipe.transformer
+    seen: dict[int, dict] = {}
+    step = {"i": -1}
+
+    def first_in(name):
+        def hook(mod, inp, out):
+            seen.setdefault(step["i"], {})[name] = out.double()
+        return hook
+
+    def verify_in(mod, args, kwargs):
+        seen.setdefault(step["i"], {}).update(v_img=kwargs["hidden_states"].double(),
+                                              v_txt=kwargs["encoder_hidden_states"].double())
+
+    def count(mod, args, kwargs):
+        step["i"] += 1
+
+    handles = [t.register_forward_pre_hook(count, with_kwargs=True),
+               t.x_embedder.register_forward_hook(first_in("img")),
+               t.context_embedder.register_forward_hook(first_in("txt")),
+               t.single_transformer_blocks[-1].register_forward_pre_hook(verify_in, with_kwargs=True)]
+    schedule = [True, True, True, False, False, True, False, False, False, True, False, False]
+    try:
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, order=order, forecast="stack")):
+            run(pipe, STEPS)
+    finally:
+        for h in handles:
+            h.remove()
+    full = [i for i, f in enumerate(schedule) if f]
+    for k in (i for i, f in enumerate(schedule) if not f):
+        nodes = [i for i in full if i < k][-(order + 1):]
+        for s in ("img", "txt"):
+            growth = [seen[i][f"v_{s}"] - seen[i][s] for i in nodes]
+            expected = seen[k][s] + _lagrange(nodes, growth, float(k))
+            torch.testing.assert_close(seen[k][f"v_{s}"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_verify_block_in_the_middle(pipe, baseline, forecast):
+    """A verify block that is not the last: the blocks after it are forecast too; one block computed per
+    speculative step, and an all-full run stays bit-identical."""
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS, verify_block=1, forecast=forecast)):
+        assert torch.equal(run(pipe, STEPS), baseline)
+    counter = LinearCounter(pipe.transformer)
+    cfg = accel.SpeCaConfig(threshold=1e9, min_spec_steps=1, verify_block=1, forecast=forecast)
+    with accel.apply(pipe, cfg) as handle:
+        out = run(pipe, STEPS)
+    counter.close()
+    s = handle.trace.summary()
+    per_double = sum(1 for m in pipe.transformer.transformer_blocks[1].modules() if isinstance(m, nn.Linear))
+    plain_per_step = sum(1 for n, m in pipe.transformer.named_modules()
+                         if isinstance(m, nn.Linear) and "transformer_blocks" in n)
+    assert s["accepted_steps"] > 0
+    assert counter.calls == s["full_steps"] * plain_per_step + s["accepted_steps"] * per_double
+    assert all(r.error is not None and r.error > 0 for r in handle.trace.steps if r.decision != "full")
+    rel = ((out - baseline).norm() / baseline.norm()).item()
+    assert 0 < rel < 0.5
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_cache_bytes_count_what_is_kept(pipe, forecast):
+    order = 1
+    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, order=order, forecast=forecast)) as handle:
+        run(pipe, STEPS)
+    meta = handle.trace.meta
+    t = pipe.transformer
+    C, n_img, n_txt, f32 = t.inner_dim, 16, 8, 4  # 64 x 64 -> 4 x 4 image tokens
+    n_double, n_single = len(t.transformer_blocks), len(t.single_transformer_blocks)
+    if forecast == "stack":
+        # streams' growth up to the verify block (image + text rows) and the verify block's proj_out (joint rows)
+        terms = (order + 1) * ((n_img + n_txt) + (n_img + n_txt)) * C * f32
+        gates = 0
+    else:
+        rows = n_double * 2 * (n_img + n_txt) + n_single * (n_img + n_txt)  # attn, ff (+ ctx); proj_out
+        terms = (order + 1) * rows * C * f32
+        gates = (4 * n_double + n_single) * (C * C + C) * f32  # stacked gate rows of the modulation linears
+    assert meta["cache_bytes_terms"] == terms
+    assert meta["cache_bytes"] == terms + gates
+
+
+def test_errors_are_read_now_for_a_live_viewer(pipe):
+    """With no decision waiting on it, an error is read at the end of the run; an `on_step` callback gets it
+    at once."""
+    seen = []
+    cfg = accel.SpeCaConfig(schedule=[True, True, True, False, False, True] * 2)
+    with accel.apply(pipe, cfg) as handle:
+        handle.on_step = lambda r: seen.append(r.error)
+        run(pipe, STEPS)
+        handle.on_step = None
+        run(pipe, STEPS)
+    spec = [i for i, f in enumerate(cfg.schedule) if not f]
+    assert all(seen[i] is not None for i in spec)
+    assert [r.error for r in handle.traces[1].steps] == [r.error for r in handle.traces[0].steps]
