@@ -12,8 +12,8 @@ from torch import nn
 
 import accel
 from accel.adapters import TokenLayout, adapter_for
-from accel.attention import AttnControl, attention_received
-from accel.attention_hunyuan import attention_received_masked
+from accel.adapters.kv_attention import AttnControl, attention_received
+from accel.adapters.kv_attention import attention_received as attention_received_masked
 from accel.kernels import accumulate
 from tiny_video import GRID, TXT_LEN, TXT_PAD, embeds, run, tiny_video_pipe
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import accel
 from accel.adapters import TokenLayout, adapter_for
-from accel.attention import AttnControl, attention_received
+from accel.adapters.kv_attention import AttnControl, attention_received
 from accel.specdiff import assign_levels, history_weights
 from tiny import TXT_LEN, embeds, run, tiny_flux_pipe
 

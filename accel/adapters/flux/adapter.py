@@ -1,6 +1,7 @@
 """FLUX (diffusers `FluxTransformer2DModel`): 19 double-stream then 38 single-stream blocks at full size.
 
-- Double-stream then single-stream blocks (`DualStreamAdapter`, accel/adapters/dual_stream.py).
+- Double-stream then single-stream blocks (`DualStreamAdapter`, accel/adapters/dual_stream.py); SpecDiff's
+  attention processor is `FluxSpecDiffAttnProcessor` (attention.py, next to this file).
 - Blocks are called with keyword arguments and return `(encoder_hidden_states, hidden_states)`.
 - Joint attention orders tokens [text, image].
 - Double block features (pre-gate): image/text attention outputs after their out-projections, image/text
@@ -10,8 +11,9 @@
 
 from __future__ import annotations
 
-from .base import TokenLayout, arg
-from .dual_stream import DualStreamAdapter, put
+from ..base import TokenLayout
+from ..dual_stream import DualStreamAdapter
+from .attention import FluxSpecDiffAttnProcessor
 
 
 class FluxAdapter(DualStreamAdapter):
@@ -21,13 +23,11 @@ class FluxAdapter(DualStreamAdapter):
     text_first = True
     output_order = ("txt", "img")
     clip_fp16 = True
-    # Positions of the transformer's forward arguments (FluxTransformer2DModel.forward).
-    _M_HIDDEN, _M_TIMESTEP, _M_IMG_IDS = 0, 3, 4
 
     def token_layout(self, args, kwargs) -> TokenLayout:
-        img_ids = arg(args, kwargs, self._M_IMG_IDS, "img_ids")
-        enc = arg(args, kwargs, 1, "encoder_hidden_states")
-        hidden = arg(args, kwargs, 0, "hidden_states")
+        img_ids = self.call_args.get(args, kwargs, "img_ids")
+        enc = self.call_args.get(args, kwargs, "encoder_hidden_states")
+        hidden = self.call_args.get(args, kwargs, "hidden_states")
         if img_ids is not None:
             ids = img_ids[0] if img_ids.ndim == 3 else img_ids
             ids = ids.detach().to("cpu")
@@ -43,19 +43,16 @@ class FluxAdapter(DualStreamAdapter):
     # blocks get [text, image] already concatenated. The rotary embedding is computed by the model from
     # cat(txt_ids, img_ids), so restricting img_ids restricts RoPE to the same tokens.
     def kv_cache_processor(self, attn, layer: int, control):
-        from ..attention import FluxSpecDiffAttnProcessor
-
         return FluxSpecDiffAttnProcessor(layer, control, attn.processor)
 
     def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None):
-        args, kwargs = list(args), dict(kwargs)
-        hidden = latents if latents is not None else arg(args, kwargs, self._M_HIDDEN, "hidden_states")
+        new = {}
+        hidden = latents if latents is not None else self.call_args.get(args, kwargs, "hidden_states")
         if timestep is not None:
-            put(args, kwargs, self._M_TIMESTEP, "timestep", timestep)
+            new["timestep"] = timestep
         if image_index is not None:
             hidden = hidden.index_select(1, image_index)
-            img_ids = arg(args, kwargs, self._M_IMG_IDS, "img_ids")
-            put(args, kwargs, self._M_IMG_IDS, "img_ids", img_ids.index_select(img_ids.ndim - 2, image_index))
-        put(args, kwargs, self._M_HIDDEN, "hidden_states", hidden)
-        return tuple(args), kwargs
-
+            img_ids = self.call_args.get(args, kwargs, "img_ids")
+            new["img_ids"] = img_ids.index_select(img_ids.ndim - 2, image_index)
+        new["hidden_states"] = hidden
+        return self.call_args.replace(args, kwargs, **new)

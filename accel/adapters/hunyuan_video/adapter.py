@@ -10,7 +10,8 @@ full size (24 heads x 128).
   encoder_hidden_states)` (the reverse of FLUX).
 - Joint attention orders tokens [image, text] (FLUX: [text, image]); single blocks concatenate [image, text].
   RoPE covers the image tokens only. The text tokens beyond each prompt's length are padding: the model
-  builds a key mask [B, 1, 1, image + text] from `encoder_attention_mask`.
+  builds a key mask [B, 1, 1, image + text] from `encoder_attention_mask`. SpecDiff's attention processor is
+  `HunyuanVideoSpecDiffAttnProcessor` (attention.py, next to this file).
 - Double block features (pre-gate): image/text attention outputs after their out-projections, image/text
   MLP outputs; gates: chunks 2 (msa) and 5 (mlp) of the 6 of `norm1` / `norm1_context` (AdaLayerNormZero on
   silu(temb)). Single block feature: the output of `proj_out` (attention and MLP fused), before the gate
@@ -31,8 +32,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import TokenLayout, arg
-from .dual_stream import DualStreamAdapter, put
+from ..base import TokenLayout
+from ..dual_stream import DualStreamAdapter
+from .attention import HunyuanVideoSpecDiffAttnProcessor
 
 
 class HunyuanVideoAdapter(DualStreamAdapter):
@@ -41,8 +43,6 @@ class HunyuanVideoAdapter(DualStreamAdapter):
     timestep_scale = 1.0
     text_first = False
     output_order = ("img", "txt")
-    # Positions of the transformer's forward arguments (HunyuanVideoTransformer3DModel.forward).
-    _M_HIDDEN, _M_TIMESTEP, _M_ENCODER = 0, 1, 2
 
     def __init__(self, transformer):
         kind = getattr(getattr(transformer, "config", None), "image_condition_type", None)
@@ -59,27 +59,21 @@ class HunyuanVideoAdapter(DualStreamAdapter):
         return int(c.patch_size_t), int(c.patch_size)
 
     def token_layout(self, args, kwargs) -> TokenLayout:
-        hidden = arg(args, kwargs, self._M_HIDDEN, "hidden_states")
-        enc = arg(args, kwargs, self._M_ENCODER, "encoder_hidden_states")
+        hidden = self.call_args.get(args, kwargs, "hidden_states")
+        enc = self.call_args.get(args, kwargs, "encoder_hidden_states")
         pt, p = self._patch()
         _, _, f, h, w = hidden.shape
         return TokenLayout(grid=(f // pt, h // p, w // p), n_text=enc.shape[1])
 
     # ---- SpecDiff ----------------------------------------------------------------------------
     def kv_cache_processor(self, attn, layer: int, control):
-        from ..attention_hunyuan import HunyuanVideoSpecDiffAttnProcessor
-
         return HunyuanVideoSpecDiffAttnProcessor(layer, control, attn.processor)
 
     def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None):
         if image_index is not None:
             raise NotImplementedError("HunyuanVideo runs token subsets through run_subset (dense latents in)")
-        args, kwargs = list(args), dict(kwargs)
-        if latents is not None:
-            put(args, kwargs, self._M_HIDDEN, "hidden_states", latents)
-        if timestep is not None:
-            put(args, kwargs, self._M_TIMESTEP, "timestep", timestep)
-        return tuple(args), kwargs
+        new = {"hidden_states": latents, "timestep": timestep}
+        return self.call_args.replace(args, kwargs, **{k: v for k, v in new.items() if v is not None})
 
     # The model output is [B, C, F, H, W]; SpecDiff keeps per-token values [B, N, C * p_t * p * p].
     def sample_tokens(self, sample: torch.Tensor) -> torch.Tensor:
