@@ -15,11 +15,11 @@ import accel
 import app
 import tiny
 import tiny_video
-import tinyvideo_data
 from accel.trace import Trace
 from lab import metrics
 from lab import models as M
 from lab import runner as R
+from scripts.tiny_video import data as tinyvideo_data
 
 BUNDLED = os.path.isfile(os.path.join(M.TINY_FLUX_DIR, "model_index.json"))
 

@@ -1,6 +1,6 @@
 """SpeCa's adaptive thresholds on the bundled tiny FLUX (CPU): compute saved vs image fidelity.
 
-    HF_HUB_OFFLINE=1 python scripts/sweep_speca_tiny.py
+    HF_HUB_OFFLINE=1 python -m scripts.bench.sweep_speca_tiny
 
 For each (metric, threshold): full / accepted / rejected steps, ideal speedup, measured speedup against the plain
 run (best of 2 wall times) and PSNR of the decoded image against the plain run (same seed). 128², 28 steps.
@@ -8,34 +8,26 @@ run (best of 2 wall times) and PSNR of the decoded image against the plain run (
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-
 import numpy as np
-import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import accel  # noqa: E402
+import accel
+from scripts.bench.pipes import PROMPT, TINY_FLUX_DIR
+from scripts.bench.utils import best_of, psnr, timed_call
 
-PROMPT = "a large red circle on the left and a small blue square on the right, on a gray background"
 SETTINGS = [("rel_l1", 7.0), ("rel_l1", 2.0), ("rel_l1", 1.0), ("rel_l2", 0.3), ("rel_l2", 0.1)]
 
 
 def main():
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(os.path.join(os.path.dirname(__file__), "..", "assets", "models", "tiny-flux"))
+    pipe = FluxPipeline.from_pretrained(TINY_FLUX_DIR)
     pipe.set_progress_bar_config(disable=True)
     kw = dict(prompt=PROMPT, height=128, width=128, num_inference_steps=28, max_sequence_length=32)
 
     def go():
-        best, img = float("inf"), None
-        for _ in range(2):
-            t0 = time.perf_counter()
-            img = pipe(**kw, generator=torch.Generator().manual_seed(0)).images[0]
-            best = min(best, time.perf_counter() - t0)
-        return np.asarray(img).astype(np.float64), best
+        """Best of 2 wall times of the call; its image as a float array."""
+        images, best, _, _ = best_of(2, lambda: timed_call(pipe, kw, "cpu", seed=0))
+        return np.asarray(images[0]).astype(np.float64), best
 
     base, t_base = go()
     print(f"plain: {t_base:.2f} s for 28 steps")
@@ -44,9 +36,8 @@ def main():
         with accel.apply(pipe, accel.SpeCaConfig(threshold=thr, metric=metric)) as h:
             img, t = go()
         s = h.trace.summary()
-        psnr = 10 * np.log10(255.0**2 / max(np.mean((img - base) ** 2), 1e-12))
         print(f"{metric:8s} {thr:5.2f} {s['full_steps']:4d} {s['accepted_steps']:4d} {s['rejected_steps']:4d} "
-              f"{s['ideal_speedup']:6.2f} {t_base / t:6.2f} {psnr:8.1f}")
+              f"{s['ideal_speedup']:6.2f} {t_base / t:6.2f} {psnr(img, base, 255.0):8.1f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Procedural, captioned moving-shape clips for the bundled tiny HunyuanVideo model.
 
-The tiny FLUX's shapes, colours, sizes and backgrounds (``tinyflux_data``), one object per clip, moving in a
+The tiny FLUX's shapes, colours, sizes and backgrounds (``scripts.tiny_flux.data``), one object per clip, moving in a
 straight line across the frame:
 
 * directions: left, right, up, down (the object travels ``TRAVEL`` of the frame side over the clip)
@@ -10,11 +10,12 @@ Caption example::
     a large red circle moving left, on a black background
 
 Clips are sampled with a NumPy generator (deterministic for a seed) and rendered with torch on any device
-(the shapes' anti-aliased signed distances from ``tinyflux_data``), so training renders on the GPU on the fly.
+(the shapes' anti-aliased signed distances from ``scripts.tiny_flux.data``), so training renders on the GPU on the
+fly.
 The analysis helpers (per-frame centroid, colour, direction of motion) are used by the tests both on
 generator output and on clips the trained pipeline makes.
 
-    python scripts/tinyvideo_data.py --n 8 --out /tmp/clips.png     # one row of frames per clip
+    python -m scripts.tiny_video.data --n 8 --out /tmp/clips.png     # one row of frames per clip
 """
 
 from __future__ import annotations
@@ -26,11 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tinyflux_data as img  # noqa: E402
+from scripts.tiny_flux import data as img
 
 SHAPES, COLORS, COLOR_NAMES = img.SHAPES, img.COLORS, img.COLOR_NAMES
 BACKGROUNDS, BG_NAMES, SIZES, SIZE_NAMES = img.BACKGROUNDS, img.BG_NAMES, img.SIZES, img.SIZE_NAMES
@@ -182,7 +179,7 @@ def save_strip(videos: torch.Tensor, path: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.tiny_video.data", description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="/tmp/tinyvideo_data.png")

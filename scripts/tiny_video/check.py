@@ -1,11 +1,11 @@
 """Prompt adherence of the bundled tiny HunyuanVideo on prompts and seeds its training never scored.
 
 Prompts are drawn from the whole caption grammar (every colour, shape, size, direction, background), each
-generated once with the default call (train_tiny_video.DEFAULT_CALL) and read back by
-``tinyvideo_data.analyze_clip``: direction of motion, colour, shape, background.
+generated once with the default call (scripts.tiny_video.train.DEFAULT_CALL) and read back by
+``scripts.tiny_video.data.analyze_clip``: direction of motion, colour, shape, background.
 
-    python scripts/check_tiny_video.py [-n 32] [--seed 1000] [--strip /tmp/check.png] [-v]
-    python scripts/check_tiny_video.py --method speca --steps 20      # also: specdiff (cache rate 0.85)
+    python -m scripts.tiny_video.check [-n 32] [--seed 1000] [--strip /tmp/check.png] [-v]
+    python -m scripts.tiny_video.check --method speca --steps 20      # also: specdiff (cache rate 0.85)
 
 With ``--method`` the pipeline runs under ``accel.apply`` (library defaults) and the trace's summary (ideal and
 measured speedup against a plain run of the same prompts) is printed too.
@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # accel
-import tinyvideo_data as data  # noqa: E402
-from train_tiny_video import ATTRS, evaluate, fmt, summary  # noqa: E402
+from scripts.tiny_video import data  # noqa: E402
+from scripts.tiny_video.train import ATTRS, evaluate, fmt, summary  # noqa: E402
 
 
 def heldout_prompts(n: int, seed: int) -> list[str]:
@@ -32,7 +29,7 @@ def heldout_prompts(n: int, seed: int) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.tiny_video.check", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="assets/models/tiny-hunyuanvideo")
     ap.add_argument("-n", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1000, help="seeds both the prompt draw and the generators")

@@ -11,14 +11,15 @@ Nothing is downloaded:
                       each row scaled to unit RMS. At Llama's init (std 0.02) the words were too faint: the
                       refiner's ``proj_in`` bias outweighed them about 6 to 1, and a model trained on them
                       ignored colour and direction (docs/tiny-video.md).
-* ``tokenizer_2/``    CLIPTokenizer (``build_tiny_flux.clip_vocab_and_merges`` on this grammar), max length 77.
+* ``tokenizer_2/``    CLIPTokenizer (``scripts.tiny_flux.build.clip_vocab_and_merges`` on this grammar), max length
+                      77.
 * ``text_encoder_2/`` CLIPTextModel (pooled output), frozen random.
 * ``vae/``            AutoencoderKLHunyuanVideo, 3 blocks: spatial compression 4, temporal 4, 8 latent channels.
 * ``transformer/``    HunyuanVideoTransformer3DModel, patch 1, no guidance embedding.
 * ``scheduler/``      FlowMatchEulerDiscreteScheduler, shift 2.
 
-    python scripts/build_tiny_video.py --out assets/models/tiny-hunyuanvideo --force
-    python scripts/build_tiny_video.py --out /tmp/tv-smoke --preset smoke
+    python -m scripts.tiny_video.build --out assets/models/tiny-hunyuanvideo --force
+    python -m scripts.tiny_video.build --out /tmp/tv-smoke --preset smoke
 """
 
 from __future__ import annotations
@@ -29,9 +30,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import build_tiny_flux  # noqa: E402
-import tinyvideo_data as data  # noqa: E402
+from scripts.tiny_flux.build import clip_vocab_and_merges
+from scripts.tiny_video import data
 
 PRESETS = {
     "default": dict(
@@ -85,7 +85,7 @@ def build_clip_tokenizer(path: str):
 
     from transformers import CLIPTokenizer
 
-    vocab, merges = build_tiny_flux.clip_vocab_and_merges(data.VOCAB_WORDS)
+    vocab, merges = clip_vocab_and_merges(data.VOCAB_WORDS)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "vocab.json"), "w") as f:
         json.dump(vocab, f, ensure_ascii=False)
@@ -156,7 +156,7 @@ def build(out: str, preset: str = "default", seed: int = 0, latent_channels: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.tiny_video.build", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--force", action="store_true", help="overwrite a folder that already holds a transformer")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))

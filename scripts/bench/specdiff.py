@@ -2,11 +2,11 @@
 
 GPU (FLUX.1-dev-sized transformer, random bf16 weights, 1024², prompt embeddings given directly, 28 steps as
 the paper's FLUX setting):
-    python scripts/bench_specdiff.py --random-flux-dev --steps 28 --size 1024 --score-every 1,4 --taylorseer
-CPU, bundled tiny FLUX (falls back to tests/tiny.py's random pipe when assets/models/tiny-flux is missing):
-    python scripts/bench_specdiff.py --model assets/models/tiny-flux --steps 28 --size 128
-    python scripts/bench_specdiff.py --tiny-random --steps 28 --size 256
-    python scripts/bench_specdiff.py --mid-random --steps 28 --size 512      # compute-bound on a CPU
+    python -m scripts.bench.specdiff --random-flux-dev --steps 28 --size 1024 --score-every 1,4 --taylorseer
+CPU, bundled tiny FLUX (falls back to the tests' tiny random pipe when assets/models/tiny-flux is missing):
+    python -m scripts.bench.specdiff --model assets/models/tiny-flux --steps 28 --size 128
+    python -m scripts.bench.specdiff --tiny-random --steps 28 --size 256
+    python -m scripts.bench.specdiff --mid-random --steps 28 --size 512      # compute-bound on a CPU
 
 Per run: ideal speedup (trace summary: block computations of a plain run / those done, pre-run included),
 measured speedup (wall time of the whole pipeline call, best of --repeats, against the plain run), PSNR against
@@ -19,80 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
-import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import accel  # noqa: E402
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from benchlib import random_flux_dev, sync  # noqa: E402
+import accel
+from scripts.bench.pipes import PROMPT, TINY_FLUX_DIR, bundled_flux, flux_embeds, random_flux
+from scripts.bench.utils import best_of, psnr, rel_error, timed_call
 
 
-# ---- pipelines -----------------------------------------------------------------------------------------
-def mid_random(device, dtype):
-    """A FLUX-shaped random transformer of middle size (4 double + 8 single blocks, 4 x 64 heads), where
-    compute outweighs Python overhead on a CPU at 512px (1024 image tokens); no VAE or text encoders."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=64,
-        num_attention_heads=4, joint_attention_dim=256, pooled_projection_dim=256, guidance_embeds=False,
-        axes_dims_rope=(8, 28, 28),
-    ).eval().to(device=device, dtype=dtype)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    g = torch.Generator().manual_seed(1)
-    return pipe, dict(prompt_embeds=torch.randn(1, 64, 256, generator=g).to(device, dtype),
-                      pooled_prompt_embeds=torch.randn(1, 256, generator=g).to(device, dtype))
-
-
-def tiny_random(device, dtype):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from tiny import embeds, tiny_flux_pipe
-
-    pipe = tiny_flux_pipe().to(device=device, dtype=dtype)
-    pe, pooled = embeds()
-    return pipe, dict(prompt_embeds=pe.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype))
-
-
-def bundled(path, device, dtype, prompt):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
-    pe, pooled, _ = pipe.encode_prompt(prompt, prompt_2=None, max_sequence_length=32)
-    return pipe, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
-
-
-# ---- measuring -----------------------------------------------------------------------------------------
 def call(pipe, kw, args, device, steps=None):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    t0 = time.perf_counter()
-    out = pipe(**kw, height=args.size, width=args.size, num_inference_steps=steps or args.steps,
-               generator=torch.Generator(device).manual_seed(args.seed), output_type="latent").images
-    sync(device)
-    wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return out, wall, peak
-
-
-def best_of(pipe, kw, args, device, repeats, before=None):
-    """Best wall time of `repeats` calls; returns (latents, wall, peak, handle trace of the best call)."""
-    best = None
-    for _ in range(repeats):
-        res = call(pipe, kw, args, device)
-        trace = before.trace if before is not None else None
-        if best is None or res[1] < best[1]:
-            best = (*res, trace)
-    return best
+    """One timed call at the benchmark's size, latents out: (latents, wall s, peak bytes)."""
+    kw = dict(**kw, height=args.size, width=args.size, num_inference_steps=steps or args.steps, output_type="latent")
+    return timed_call(pipe, kw, device, seed=args.seed)
 
 
 @torch.no_grad()
@@ -106,18 +46,14 @@ def decode(pipe, latents, size):
     return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
-def psnr(x, ref, peak):
-    mse = torch.mean((x.float() - ref.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench.specdiff", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--random-flux-dev", action="store_true", help="FLUX.1-dev-sized random bf16 transformer (CUDA)")
-    src.add_argument("--tiny-random", action="store_true", help="tests/tiny.py's random pipe (CPU)")
+    src.add_argument("--tiny-random", action="store_true", help="the tests' tiny random pipe (CPU)")
     src.add_argument("--mid-random", action="store_true", help="a middle-size random FLUX (CPU, use --size 512)")
-    src.add_argument("--model", default=os.path.join(ROOT, "assets/models/tiny-flux"), help="a FluxPipeline folder")
+    src.add_argument("--model", default=TINY_FLUX_DIR, help="a FluxPipeline folder")
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--size", type=int, default=None, help="image size (default 1024 with --random-flux-dev, else 128)")
     ap.add_argument("--seed", type=int, default=0)
@@ -131,8 +67,7 @@ def main():
     ap.add_argument("--taylorseer-interval", type=int, default=5)
     ap.add_argument("--taylorseer-order", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per run; the fastest counts")
-    ap.add_argument("--prompt", default="a large red circle on the left and a small blue square on the right, "
-                                        "on a gray background")
+    ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--json", default=None, help="write every number here")
     args = ap.parse_args()
 
@@ -142,21 +77,21 @@ def main():
     if args.random_flux_dev:
         if not cuda:
             print("note: --random-flux-dev without CUDA runs on the CPU in float32 (very slow)", flush=True)
-        pipe, kw = random_flux_dev(device, dtype)
+        pipe, kw = random_flux("dev", device, dtype), flux_embeds("dev", device, dtype)
         name = "random-flux-dev"
         args.size = args.size or 1024
     elif args.mid_random:
-        pipe, kw = mid_random(device, dtype)
+        pipe, kw = random_flux("mid", device, dtype), flux_embeds("mid", device, dtype)
         name = "mid-random"
         args.size = args.size or 512
     elif args.tiny_random or not os.path.isdir(args.model):
         if not args.tiny_random:
-            print(f"note: {args.model} not found: using tests/tiny.py's random pipe", flush=True)
-        pipe, kw = tiny_random(device, dtype)
+            print(f"note: {args.model} not found: using the tests' tiny random pipe", flush=True)
+        pipe, kw = random_flux("tiny", device, dtype), flux_embeds("tiny", device, dtype)
         name = "tiny-random"
         args.size = args.size or 128
     else:
-        pipe, kw = bundled(args.model, device, dtype, args.prompt)
+        pipe, kw = bundled_flux(args.model, device, dtype, args.prompt)
         name = args.model
         args.size = args.size or 128
     pipe.set_progress_bar_config(disable=True)
@@ -165,7 +100,7 @@ def main():
 
     # warm-up (kernels, allocator), then the plain reference
     call(pipe, kw, args, device, steps=2)
-    base, t_base, peak_base, _ = best_of(pipe, kw, args, device, args.repeats)
+    base, t_base, peak_base, _ = best_of(args.repeats, lambda: call(pipe, kw, args, device))
     base_img = decode(pipe, base, args.size)
     peak_lat = (base.float().max() - base.float().min()).item()
     rows = []
@@ -175,7 +110,7 @@ def main():
         q = psnr(img, base_img, 1.0) if img is not None else psnr(out, base, peak_lat)
         row = dict(run=run, ideal=ideal, measured=t_base / wall, wall_s=wall,
                    psnr=q, psnr_of="image" if img is not None else "latents",
-                   rel_err=((out.float() - base.float()).norm() / base.float().norm()).item(),
+                   rel_err=rel_error(out, base),
                    extra_peak_mib=(peak - peak_base) / 2**20, **extra)
         if trace is not None:
             s = trace.summary()
@@ -198,7 +133,7 @@ def main():
                                        refresh_every=args.refresh_every, score_every=every)
             with accel.apply(pipe, cfg) as h:
                 call(pipe, kw, args, device, steps=args.warmup_steps + 2)  # allocate caches once
-                out, wall, peak, trace = best_of(pipe, kw, args, device, args.repeats, before=h)
+                out, wall, peak, trace = best_of(args.repeats, lambda: call(pipe, kw, args, device), h)
             record(f"specdiff {rate:.2f} score/{every}", out, wall, peak, trace)
 
     if args.taylorseer:
@@ -218,7 +153,7 @@ def main():
                 print(f"note: no traced TaylorSeer ({e}); ideal left out", flush=True)
             pipe.transformer.enable_cache(TaylorSeerCacheConfig(**ts))
             try:
-                out, wall, peak, _ = best_of(pipe, kw, args, device, args.repeats)
+                out, wall, peak, _ = best_of(args.repeats, lambda: call(pipe, kw, args, device))
             finally:
                 pipe.transformer.disable_cache()
             record(f"TaylorSeer N{args.taylorseer_interval}O{args.taylorseer_order}{' lite' if lite else ''}",

@@ -8,7 +8,7 @@
 # With CONTINUE_FROM=FOLDER it instead continues one trained folder alone (-> cont.log, cont.tar.part*).
 # Needs the diffusers/transformers wheels in .whl (the device image has no diffusers).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
@@ -19,8 +19,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 VAE_S=${VAE_S:-160}; DIT_S=${DIT_S:-270}
 run() {
   local name=$1 ch=$2; shift 2
-  python3 scripts/build_tiny_video.py --out "/tmp/$name" --force --latent-channels "$ch" > "$OUT/$name.log" 2>&1
-  python3 scripts/train_tiny_video.py --model "/tmp/$name" --eval --vae-bf16 --vae-seconds "$VAE_S" \
+  python3 -m scripts.tiny_video.build --out "/tmp/$name" --force --latent-channels "$ch" > "$OUT/$name.log" 2>&1
+  python3 -m scripts.tiny_video.train --model "/tmp/$name" --eval --vae-bf16 --vae-seconds "$VAE_S" \
     --dit-seconds "$DIT_S" --eval-every 60 --log-every 500 "$@" >> "$OUT/$name.log" 2>&1
   cp "$OUT/$name.log" "/tmp/$name/train_stdout.log"
   tar -C /tmp -cf "/tmp/$name.tar" "$name" && split -b 15M "/tmp/$name.tar" "$OUT/$name.tar.part"
@@ -29,7 +29,7 @@ if [ -n "${CONTINUE_FROM:-}" ]; then
   # Second stage: continue a trained folder alone on the GPU (VAE fine-tune, then the transformer warm-started
   # from its weights; the VAE's latents move little, the transformer adapts within its first steps).
   rm -rf /tmp/cont && cp -r "$CONTINUE_FROM" /tmp/cont && rm -f /tmp/cont/samples.png
-  python3 scripts/train_tiny_video.py --model /tmp/cont --eval --vae-bf16 --vae-seconds "$VAE_S" --vae-lr 5e-4 \
+  python3 -m scripts.tiny_video.train --model /tmp/cont --eval --vae-bf16 --vae-seconds "$VAE_S" --vae-lr 5e-4 \
     --dit-seconds "$DIT_S" --lr 6e-4 --eval-every 110 --log-every 500 \
     > "$OUT/cont.log" 2>&1 || echo "cont failed"
   cp "$OUT/cont.log" /tmp/cont/train_stdout.log

@@ -1,20 +1,17 @@
 """Where a speculative step's time goes: torch.profiler over SpeCa steps on the FLUX.1-dev-sized random model.
 
-    python scripts/profile_speca.py            # CUDA; prints top ops by device and host time
+    python -m scripts.bench.profile_speca      # CUDA; prints top ops by device and host time
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import accel  # noqa: E402
-from accel import kernels  # noqa: E402
-from bench_speca import random_flux_dev  # noqa: E402
+import accel
+from accel import kernels
+from scripts.bench.pipes import flux_embeds, random_flux
 
 
 def kernel_bandwidth(device):
@@ -41,8 +38,7 @@ def kernel_bandwidth(device):
 def main():
     device = torch.device("cuda")
     kernel_bandwidth(device)
-    pipe, embeds = random_flux_dev(device, torch.bfloat16)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, embeds = random_flux("dev", device, torch.bfloat16), flux_embeds("dev", device, torch.bfloat16)
     steps = 12
     sched = [True, True, True] + [False] * 4 + [True] + [False] * 4
     kw = dict(**embeds, height=1024, width=1024, num_inference_steps=steps, output_type="latent")

@@ -3,9 +3,9 @@
 GPU (HunyuanVideo-sized transformer: 20 double + 40 single blocks, 24 heads x 128, random bf16 weights,
 544x960, 33 frames -> 9 x 34 x 60 = 18360 video tokens + 256 text tokens, 50 steps; no VAE or text encoders,
 prompt embeddings given directly):
-    python scripts/bench_video.py
+    python -m scripts.bench.video
 CPU smoke run (a small random HunyuanVideo transformer, 128x128, 9 frames, 10 steps, float32):
-    python scripts/bench_video.py --small
+    python -m scripts.bench.video --small
 
 Rows: full (the plain pipeline), SpeCa with each fixed schedule of --schedules replayed (`every:N` = 3 full
 warm-up steps, then one full step every N steps, the others speculative: forecast + the verify block, the
@@ -22,86 +22,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import accel  # noqa: E402
-from benchlib import sync  # noqa: E402
-
-FULL_SIZE = dict(num_attention_heads=24, attention_head_dim=128, num_layers=20, num_single_layers=40,
-                 num_refiner_layers=2, text_embed_dim=4096, pooled_projection_dim=768, rope_axes_dim=(16, 56, 56))
-SMALL = dict(num_attention_heads=4, attention_head_dim=32, num_layers=2, num_single_layers=4,
-             num_refiner_layers=1, text_embed_dim=64, pooled_projection_dim=32, rope_axes_dim=(8, 12, 12))
-
-
-def random_hunyuan_video(device, dtype, small: bool, text_len: int, text_valid: int):
-    """HunyuanVideo's transformer config (or SMALL) with random weights, its scheduler (flow matching, shift 7);
-    no VAE or text encoders: returns (pipe, call kwargs with prompt embeddings, attention mask, pooled)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
-
-    cfg = SMALL if small else FULL_SIZE
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            transformer = HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, patch_size=2,
-                                                         patch_size_t=1, guidance_embeds=True, **cfg).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
-                                tokenizer_2=None)
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(1)
-    mask = torch.zeros(1, text_len)
-    mask[:, :text_valid] = 1  # a prompt shorter than the text length: the rest is padding, masked out
-    kw = dict(prompt_embeds=torch.randn(1, text_len, cfg["text_embed_dim"], generator=g).to(device, dtype),
-              pooled_prompt_embeds=torch.randn(1, cfg["pooled_projection_dim"], generator=g).to(device, dtype),
-              prompt_attention_mask=mask.to(device), guidance_scale=6.0)
-    return pipe, kw
+import accel
+from scripts.bench.pipes import random_hunyuan_video
+from scripts.bench.utils import best_of, fixed_schedule, psnr, rel_error, timed_call
 
 
 def call(pipe, kw, args, device, steps=None):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    t0 = time.perf_counter()
-    out = pipe(**kw, height=args.height, width=args.width, num_frames=args.frames,
-               num_inference_steps=steps or args.steps, generator=torch.Generator().manual_seed(args.seed),
-               output_type="latent").frames
-    sync(device)
-    wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return out, wall, peak
-
-
-def best_of(pipe, kw, args, device, handle=None):
-    best = None
-    for _ in range(args.repeats):
-        out, wall, peak = call(pipe, kw, args, device)
-        trace = handle.trace if handle is not None else None
-        if best is None or wall < best[1]:
-            best = (out, wall, peak, trace)
-    return best
-
-
-def every(n_steps: int, interval: int, warmup: int = 3) -> list[bool]:
-    return [i < warmup or (i - warmup) % interval == 0 for i in range(n_steps)]
-
-
-def psnr(x, ref, peak):
-    mse = torch.mean((x.float() - ref.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
+    """One timed call at the benchmark's size (generator on the CPU), latents out: (latents, wall s, peak bytes)."""
+    kw = dict(**kw, height=args.height, width=args.width, num_frames=args.frames,
+              num_inference_steps=steps or args.steps, output_type="latent")
+    return timed_call(pipe, kw, device, seed=args.seed, generator_device="cpu")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench.video", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="small random transformer, CPU-sized defaults (smoke run)")
     ap.add_argument("--steps", type=int, default=None, help="default 50 (10 with --small)")
     ap.add_argument("--height", type=int, default=None, help="default 544 (128 with --small)")
@@ -135,7 +73,7 @@ def main():
     args.text_valid = args.text_valid or max(1, args.text_len * 3 // 8)
     if not small and not cuda:
         print("note: the HunyuanVideo-sized run without CUDA is impractical; use --small on a CPU", flush=True)
-    pipe, kw = random_hunyuan_video(device, dtype, small, args.text_len, args.text_valid)
+    pipe, kw = random_hunyuan_video("small" if small else "full", device, dtype, args.text_len, args.text_valid)
     t = pipe.transformer
     grid = ((args.frames - 1) // 4 + 1, args.height // 8 // t.config.patch_size, args.width // 8 // t.config.patch_size)
     n_blocks = t.config.num_layers + t.config.num_single_layers
@@ -145,7 +83,7 @@ def main():
           f"{math.prod(grid)} video + {args.text_len} text tokens, {args.steps} steps", flush=True)
 
     call(pipe, kw, args, device, steps=2)  # warm-up (kernels, allocator)
-    base, t_base, peak_base, _ = best_of(pipe, kw, args, device)
+    base, t_base, peak_base, _ = best_of(args.repeats, lambda: call(pipe, kw, args, device))
     if not torch.isfinite(base).all():
         print("warning: the plain run's latents are not finite (random weights); PSNR is meaningless", flush=True)
     peak_lat = (base.float().max() - base.float().min()).item()
@@ -153,7 +91,7 @@ def main():
 
     def record(name, out, wall, peak, trace=None, ideal=None):
         row = dict(run=name, ideal=ideal, measured=t_base / wall, wall_s=wall, psnr=psnr(out, base, peak_lat),
-                   rel_err=((out.float() - base.float()).norm() / base.float().norm()).item(),
+                   rel_err=rel_error(out, base),
                    extra_peak_mib=(peak - peak_base) / 2**20)
         if trace is not None:
             s = trace.summary()
@@ -171,7 +109,7 @@ def main():
         kind, _, n = spec.partition(":")
         if kind != "every" or not n.isdigit():
             raise SystemExit(f"--schedules: {spec!r} is not every:N")
-        schedules.append((f"speca {spec} O{args.order}", every(args.steps, int(n))))
+        schedules.append((f"speca {spec} O{args.order}", fixed_schedule(args.steps, int(n))))
     if args.adaptive:
         cfg = accel.SpeCaConfig(threshold=1.0, decay=0.1, order=args.order, min_spec_steps=4, max_spec_steps=12)
         with accel.apply(pipe, cfg) as h:
@@ -181,14 +119,14 @@ def main():
         schedules.append((f"speca adaptive replay O{args.order}", trace.schedule()))
     for name, sched in schedules:
         with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, order=args.order)) as h:
-            out, wall, peak, trace = best_of(pipe, kw, args, device, h)
+            out, wall, peak, trace = best_of(args.repeats, lambda: call(pipe, kw, args, device), h)
         record(name, out, wall, peak, trace)
 
     for rate in [float(x) for x in args.cache_rates.split(",") if x]:
         cfg = accel.SpecDiffConfig(cache_rate=rate, spec_steps=args.spec_steps, warmup_steps=args.warmup_steps)
         with accel.apply(pipe, cfg) as h:
             call(pipe, kw, args, device, steps=args.warmup_steps + 2)  # allocate the caches once
-            out, wall, peak, trace = best_of(pipe, kw, args, device, h)
+            out, wall, peak, trace = best_of(args.repeats, lambda: call(pipe, kw, args, device), h)
         record(f"specdiff {rate:.2f}", out, wall, peak, trace)
 
     print()

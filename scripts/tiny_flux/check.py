@@ -1,27 +1,25 @@
 """Measure prompt adherence of a tiny FLUX pipeline folder from generated pixels.
 
 For a fixed set of single-object prompts (every colour, every shape, left and right) it runs the real
-``FluxPipeline`` call, then classifies the generated image with ``tinyflux_data.analyze_single``:
+``FluxPipeline`` call, then classifies the generated image with ``scripts.tiny_flux.data.analyze_single``:
 colour (nearest palette colour of the object's core pixels), shape (fill ratio of the bounding box)
 and side (centroid). Prints the percentages and writes a PNG grid.
 
 Usage::
 
-    HF_HUB_OFFLINE=1 python scripts/check_tiny_flux.py --model assets/models/tiny-flux --out docs/tiny-flux-check.png
+    HF_HUB_OFFLINE=1 python -m scripts.tiny_flux.check --model assets/models/tiny-flux --out docs/tiny-flux-check.png
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tinyflux_data as data  # noqa: E402
+from scripts.tiny_flux import data
 
 # pipeline call defaults the app and tests use
 DEFAULTS = dict(height=128, width=128, num_inference_steps=28, guidance_scale=1.0, max_sequence_length=32)
@@ -111,7 +109,7 @@ def plot_losses(curves: dict[str, list], path: str, w: int = 480, h: int = 200) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.tiny_flux.check", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="assets/models/tiny-flux")
     ap.add_argument("--n-per-color", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

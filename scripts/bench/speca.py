@@ -1,9 +1,9 @@
 """SpeCa benchmark: full vs SpeCa (replayed fixed schedules) and diffusers' TaylorSeerCache, on one pipeline.
 
 GPU (the issue's setting: FLUX.1-dev-sized transformer, random bf16 weights, 1024², 50 steps):
-    python scripts/bench_speca.py --model random-flux-dev --steps 50 --size 1024
+    python -m scripts.bench.speca --model random-flux-dev --steps 50 --size 1024
 CPU, on the bundled tiny FLUX:
-    python scripts/bench_speca.py --model assets/models/tiny-flux --steps 28 --size 128
+    python -m scripts.bench.speca --model assets/models/tiny-flux --steps 28 --size 128
 
 Prints, per run: computed (full) steps, ideal speedup (block computations), measured speedup (wall time of the
 pipeline call against the plain run) and their ratio, extra peak memory vs the cached tensors' size, the
@@ -15,43 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import accel  # noqa: E402
-from accel.metrics import per_sample_error  # noqa: E402
-from benchlib import random_flux_dev, sync  # noqa: E402
+import accel
+from accel.metrics import per_sample_error
+from scripts.bench.pipes import bundled_flux, flux_embeds, random_flux
+from scripts.bench.utils import best_of, fixed_schedule, rel_error, sync, timed_call
 
 
-def bundled(path, device, dtype):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
-    pe, pooled, _ = pipe.encode_prompt("a large red circle on the left and a small blue square on the right, "
-                                       "on a gray background", prompt_2=None, max_sequence_length=32)
-    return pipe, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
-
-
-def timed_call(pipe, embeds, args, device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    t0 = time.perf_counter()
-    out = pipe(**embeds, height=args.size, width=args.size, num_inference_steps=args.steps,
-               generator=torch.Generator(device).manual_seed(args.seed), output_type="latent").images
-    sync(device)
-    wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return out, wall, peak
-
-
-def every(n_steps, interval, warmup=3):
-    return [i < warmup or (i - warmup) % interval == 0 for i in range(n_steps)]
+def run(pipe, embeds, args, device, steps=None):
+    """One timed call at the benchmark's size, latents out: (latents, wall s, peak bytes)."""
+    kw = dict(**embeds, height=args.size, width=args.size, num_inference_steps=steps or args.steps,
+              output_type="latent")
+    return timed_call(pipe, kw, device, seed=args.seed)
 
 
 def verify_cost_ms(pipe, device, args, reps=20):
@@ -110,7 +89,8 @@ def kernel_check(device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench.speca", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="random-flux-dev")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=1024)
@@ -124,19 +104,19 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model in ("random-flux-dev", "random-small"):
-        pipe, embeds = random_flux_dev(device, dtype, small=args.model == "random-small")
+        size = "small" if args.model == "random-small" else "dev"
+        pipe, embeds = random_flux(size, device, dtype), flux_embeds(size, device, dtype)
     else:
-        pipe, embeds = bundled(args.model, device, dtype)
+        pipe, embeds = bundled_flux(args.model, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) model={args.model} "
           f"steps={args.steps} size={args.size}", flush=True)
 
     # warm-up (kernels, allocator), then the plain run twice: the faster is the reference
-    short = argparse.Namespace(**{**vars(args), "steps": 3})
-    timed_call(pipe, embeds, short, device)
-    base, t_base, peak_base = min((timed_call(pipe, embeds, args, device) for _ in range(2)), key=lambda r: r[1])
+    run(pipe, embeds, args, device, steps=3)
+    base, t_base, peak_base, _ = best_of(2, lambda: run(pipe, embeds, args, device))
     with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * args.steps)) as h:
-        _, t_traced, _ = timed_call(pipe, embeds, args, device)
+        _, t_traced, _ = run(pipe, embeds, args, device)
         full_step_ms = statistics.median(r.time_ms for r in h.trace.steps)
     rows = [dict(run="full", computed=args.steps, ideal=1.0, measured=1.0, wall_s=t_base, extra_peak_mib=0.0,
                  cache_mib=0.0, rel_err=0.0)]
@@ -146,7 +126,7 @@ def main():
         s = trace.summary() if trace is not None else {}
         ideal = s.get("ideal_speedup") or (args.steps / computed if computed else float("nan"))
         meas = t_base / wall
-        rel = ((out.float() - base.float()).norm() / base.float().norm()).item()
+        rel = rel_error(out, base)
         row = dict(run=name, computed=computed if computed is not None else s.get("full_steps"), ideal=ideal,
                    measured=meas, wall_s=wall, extra_peak_mib=(peak - peak_base) / 2**20,
                    cache_mib=(trace.meta.get("cache_bytes", 0) / 2**20) if trace is not None else float("nan"),
@@ -162,12 +142,10 @@ def main():
     for order in [int(o) for o in args.orders.split(",")]:
         for spec in args.schedules.split(","):
             interval = int(spec.split(":")[1])
-            sched = every(args.steps, interval)
+            sched = fixed_schedule(args.steps, interval)
             with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, order=order)) as h:
                 # twice, the faster counts: the first call of a new order compiles its Triton kernels
-                runs = [timed_call(pipe, embeds, args, device) for _ in range(2)]
-                best = min(range(2), key=lambda i: runs[i][1])
-                record(f"speca {spec} o{order}", *runs[best], h.traces[best])
+                record(f"speca {spec} o{order}", *best_of(2, lambda: run(pipe, embeds, args, device), h))
 
     if args.taylorseer:
         from diffusers import TaylorSeerCacheConfig
@@ -175,10 +153,10 @@ def main():
         for lite in (False, True):
             pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=5, max_order=1, use_lite_mode=lite))
             try:
-                out, wall, peak = timed_call(pipe, embeds, args, device)
+                out, wall, peak = run(pipe, embeds, args, device)
             finally:
                 pipe.transformer.disable_cache()
-            n_full = sum(every(args.steps, 5))
+            n_full = sum(fixed_schedule(args.steps, 5))
             record(f"diffusers TaylorSeer interval 5{' lite' if lite else ''}", out, wall, peak, computed=n_full)
 
     print(kernel_check(device))

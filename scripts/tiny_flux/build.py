@@ -9,15 +9,15 @@ Everything is made here, nothing is downloaded:
 * ``text_encoder/`` CLIPTextModel, ``text_encoder_2/`` T5EncoderModel: small, frozen at their seeded
                     random initialisation (the transformer learns to read them).
 * ``vae/``          AutoencoderKL, 3 blocks (scale factor 4), 4 latent channels, no quant convs
-                    (trained by ``train_tiny_flux.py``, which also sets scaling/shift factors).
+                    (trained by ``scripts.tiny_flux.train``, which also sets scaling/shift factors).
 * ``transformer/``  FluxTransformer2DModel (double + single stream blocks, RoPE), trained later.
 * ``scheduler/``    FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting.
 
 Usage::
 
     # full-size preset (--force: replaces the trained weights!)
-    python scripts/build_tiny_flux.py --out assets/models/tiny-flux --force
-    python scripts/build_tiny_flux.py --out /tmp/tf-smoke --preset smoke       # tiny, for tests
+    python -m scripts.tiny_flux.build --out assets/models/tiny-flux --force
+    python -m scripts.tiny_flux.build --out /tmp/tf-smoke --preset smoke       # tiny, for tests
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tinyflux_data as data  # noqa: E402
+from scripts.tiny_flux import data
 
 PRESETS = {
     # the shipped model
@@ -289,7 +288,7 @@ def build(out: str, preset: str = "default", seed: int = 0) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.tiny_flux.build", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="pipeline folder to write (e.g. assets/models/tiny-flux)")
     ap.add_argument("--force", action="store_true", help="overwrite a folder that already holds a transformer")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))

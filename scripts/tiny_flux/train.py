@@ -1,6 +1,6 @@
 """Train the tiny FLUX model: first the VAE, then the FLUX transformer (flow matching).
 
-Data come from ``tinyflux_data`` and are rendered on the training device on the fly. Text embeddings
+Data come from ``scripts.tiny_flux.data`` and are rendered on the training device on the fly. Text embeddings
 come from the pipeline's own ``encode_prompt`` (frozen CLIP + T5), latents from the trained VAE,
 packing and position ids from ``FluxPipeline``'s own helpers, so training sees exactly what
 ``FluxPipeline.__call__`` feeds the transformer at inference.
@@ -17,12 +17,12 @@ matmuls (bf16 autocast failed in cuBLAS on the H100 used, see docs/tiny-flux.md)
 
 GPU recipe (defaults; ~8.5 minutes on one H100; docs/tiny-flux.md says how the shipped weights were made)::
 
-    python scripts/build_tiny_flux.py --out assets/models/tiny-flux --force
-    python scripts/train_tiny_flux.py --model assets/models/tiny-flux --out assets/models/tiny-flux --eval
+    python -m scripts.tiny_flux.build --out assets/models/tiny-flux --force
+    python -m scripts.tiny_flux.train --model assets/models/tiny-flux --out assets/models/tiny-flux --eval
 
 CPU smoke test (tiny preset in a temp folder, a few iterations, seconds)::
 
-    python scripts/train_tiny_flux.py --smoke
+    python -m scripts.tiny_flux.train --smoke
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tinyflux_data as data  # noqa: E402
+from scripts.tiny_flux import data
 
 
 def log(*a):
@@ -251,8 +250,8 @@ def train_dit(pipe, args, device, rng, gen, history):
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="assets/models/tiny-flux", help="pipeline folder from build_tiny_flux.py")
+    ap = argparse.ArgumentParser(prog="python -m scripts.tiny_flux.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="assets/models/tiny-flux", help="pipeline folder from scripts.tiny_flux.build")
     ap.add_argument("--out", default=None, help="where trained vae/ and transformer/ go (default: --model)")
     ap.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny preset, few iterations")
     ap.add_argument("--seed", type=int, default=0)
@@ -275,7 +274,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--ckpt-every-s", type=float, default=150)
     ap.add_argument("--shard-mb", type=int, default=0, help="shard the transformer file (for size-limited transfers)")
-    ap.add_argument("--eval", action="store_true", help="after training, run check_tiny_flux on the result")
+    ap.add_argument("--eval", action="store_true", help="after training, run scripts.tiny_flux.check on the result")
     ap.add_argument("--allow-cpu", action="store_true", help="allow a full (non-smoke) run on the CPU")
     args = ap.parse_args(argv)
     if not args.smoke and args.device == "cpu" and not args.allow_cpu:
@@ -283,10 +282,10 @@ def main(argv=None) -> dict:
 
     tmp = None
     if args.smoke:
-        import build_tiny_flux
+        from scripts.tiny_flux import build
 
         tmp = tempfile.mkdtemp(prefix="tinyflux-smoke-")
-        build_tiny_flux.build(os.path.join(tmp, "model"), preset="smoke", seed=args.seed)
+        build.build(os.path.join(tmp, "model"), preset="smoke", seed=args.seed)
         args.model = os.path.join(tmp, "model")
         args.device = "cpu"
         args.res, args.vae_batch, args.batch = 32, 4, 8
@@ -319,7 +318,7 @@ def main(argv=None) -> dict:
     save(pipe, None, args.out, history, args.shard_mb)  # weights are EMA already
     log(f"saved to {args.out} ({history['train_seconds']:.0f}s)")
     if args.eval:
-        import check_tiny_flux as chk
+        from scripts.tiny_flux import check as chk
 
         kw = dict(height=args.res, width=args.res)
         if args.smoke:

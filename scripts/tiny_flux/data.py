@@ -24,7 +24,7 @@ the trained pipeline (to measure prompt adherence).
 
 Usage as a script writes a PNG grid with its captions::
 
-    python scripts/tinyflux_data.py --n 16 --seed 0 --res 128 --out /tmp/grid.png
+    python -m scripts.tiny_flux.data --n 16 --seed 0 --res 128 --out /tmp/grid.png
 """
 
 from __future__ import annotations
@@ -321,7 +321,7 @@ def save_grid(images: torch.Tensor, path: str, ncol: int = 8) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.tiny_flux.data", description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--res", type=int, default=128)

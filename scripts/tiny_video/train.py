@@ -1,6 +1,6 @@
 """Train the tiny HunyuanVideo model: first the video VAE, then the transformer (flow matching).
 
-Clips come from ``tinyvideo_data`` (rendered on the training device: fresh batches for the VAE, then a set of
+Clips come from ``scripts.tiny_video.data`` (rendered on the training device: fresh batches for the VAE, then a set of
 ``--latent-clips`` encoded once for the transformer), text embeddings from the pipeline's own ``encode_prompt``
 (frozen Llama + CLIP, ``prompt_template=PROMPT_TEMPLATE``), so training sees what
 ``HunyuanVideoPipeline.__call__`` feeds the transformer.
@@ -11,17 +11,17 @@ Objective (``FlowMatchEulerDiscreteScheduler.step``: x_next = x + (sigma_next - 
 x0 = VAE latent * scaling_factor (the pipeline decodes latents / scaling_factor, no shift). sigma: logit-normal
 (80 %) / uniform (20 %), then the scheduler's static shift. 10 % of captions are dropped to "". float32 + TF32.
 
-The shipped weights came from two GPU calls of ``scripts/gpu_train_tiny_video.sh`` (docs/tiny-video.md): a
+The shipped weights came from two GPU calls of ``scripts/tiny_video/gpu_train.sh`` (docs/tiny-video.md): a
 first run (``--vae-bf16 --vae-seconds 160 --dit-seconds 250 --eval-every 60``), then the same folder continued
 (``--vae-lr 5e-4 --vae-seconds 140 --lr 6e-4 --dit-seconds 340``). One call of the same total length::
 
-    python scripts/build_tiny_video.py --out assets/models/tiny-hunyuanvideo --force
-    python scripts/train_tiny_video.py --model assets/models/tiny-hunyuanvideo --vae-bf16 --vae-seconds 300 \
+    python -m scripts.tiny_video.build --out assets/models/tiny-hunyuanvideo --force
+    python -m scripts.tiny_video.train --model assets/models/tiny-hunyuanvideo --vae-bf16 --vae-seconds 300 \
         --dit-seconds 590 --eval-every 120 --eval
 
 CPU smoke run (smoke preset in a temp folder, a few iterations, same code path)::
 
-    python scripts/train_tiny_video.py --smoke
+    python -m scripts.tiny_video.train --smoke
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tinyvideo_data as data  # noqa: E402
-from build_tiny_video import PROMPT_TEMPLATE  # noqa: E402
-from train_tiny_flux import Budget, autocast, log, lr_at  # noqa: E402
+from scripts.tiny_flux.train import Budget, autocast, log, lr_at
+from scripts.tiny_video import data
+from scripts.tiny_video.build import PROMPT_TEMPLATE
 
 # the shipped model's default call (docs/tiny-video.md)
 DEFAULT_CALL = dict(height=64, width=64, num_frames=9, num_inference_steps=10, max_sequence_length=32,
@@ -270,7 +269,7 @@ def evaluate(pipe, prompts=EVAL_PROMPTS, seed: int = 0, strip: str | None = None
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m scripts.tiny_video.train", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="assets/models/tiny-hunyuanvideo")
     ap.add_argument("--out", default=None, help="where vae/, transformer/ and train_log.json go (default --model)")
     ap.add_argument("--smoke", action="store_true")
@@ -299,10 +298,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     tmp = None
     if args.smoke:
-        import build_tiny_video
+        from scripts.tiny_video import build
 
         tmp = tempfile.mkdtemp(prefix="tinyvideo-smoke-")
-        build_tiny_video.build(os.path.join(tmp, "model"), preset="smoke", seed=args.seed)
+        build.build(os.path.join(tmp, "model"), preset="smoke", seed=args.seed)
         args.model, args.device, args.out = os.path.join(tmp, "model"), "cpu", None
         args.res, args.frames, args.vae_batch, args.batch = 32, 5, 2, 2
         args.vae_steps, args.dit_steps, args.vae_seconds, args.dit_seconds = 2, 3, 0, 0
