@@ -34,9 +34,12 @@ FULL_MODE, SPEC_MODE = "full", "spec"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-METRICS = ("rel_l1", "rel_l2", "cosine")
+METRICS = ("rel_l1", "rel_rms", "rel_l2", "cosine")
 REJECT_POLICIES = ("recompute", "defer")
 DISTANCES = ("step", "sigma")
+THRESHOLD_STEPS = ("current", "next")
+VERIFY_OUTPUTS = ("real", "forecast")
+BATCH_ERRORS = ("worst_sample", "whole_batch")
 TAYLOR_FORMS = ("newton", "reference")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -48,7 +51,8 @@ class SpeCaConfig(ConfigBase):
     On a speculative step every block's cached features are forecast by a Taylor series fitted on
     past full steps; the verify block is then computed for real from the forecast hidden state and
     its real output is compared with its forecast. Too large an error rejects the step.
-    Defaults are the paper's FLUX settings.
+    Defaults are the paper's FLUX settings; `SpeCaConfig.reference()` gives the behaviour of the authors'
+    released code instead (docs/speca.md lists every difference and why the defaults differ).
     """
 
     threshold: float = knob(
@@ -59,6 +63,15 @@ class SpeCaConfig(ConfigBase):
     decay: float = knob(
         0.3, "Threshold decay over the run: 1 keeps it constant, smaller tightens it toward the end.",
         label="threshold decay", minimum=0, exclusive_minimum=True, maximum=1, ui_range=(0.01, 1), step=0.01)
+    threshold_floor: float = knob(
+        0.0, """The threshold never goes below this value: tau = max(threshold * decay ** (i / n), floor). The released
+        code uses 0.1; 0 (the default) leaves the schedule as it is.""",
+        label="threshold floor", minimum=0, ui_range=(0, 1), step=0.01, advanced=True)
+    threshold_step: str = knob(
+        "current", """Whose threshold judges a verified step's error. current: step i's error against tau(i).
+        next (the released code): step i's error decides whether step i+1 runs full, so it is compared with
+        tau(i+1). The trace's threshold is the one the step's error was judged against.""",
+        label="threshold of step", choices=THRESHOLD_STEPS, advanced=True)
     order: int = knob(
         2, """Taylor order of the forecast. 0 reuses the last full step's features as they are. The order actually
         used grows with the number of full steps seen (k full steps allow order k-1).""",
@@ -66,17 +79,29 @@ class SpeCaConfig(ConfigBase):
     warmup_steps: int = knob(
         3, "The first warm-up steps are always full (they also seed the forecast's history).",
         label="warm-up steps", minimum=1, maximum=10_000, ui_range=(1, 10), advanced=True)
+    spec_after_full: bool = knob(
+        False, """True (the released code): a full step is always followed by a speculative step, which is never
+        verified, warm-up included: the warm-up runs F s F (step 1 reuses step 0's features) instead of F F F.
+        Past the warm-up the rules already give a speculative step after a full one; what changes there is only
+        that the first speculative step is never verified, even with min speculative steps 0.""",
+        label="speculative after full", advanced=True)
     min_spec_steps: int = knob(
         2, """The first speculative steps after a full step are accepted whatever the error (their error is still
-        measured and traced); verification can reject only after them.""",
+        measured and traced, unless verify during grace is off); verification can reject only after them.""",
         label="min speculative steps", minimum=0, maximum=10_000, ui_range=(0, 10), advanced=True)
     max_spec_steps: int = knob(
         8, "After this many consecutive speculative steps the next step is forced full (>= min speculative steps).",
         label="max speculative steps", minimum=1, maximum=10_000, ui_range=(1, 16), advanced=True)
     metric: str = knob(
-        "rel_l1", """Verification error, per sample. rel_l1: elementwise mean(|pred-real| / (|real|+eps)), as the
-        reference code; rel_l2: ||pred-real|| / ||real||; cosine: 1 - cos(pred, real).""",
+        "rel_l1", """Verification error (per sample, see batch error). rel_l1: elementwise mean(|pred-real| /
+        (|real|+eps)), as the reference code; rel_rms: the root mean square of the same ratio (the reference code's
+        "relative L2"); rel_l2: ||pred-real|| / ||real||, a ratio of norms; cosine: 1 - cos(pred, real).""",
         label="error metric", choices=METRICS, advanced=True)
+    batch_error: str = knob(
+        "worst_sample", """worst_sample: one error per sample, the step passes only if every sample does (the trace
+        keeps them all). whole_batch (the released code): one error over the whole batch (rel_l1, rel_rms, rel_l2
+        over every element; cosine as 1 - the samples' mean cosine). Identical for batch 1.""",
+        label="batch error", choices=BATCH_ERRORS, advanced=True)
     on_reject: str = knob(
         "recompute", """recompute (the paper): a rejected step is computed again fully, so its output is exact.
         defer (the released code): keep the rejected forecast and make the next step full.""",
@@ -85,6 +110,17 @@ class SpeCaConfig(ConfigBase):
         -1, """Which block verifies, as an index into the model's blocks in execution order (FLUX: 19 double then
         38 single blocks); negative counts from the end. Default: the last block.""",
         label="verify block", minimum=-100_000, maximum=100_000, ui_range=(-8, -1), advanced=True)
+    verify_in_grace: bool = knob(
+        True, """Compute the verify block on the grace steps too (the first min speculative steps, which are accepted
+        whatever the error): their error is traced. False (the released code): on those steps the verify block is
+        forecast like every other block, and its error is neither computed nor traced. (A schedule replay
+        verifies every speculative step, so it reproduces such a run exactly only with verify output forecast.)""",
+        label="verify during grace", advanced=True)
+    verify_output: str = knob(
+        "real", """What a verified step keeps as the verify block's output. real: its real output (computed anyway,
+        and closer to a full step). forecast (the released code): its forecast, like every other block, so the
+        verification only measures.""",
+        label="verify block output", choices=VERIFY_OUTPUTS, advanced=True)
     schedule: list[bool] | None = knob(
         None, """Forced schedule replay: one bool per step, True = full step, False = speculative (accepted). When
         set, the warm-up/min/max/threshold rules are not used; verification still runs on speculative steps (its
@@ -99,6 +135,11 @@ class SpeCaConfig(ConfigBase):
         trajectories that are polynomials of degree <= order. reference: the recursive differences of the
         TaylorSeer/SpeCa code, D[i+1] = (D[i]_new - D[i]_prev) / N, exact only up to order 1.""",
         label="Taylor form", choices=TAYLOR_FORMS, advanced=True)
+    warmup_restarts_taylor: bool = knob(
+        False, """True (the released code's `step > first_enhance - 2` rule): a full step before step
+        warmup_steps - 1 restarts its blocks' Taylor terms at order 0 (no differences with earlier full steps);
+        from step warmup_steps - 1 on, full steps build the higher orders. False: every full step does.""",
+        label="warm-up restarts Taylor", advanced=True)
     eps: float = knob(
         1e-6, "Added to |real| in the rel_l1 denominator (and to norms) to avoid division by zero.",
         minimum=0, exclusive_minimum=True, advanced=True)
@@ -124,8 +165,23 @@ class SpeCaConfig(ConfigBase):
             self.schedule = list(self.schedule)
 
     def threshold_at(self, step: int, num_steps: int) -> float:
-        """tau(step) = threshold * decay ** (step / num_steps)."""
-        return float(self.threshold) * float(self.decay) ** (step / max(1, num_steps))
+        """tau(step) = max(threshold * decay ** (step / num_steps), threshold_floor)."""
+        tau = float(self.threshold) * float(self.decay) ** (step / max(1, num_steps))
+        return max(tau, float(self.threshold_floor))
+
+    @classmethod
+    def reference(cls, **overrides) -> "SpeCaConfig":
+        """The behaviour of the authors' released FLUX code (Shenyi-Z/Cache4Diffusion, flux/speca-flux: cal_type,
+        taylor_utils, cache_init and the sampling script's defaults), with `overrides` on top. Unknown
+        field names raise ValueError. See docs/speca.md, "Library defaults vs the released code"."""
+        preset = dict(
+            threshold=7.0, decay=0.3, threshold_floor=0.1, threshold_step="next",
+            order=2, warmup_steps=3, spec_after_full=True, warmup_restarts_taylor=True, taylor_form="reference",
+            distance="step", min_spec_steps=2, max_spec_steps=8,
+            metric="rel_l1", eps=1e-10, batch_error="whole_batch",
+            on_reject="defer", verify_block=-1, verify_in_grace=False, verify_output="forecast",
+        )
+        return cls.from_dict({**preset, **overrides})
 
 
 class SpeCaState(RunState):
@@ -136,6 +192,9 @@ class SpeCaState(RunState):
         self.forecasters: dict[int, TaylorForecaster] = {}
         self.consecutive_spec = 0
         self.force_full_next = False
+        self.last_full = False  # the previous step of this run was full
+        self.verify_now = True  # this speculative step computes the verify block
+        self.restart_taylor = False  # this full step restarts the Taylor terms at order 0
         self.verify_errors: torch.Tensor | None = None
         self.verify_map: torch.Tensor | None = None
         # Speculative step in flight: every gate of the model at this step ([G, B, C]) and the forecast
@@ -205,23 +264,14 @@ class SpeCaBlockHook(ModelHook):
         forecaster = self._forecaster(state)
         if state.mode == FULL_MODE:
             out, feats = self._real(args, kwargs, state)
-            forecaster.update(state.x, feats)
+            forecaster.update(state.x, feats, restart=state.restart_taylor)
             return out
         driver, adapter = self.driver, self.driver.adapter
         pred = forecaster.predict(state.x)
         if state.gates is None:
             state.gates = driver.all_gates(adapter.block_temb(args, kwargs), state)
-        if not self.is_verify:
-            # A forecast block only queues gate * forecast; the queue is added to the streams in one pass
-            # before the next real block (or after the last block): the blocks' sum is all that is needed.
-            state.coefs = pred.coefs
-            for c in adapter.contributions(self.block, state.layout):
-                gi = driver.gate_index[(self.block.index, c.feature)]
-                state.pending.setdefault(c.stream, []).append((pred.terms[c.feature], gi, c.row_start))
-            streams = adapter.block_streams(args, kwargs)
-            if self.block.index == driver.n_blocks - 1:
-                streams = driver.flush(streams, state)
-            return adapter.block_output(self.block, streams)
+        if not (self.is_verify and state.verify_now):
+            return self._forecast(args, kwargs, state, pred)
         # Verification: this block for real, from the hidden state the forecast blocks produced.
         args, kwargs = adapter.with_block_streams(args, kwargs, driver.flush(adapter.block_streams(args, kwargs), state))
         out, real = self._real(args, kwargs, state)
@@ -229,8 +279,25 @@ class SpeCaBlockHook(ModelHook):
         cfg = driver.config
         forecast = pred[key]
         img = adapter.image_tokens(self.block, key, state.layout) if cfg.record_maps else None
-        state.verify_errors, state.verify_map = verification_errors(forecast, real[key], cfg.metric, cfg.eps, img)
+        state.verify_errors, state.verify_map = verification_errors(
+            forecast, real[key], cfg.metric, cfg.eps, img, whole_batch=cfg.batch_error == "whole_batch")
+        if cfg.verify_output == "forecast":  # the released code: the verification only measures
+            return self._forecast(args, kwargs, state, pred)
         return out  # the real output: it is computed anyway and strictly better than its forecast
+
+    def _forecast(self, args, kwargs, state: SpeCaState, pred):
+        """The block's output on a speculative step, from its forecast features.
+        A forecast block only queues gate * forecast; the queue is added to the streams in one pass before the
+        next real block (or after the last block): the blocks' sum is all that is needed."""
+        driver, adapter = self.driver, self.driver.adapter
+        state.coefs = pred.coefs
+        for c in adapter.contributions(self.block, state.layout):
+            gi = driver.gate_index[(self.block.index, c.feature)]
+            state.pending.setdefault(c.stream, []).append((pred.terms[c.feature], gi, c.row_start))
+        streams = adapter.block_streams(args, kwargs)
+        if self.block.index == driver.n_blocks - 1:
+            streams = driver.flush(streams, state)
+        return adapter.block_output(self.block, streams)
 
 
 class SpeCaModelHook(StepDriverHook):
@@ -271,6 +338,8 @@ class SpeCaModelHook(StepDriverHook):
         cfg: SpeCaConfig = self.config
         if cfg.schedule is not None:
             return (cfg.schedule[info.step] if info.step < len(cfg.schedule) else True), "schedule"
+        if cfg.spec_after_full and state.last_full:
+            return False, ""
         if info.step < cfg.warmup_steps:
             return True, "warmup"
         if not state.forecasters:
@@ -286,22 +355,29 @@ class SpeCaModelHook(StepDriverHook):
         out = self.fn_ref.original_forward(*args, **kwargs)
         state.consecutive_spec = 0
         state.force_full_next = False
+        state.last_full = True
         return out
 
     def run_step(self, module, args, kwargs, info: StepInfo, state: SpeCaState, rec: StepRecord):
         cfg: SpeCaConfig = self.config
         state.x = float(info.step) if cfg.distance == "step" or info.sigma is None else info.sigma
-        rec.threshold = cfg.threshold_at(info.step, info.num_steps)
+        rec.threshold = cfg.threshold_at(info.step + (cfg.threshold_step == "next"), info.num_steps)
+        state.restart_taylor = cfg.warmup_restarts_taylor and info.step < cfg.warmup_steps - 1
         full, reason = self._plan(info, state)
         if full:
             rec.decision, rec.reason = FULL, reason
             return self._full(args, kwargs, state)
 
+        n_spec = state.consecutive_spec + 1
+        # Judged by the threshold after the grace steps; the released code never verifies the step right
+        # after a full one.
+        judged = n_spec > cfg.min_spec_steps and not (cfg.spec_after_full and state.last_full)
         state.mode = SPEC_MODE
+        state.last_full = False
+        state.verify_now = cfg.schedule is not None or judged or cfg.verify_in_grace
         state.verify_errors = state.verify_map = state.gates = None
         state.pending = {}
         out = self.fn_ref.original_forward(*args, **kwargs)
-        n_spec = state.consecutive_spec + 1
         if state.verify_errors is not None:
             errors = state.verify_errors.tolist()  # one sync: the decision needs the value
             rec.errors, rec.error = errors, max(errors)
@@ -309,7 +385,7 @@ class SpeCaModelHook(StepDriverHook):
             rec.maps["error"] = state.verify_map.reshape(state.layout.grid).tolist()
         if cfg.schedule is not None:
             verdict, reason = True, "schedule"
-        elif n_spec <= cfg.min_spec_steps:
+        elif not judged:
             verdict, reason = True, "grace"
         else:
             verdict, reason = (rec.error is None or rec.error <= rec.threshold), "verified"
