@@ -117,7 +117,7 @@ class StepDriverHook(ModelHook):
         rec.time_ms = (time.perf_counter() - start) * 1000.0
         rec.blocks_computed = state.blocks_computed
         state.last_step = info.step
-        trace.steps.append(rec)
+        trace.append(rec)
         if self.handle.on_step is not None:
             self.handle.on_step(rec)
         return out

@@ -8,7 +8,8 @@ per partial step; SpeCa: an error map per speculative step). After each step the
 snapshot of the trace (as `lab.runner.stream_run` takes one), `trace.summary()`, and the three figures the lab
 redraws (`error_figure`, `timeline_figure`, `token_maps_figure`); then, separately, their `to_json()` (what
 Gradio's `gr.Plot` sends to the browser). "record" is the cost of handing one step's maps to the trace.
-Each step's time is the best of `--repeat` whole runs (the machine is shared; the best is the least noisy).
+Each step's time is the best of `--repeat` whole runs. The clock is this thread's CPU time by default (the
+work itself: on a shared machine wall time also counts the waits for a core); `--clock wall` for wall time.
 
 Self-contained on purpose (no `scripts.*` imports, no `sys.path` edits): it reads only `accel.trace` and
 `visualizers`, and works with the trace API before and after maps became arrays (it feature-detects
@@ -80,26 +81,27 @@ def _step_record(method: str, i: int, n: int, grid: tuple[int, int], g: torch.Ge
     return rec, maps
 
 
-def run_once(method: str, n: int, grid: tuple[int, int], seed: int = 0) -> dict[str, list[float]]:
+def run_once(method: str, n: int, grid: tuple[int, int], seed: int = 0,
+             clock=time.thread_time) -> dict[str, list[float]]:
     """One streamed run; per step, milliseconds of: record, update (snapshot + summary + 3 figures), to_json."""
     g = torch.Generator().manual_seed(seed)
     trace = Trace(method=method, config={}, model="Synthetic", num_steps=n, token_grid=list(grid))
     out: dict[str, list[float]] = {"record": [], "update": [], "to_json": []}
     for i in range(n):
         rec, maps = _step_record(method, i, n, grid, g)
-        t0 = time.perf_counter()
+        t0 = clock()
         for name, tensor in maps.items():
             _record_map(rec, name, tensor)
-        t1 = time.perf_counter()
+        t1 = clock()
         _append(trace, rec)
-        t2 = time.perf_counter()
+        t2 = clock()
         snap = _snapshot(trace)
         snap.summary()
         figs = (V.error_figure(snap), V.timeline_figure(snap), V.token_maps_figure(snap))
-        t3 = time.perf_counter()
+        t3 = clock()
         for f in figs:
             f.to_json()
-        t4 = time.perf_counter()
+        t4 = clock()
         out["record"].append((t1 - t0) * 1e3)
         out["update"].append((t3 - t2) * 1e3)
         out["to_json"].append((t4 - t3) * 1e3)
@@ -113,14 +115,18 @@ def main(argv=None) -> None:
                     help="token grid (64 64 = FLUX at 1024x1024)")
     ap.add_argument("--method", choices=("specdiff", "speca", "both"), default="both")
     ap.add_argument("--repeat", type=int, default=3, help="whole runs; each step's time is the best of them")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu: this thread's CPU time (default); wall: elapsed time")
     args = ap.parse_args(argv)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     grid = tuple(args.grid)
     V.token_maps_figure(Trace(method="warm", config={}))  # imports and plotly's first-figure setup, untimed
     methods = ("specdiff", "speca") if args.method == "both" else (args.method,)
-    print(f"token grid {grid[0]}x{grid[1]}, {args.steps} steps, best of {args.repeat} runs; ms per update")
+    print(f"token grid {grid[0]}x{grid[1]}, {args.steps} steps, best of {args.repeat} runs; "
+          f"ms per update ({args.clock} time)")
     print(f"{'method':<9} {'what':<8} {'step 1':>8} {'step 10':>8} {'step 25':>8} {'last':>8} {'mean':>8} {'max':>8}")
     for method in methods:
-        runs = [run_once(method, args.steps, grid, seed=r) for r in range(args.repeat)]
+        runs = [run_once(method, args.steps, grid, seed=r, clock=clock) for r in range(args.repeat)]
         for what in ("record", "update", "to_json"):
             best = [min(r[what][i] for r in runs) for i in range(args.steps)]
             at = [best[min(k, args.steps) - 1] for k in (1, 10, 25, args.steps)]
