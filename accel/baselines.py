@@ -213,7 +213,7 @@ class FirstBlockDriver(BaselineDriver):
             rec.errors = [rec.error]
             if state.layout is not None and res.shape[1] == _prod(state.layout.grid):
                 per_token = diff.float().mean(dim=(0, 2)) / scale.float().clamp_min(1e-12)
-                rec.maps["error"] = per_token.reshape(state.layout.grid).tolist()
+                rec.set_map("error", per_token.reshape(state.layout.grid))
         if full:
             rec.decision, rec.reason = FULL, "first_step" if ref is None else "changed"
             if res is not None:

@@ -180,7 +180,7 @@ class StepDriverHook(ModelHook):
         self._slowest_step_s = max(self._slowest_step_s, rec.time_ms / 1000.0)
         rec.blocks_computed = state.blocks_computed
         state.last_step = info.step
-        trace.steps.append(rec)
+        trace.append(rec)
         if self.handle.on_step is not None:
             self.handle.on_step(rec)
         return out

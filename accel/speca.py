@@ -382,7 +382,7 @@ class SpeCaModelHook(StepDriverHook):
             errors = state.verify_errors.tolist()  # one sync: the decision needs the value
             rec.errors, rec.error = errors, max(errors)
         if state.verify_map is not None:
-            rec.maps["error"] = state.verify_map.reshape(state.layout.grid).tolist()
+            rec.set_map("error", state.verify_map.reshape(state.layout.grid))
         if cfg.schedule is not None:
             verdict, reason = True, "schedule"
         elif not judged:

@@ -243,7 +243,7 @@ class SpecDiffModelHook(StepDriverHook):
                      "attn_pairs": ctl.attn_pairs}
         if cfg.record_maps:
             h = state.layout.grid
-            rec.maps["level"] = torch.ones(h, dtype=torch.int8).tolist()
+            rec.set_map("level", torch.ones(h, dtype=torch.int8))
 
     def _partial_step(self, args, kwargs, info: StepInfo, state: SpecDiffState, rec: StepRecord, next_partial: bool):
         cfg: SpecDiffConfig = self.config
@@ -285,8 +285,8 @@ class SpecDiffModelHook(StepDriverHook):
         counts = torch.stack([(level == k).sum() for k in (1, 2, 3)]).float()
         if cfg.record_maps:
             packed = torch.cat([counts, score.float(), level.float()]).cpu()  # the step's one host sync
-            rec.maps["importance"] = packed[3:3 + n_img].reshape(layout.grid).tolist()
-            rec.maps["level"] = packed[3 + n_img:].to(torch.int8).reshape(layout.grid).tolist()
+            rec.set_map("importance", packed[3:3 + n_img].reshape(layout.grid))
+            rec.set_map("level", packed[3 + n_img:].to(torch.int8).reshape(layout.grid))
         else:
             packed = counts.cpu()
         c = [int(x) for x in packed[:3].tolist()]

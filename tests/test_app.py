@@ -82,7 +82,7 @@ def test_generate_end_to_end_with_compare(lab):
     assert len(lab.full_cache) == 1
     # exported files: the trace round-trips, the config is the exact one
     by_ext = {os.path.splitext(f)[0].rsplit("_", 1)[-1] + os.path.splitext(f)[1]: f for f in files}
-    back = Trace.from_json(by_ext["trace.json"])
+    back = Trace.load(by_ext["trace.json"])
     assert back.summary() == trace.summary()
     assert open(by_ext["trace.csv"]).readline().startswith("phase,step")
     assert '"threshold": 7.0' in open(by_ext["config.json"]).read()

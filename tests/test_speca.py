@@ -297,8 +297,9 @@ def test_trace_round_trips_and_has_error_maps(pipe, tmp_path):
     assert trace.token_grid == [4, 4]
     path = tmp_path / "t.json"
     trace.to_json(str(path))
-    back = accel.Trace.from_json(str(path))
+    back = accel.Trace.load(path)
     assert back.summary() == trace.summary() and back.steps[5] == trace.steps[5]
+    assert back.steps[5].maps["error"].dtype == trace.steps[5].maps["error"].dtype == "float32"
     csv = trace.to_csv()
     assert csv.count("\n") == STEPS + 1 and "decision" in csv.splitlines()[0]
     with pytest.raises(ValueError, match="not a SpecLab trace"):
