@@ -240,8 +240,8 @@ class Handle:
     def _trace_for(self, info: StepInfo, layout: TokenLayout) -> Trace:
         cur = self._current
         if cur is not None:
-            seen = [r.step for r in cur.steps if r.context == info.context]
-            if seen and info.step <= seen[-1]:  # steps went backwards: a new run began without a reset
+            seen = cur.series(info.context).step
+            if len(seen) and info.step <= seen[-1]:  # steps went backwards: a new run began without a reset
                 self._end_run()
                 cur = None
         if cur is None:

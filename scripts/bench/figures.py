@@ -1,7 +1,7 @@
 """Per-update cost of the lab's figures while a run streams: what one `RunUpdate` costs the lab at step i.
 
-    python -m scripts.bench_figures                      # 64x64 token grid (FLUX at 1024x1024), 50 steps
-    python -m scripts.bench_figures --grid 64 64 --steps 50 --method speca --repeat 5
+    python -m scripts.bench.figures                      # 64x64 token grid (FLUX at 1024x1024), 50 steps
+    python -m scripts.bench.figures --grid 64 64 --steps 50 --method speca --repeat 5
 
 A synthetic run appends one step at a time, as `accel`'s runtime does (SpecDiff: an importance and a level map
 per partial step; SpeCa: an error map per speculative step). After each step the lab's update is timed:
