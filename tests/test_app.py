@@ -115,8 +115,15 @@ def test_every_method_streams_a_trace(rlab, method):
     for fig in final[3:6]:
         assert isinstance(fig, go.Figure)
     if method == R.SPECDIFF:
-        assert trace.overhead or trace.config["spec_steps"] == 1 or trace.config.get("share_first_step")
-        assert any("level" in r.maps for r in trace.steps)
+        cfg = trace.config
+        assert cfg["cache_rate"] == 0.85 and cfg["spec_steps"] == 2 and cfg["share_first_step"] is True
+        # the pre-run ran: spec_steps calls, the first shared with step 0
+        assert len(trace.overhead) == 1 and trace.overhead[0].reason == "prerun"
+        assert trace.meta["prerun"]["cond"]["calls"] == 1 and len(trace.meta["prerun"]["cond"]["sigmas"]) == 2
+        part = [r for r in trace.steps if r.decision == "partial"]
+        assert len(part) == 10 - 4  # the lab's warm-up: 4 steps
+        assert all(r.tokens_computed < r.tokens_total and "importance" in r.maps for r in part)
+        assert all(1 in sum(r.maps["level"], []) for r in part)
     assert _no_speclab_hooks(rlab.manager.get(M.TINY).pipe)
 
 
