@@ -158,9 +158,13 @@ class StepDriverHook(ModelHook):
         state = self.states.get_state()
         info = self._locate(state, args, kwargs)
         self.current_state = state
-        self.run_states[info.context] = state
-        if state.last_step is not None and info.step <= state.last_step:
+        restarted = state.last_step is not None and info.step <= state.last_step
+        if restarted:
             state.reset()  # a new run in this context (the last one ended without a reset)
+            self.run_states.clear()
+        if not self.run_states:
+            self.on_new_run()
+        self.run_states[info.context] = state
         if state.layout is None:
             state.layout = self.adapter.token_layout(args, kwargs)
         trace = self.handle._trace_for(info, state.layout)
@@ -193,6 +197,10 @@ class StepDriverHook(ModelHook):
 
     def run_step(self, module, args, kwargs, info: StepInfo, state: RunState, rec: StepRecord):
         raise NotImplementedError
+
+    def on_new_run(self) -> None:
+        """Called at the first denoiser call of every run (before `run_step`), also when the last run ended in
+        an exception without the pipeline's reset."""
 
     def reset_state(self, module):
         self.states.reset()

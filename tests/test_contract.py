@@ -56,7 +56,7 @@ METHODS = {
         "specdiff",
         lambda fam: accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3),
         lambda n: accel.SpecDiffConfig(cache_rate=0.0),
-        branch_signature=lambda r: r.maps.get("importance"),
+        branch_signature=lambda r: None if "importance" not in r.maps else r.maps["importance"].tobytes(),
         tokens=True,
     ),
     "full": Method("full", None, lambda n: accel.FullConfig()),
@@ -74,17 +74,7 @@ ALL_FULL = [m for m in ALL if METHODS[m].all_full is not None]
 
 # Contract breaches found by this suite in accel's baselines (accel/baselines.py), kept visible as strict xfails:
 # each turns into a failure (XPASS) the day it is fixed, so the mark must go then.
-KNOWN_BREACHES = {
-    ("exception", "taylorseer"): "diffusers' TaylorSeerCache state survives a run that ended in an exception "
-                                 "(diffusers resets it only at the end of a pipeline call; the baseline driver "
-                                 "does not reset it when a new run starts)",
-    ("exception", "fbcache"): "diffusers' FirstBlockCache state survives a run that ended in an exception: the next "
-                              "run's step 0 is a cache hit on the old run's residuals",
-    ("compute", "taylorseer"): "the baselines' Linear counter adds rows x out_features per call, not the "
-                               "multiply-accumulates rows x in_features x out_features its docstring promises, so a "
-                               "block whose attention is forecast is under-counted (3.05 of 5 blocks vs 3.62 measured "
-                               "on tiny FLUX)",
-}
+KNOWN_BREACHES: dict = {}
 
 
 def methods(names, contract: str) -> list:
@@ -157,7 +147,8 @@ def cfg_kwargs(fam: Family, same_negative: bool, batch: int = 1) -> dict:
 
 def record_view(r) -> tuple:
     """What a step record says about the computation (not its wall time)."""
-    return (r.step, r.decision, r.reason, r.blocks_computed, r.tokens_computed, r.error, r.errors, r.maps)
+    maps = {k: (v.shape, v.tobytes()) for k, v in sorted(r.maps.items())}  # arrays, compared bit for bit
+    return (r.step, r.decision, r.reason, r.blocks_computed, r.tokens_computed, r.error, r.errors, maps)
 
 
 def close(a, b, rtol=1e-5, atol=1e-6) -> None:
@@ -233,17 +224,18 @@ def test_all_full_config_is_bit_identical(env, method):
 @pytest.mark.parametrize("method", ALL)
 def test_remove_restores_the_plain_pipeline(env, method):
     fam, pipe = env.fam, env.pipe
+    plain = env.plain()  # computed (and cached) before anything is attached
     before = processors(pipe)
     h = accel.apply(pipe, config_for(method, fam))
     assert hooks_on(pipe)
     out = fam.run(pipe)
     if METHODS[method].accelerated is not None:
-        assert not torch.equal(out, env.plain()), "the accelerated config changes the output"
+        assert not torch.equal(out, plain), "the accelerated config changes the output"
     h.remove()
     h.remove()  # a second remove is harmless
     assert not hooks_on(pipe)
     assert all(a is b for a, b in zip(processors(pipe), before))
-    assert torch.equal(fam.run(pipe), env.plain())
+    assert torch.equal(fam.run(pipe), plain)
 
 
 class Boom(RuntimeError):
