@@ -268,7 +268,7 @@ class Lab:
             raise gr.Error("choose a trace JSON file (exported by this lab or by accel's Trace.to_json)")
         path = file if isinstance(file, str) else getattr(file, "name", None) or file.get("path")
         try:
-            trace = Trace.from_json(path)
+            trace = Trace.load(path)
         except (OSError, ValueError, TypeError) as e:
             raise gr.Error(f"could not read {os.path.basename(str(path))}: {e}") from None
         return (summary_markdown(trace, {"note": f"loaded from {os.path.basename(str(path))}"}),

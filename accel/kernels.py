@@ -167,7 +167,7 @@ def taylor_update(f: torch.Tensor, old: list[torch.Tensor], inv: list[float]) ->
 
 
 # ---- forecast_error: verification error of sum_i coef_i * terms[i] against the real feature ----------------
-N_SUMS = 8  # per row: sum |d|/(|r|+eps), sum |d|, sum |r|, sum d^2, sum r^2, sum p*r, sum p^2, (unused)
+N_SUMS = 8  # per row: sum |d|/(|r|+eps), sum |d|, sum |r|, sum d^2, sum r^2, sum p*r, sum p^2, sum (|d|/(|r|+eps))^2
 
 
 def torch_forecast(terms: list[torch.Tensor], coefs: list[float]) -> torch.Tensor:
@@ -186,6 +186,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         base = row * C
         rel = tl.zeros([BLOCK], dtype=tl.float32)
+        rel2 = tl.zeros([BLOCK], dtype=tl.float32)
         s_ad = tl.zeros([BLOCK], dtype=tl.float32)
         s_ar = tl.zeros([BLOCK], dtype=tl.float32)
         s_dd = tl.zeros([BLOCK], dtype=tl.float32)
@@ -208,7 +209,9 @@ if triton is not None:
             d = p - r
             ad = tl.abs(d)
             ar = tl.abs(r)
-            rel += tl.where(mask, ad / (ar + eps), 0.0)
+            q = tl.where(mask, ad / (ar + eps), 0.0)
+            rel += q
+            rel2 += q * q
             s_ad += ad
             s_ar += ar
             s_dd += d * d
@@ -223,6 +226,7 @@ if triton is not None:
         tl.store(out + 4, tl.sum(s_rr, axis=0))
         tl.store(out + 5, tl.sum(s_pr, axis=0))
         tl.store(out + 6, tl.sum(s_pp, axis=0))
+        tl.store(out + 7, tl.sum(rel2, axis=0))
 
 
 def row_sums(terms: list[torch.Tensor], coefs: list[float], real: torch.Tensor, eps: float) -> torch.Tensor:
@@ -239,31 +243,42 @@ def row_sums(terms: list[torch.Tensor], coefs: list[float], real: torch.Tensor, 
 
 
 def errors_from_sums(sums: torch.Tensor, n_channels: int, metric: str, eps: float,
-                     image_rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(per-sample error [B], per-token map of the image rows or None) from `row_sums`; the same definitions
-    as `metrics.verification_errors`."""
+                     image_rows: slice | None = None,
+                     whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-sample error [B] ([1] with whole_batch), per-token map of the image rows or None) from `row_sums`;
+    the definitions of `metrics.verification_errors`."""
     tok = None
     if image_rows is not None:
         img = sums[:, image_rows]
         tok = ((img[..., 1] / n_channels) / (img[..., 2] / n_channels + eps)).mean(dim=0)
     total = sums.sum(dim=1)  # [B, N_SUMS]
+    n = sums.shape[1] * n_channels
+    if whole_batch and metric != "cosine":
+        total, n = total.sum(dim=0, keepdim=True), n * sums.shape[0]
     if metric == "rel_l1":
-        err = total[:, 0] / (sums.shape[1] * n_channels)
+        err = total[:, 0] / n
+    elif metric == "rel_rms":
+        err = (total[:, 7] / n).sqrt()
     elif metric == "rel_l2":
         err = total[:, 3].sqrt() / (total[:, 4].sqrt() + eps)
     elif metric == "cosine":
         err = 1.0 - total[:, 5] / (total[:, 6].sqrt().clamp_min(eps) * total[:, 4].sqrt().clamp_min(eps))
+        if whole_batch:
+            err = err.mean(dim=0, keepdim=True)
     else:
-        raise ValueError(f"metric={metric!r} is unknown: use one of rel_l1, rel_l2, cosine")
+        raise ValueError(f"metric={metric!r} is unknown: use one of rel_l1, rel_rms, rel_l2, cosine")
     return err, tok
 
 
 def forecast_error(terms: list[torch.Tensor], coefs: list[float], real: torch.Tensor, metric: str, eps: float,
-                   image_rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   image_rows: slice | None = None,
+                   whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Verification of the forecast sum_i coefs[i] * terms[i] against `real` ([B, N, C]): (per-sample error
-    [B], per-token map of `image_rows` or None), as `metrics.verification_errors` defines them. Fused on CUDA
-    (the forecast is formed in float32 inside the kernel, never stored); the torch path builds the forecast."""
+    [B] ([1] with whole_batch), per-token map of `image_rows` or None), as `metrics.verification_errors`
+    defines them. Fused on CUDA (the forecast is formed in float32 inside the kernel, never stored); the torch
+    path builds the forecast."""
     I = len(coefs)
     if real.dim() == 3 and I <= MAX_TERMS and _fusable([real, *terms[:I]]):
-        return errors_from_sums(row_sums(terms, coefs, real, eps), real.shape[-1], metric, eps, image_rows)
-    return verification_errors(torch_forecast(terms, coefs), real, metric, eps, image_rows)
+        return errors_from_sums(row_sums(terms, coefs, real, eps), real.shape[-1], metric, eps, image_rows,
+                                whole_batch)
+    return verification_errors(torch_forecast(terms, coefs), real, metric, eps, image_rows, whole_batch)

@@ -47,9 +47,12 @@ HOOK_NAME = "speclab_speca"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-METRICS = ("rel_l1", "rel_l2", "cosine")
+METRICS = ("rel_l1", "rel_rms", "rel_l2", "cosine")
 REJECT_POLICIES = ("recompute", "defer")
 DISTANCES = ("step", "sigma")
+THRESHOLD_STEPS = ("current", "next")
+VERIFY_OUTPUTS = ("real", "forecast")
+BATCH_ERRORS = ("worst_sample", "whole_batch")
 TAYLOR_FORMS = ("newton", "reference")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 FORECASTS = ("stack", "per_block")
@@ -64,7 +67,8 @@ class SpeCaConfig(ConfigBase):
     On a speculative step every block's cached features are forecast by a Taylor series fitted on
     past full steps; the verify block is then computed for real from the forecast hidden state and
     its real output is compared with its forecast. Too large an error rejects the step.
-    Defaults are the paper's FLUX settings.
+    Defaults are the paper's FLUX settings; `SpeCaConfig.reference()` gives the behaviour of the authors'
+    released code instead (docs/speca.md lists every difference and why the defaults differ).
     """
 
     threshold: float = knob(
@@ -75,6 +79,15 @@ class SpeCaConfig(ConfigBase):
     decay: float = knob(
         0.3, "Threshold decay over the run: 1 keeps it constant, smaller tightens it toward the end.",
         label="threshold decay", minimum=0, exclusive_minimum=True, maximum=1, ui_range=(0.01, 1), step=0.01)
+    threshold_floor: float = knob(
+        0.0, """The threshold never goes below this value: tau = max(threshold * decay ** (i / n), floor). The released
+        code uses 0.1; 0 (the default) leaves the schedule as it is.""",
+        label="threshold floor", minimum=0, ui_range=(0, 1), step=0.01, advanced=True)
+    threshold_step: str = knob(
+        "current", """Whose threshold judges a verified step's error. current: step i's error against tau(i).
+        next (the released code): step i's error decides whether step i+1 runs full, so it is compared with
+        tau(i+1). The trace's threshold is the one the step's error was judged against.""",
+        label="threshold of step", choices=THRESHOLD_STEPS, advanced=True)
     order: int = knob(
         2, """Taylor order of the forecast. 0 reuses the last full step's features as they are. The order actually
         used grows with the number of full steps seen (k full steps allow order k-1).""",
@@ -82,17 +95,29 @@ class SpeCaConfig(ConfigBase):
     warmup_steps: int = knob(
         3, "The first warm-up steps are always full (they also seed the forecast's history).",
         label="warm-up steps", minimum=1, maximum=10_000, ui_range=(1, 10), advanced=True)
+    spec_after_full: bool = knob(
+        False, """True (the released code): a full step is always followed by a speculative step, which is never
+        verified, warm-up included: the warm-up runs F s F (step 1 reuses step 0's features) instead of F F F.
+        Past the warm-up the rules already give a speculative step after a full one; what changes there is only
+        that the first speculative step is never verified, even with min speculative steps 0.""",
+        label="speculative after full", advanced=True)
     min_spec_steps: int = knob(
         2, """The first speculative steps after a full step are accepted whatever the error (their error is still
-        measured and traced); verification can reject only after them.""",
+        measured and traced, unless verify during grace is off); verification can reject only after them.""",
         label="min speculative steps", minimum=0, maximum=10_000, ui_range=(0, 10), advanced=True)
     max_spec_steps: int = knob(
         8, "After this many consecutive speculative steps the next step is forced full (>= min speculative steps).",
         label="max speculative steps", minimum=1, maximum=10_000, ui_range=(1, 16), advanced=True)
     metric: str = knob(
-        "rel_l1", """Verification error, per sample. rel_l1: elementwise mean(|pred-real| / (|real|+eps)), as the
-        reference code; rel_l2: ||pred-real|| / ||real||; cosine: 1 - cos(pred, real).""",
+        "rel_l1", """Verification error (per sample, see batch error). rel_l1: elementwise mean(|pred-real| /
+        (|real|+eps)), as the reference code; rel_rms: the root mean square of the same ratio (the reference code's
+        "relative L2"); rel_l2: ||pred-real|| / ||real||, a ratio of norms; cosine: 1 - cos(pred, real).""",
         label="error metric", choices=METRICS, advanced=True)
+    batch_error: str = knob(
+        "worst_sample", """worst_sample: one error per sample, the step passes only if every sample does (the trace
+        keeps them all). whole_batch (the released code): one error over the whole batch (rel_l1, rel_rms, rel_l2
+        over every element; cosine as 1 - the samples' mean cosine). Identical for batch 1.""",
+        label="batch error", choices=BATCH_ERRORS, advanced=True)
     on_reject: str = knob(
         "recompute", """recompute (the paper): a rejected step is computed again fully, so its output is exact.
         defer (the released code): keep the rejected forecast and make the next step full.""",
@@ -101,11 +126,23 @@ class SpeCaConfig(ConfigBase):
         -1, """Which block verifies, as an index into the model's blocks in execution order (FLUX: 19 double then
         38 single blocks); negative counts from the end. Default: the last block.""",
         label="verify block", minimum=-100_000, maximum=100_000, ui_range=(-8, -1), advanced=True)
+    verify_in_grace: bool = knob(
+        True, """Compute the verify block on the grace steps too (the first min speculative steps, which are accepted
+        whatever the error): their error is traced. False (the released code): on those steps the verify block is
+        forecast like every other block, and its error is neither computed nor traced. (A schedule replay
+        verifies every speculative step, so it reproduces such a run exactly only with verify output forecast.)""",
+        label="verify during grace", advanced=True)
+    verify_output: str = knob(
+        "real", """What a verified step keeps as the verify block's output. real: its real output (computed anyway,
+        and closer to a full step). forecast (the released code): its forecast, like every other block, so the
+        verification only measures.""",
+        label="verify block output", choices=VERIFY_OUTPUTS, advanced=True)
     forecast: str = knob(
         "stack", """What a speculative step forecasts. stack: the sum of the blocks' gated contributions before
         the verify block (and after it), one tensor per stream and Taylor order, and the verify block's feature;
-        little memory, and a speculative step costs about one block. per_block (the paper): every block's
-        features, each multiplied by this step's exact gate; (order + 1) tensors per feature of every block.""",
+        little memory, and a speculative step costs about one block. per_block (the paper, and the released
+        code): every block's features, each multiplied by this step's exact gate; (order + 1) tensors per feature
+        of every block.""",
         label="forecast", choices=FORECASTS)
     schedule: list[bool] | None = knob(
         None, """Forced schedule replay: one bool per step, True = full step, False = speculative (accepted). When
@@ -121,6 +158,11 @@ class SpeCaConfig(ConfigBase):
         trajectories that are polynomials of degree <= order. reference: the recursive differences of the
         TaylorSeer/SpeCa code, D[i+1] = (D[i]_new - D[i]_prev) / N, exact only up to order 1.""",
         label="Taylor form", choices=TAYLOR_FORMS, advanced=True)
+    warmup_restarts_taylor: bool = knob(
+        False, """True (the released code's `step > first_enhance - 2` rule): a full step before step
+        warmup_steps - 1 restarts its blocks' Taylor terms at order 0 (no differences with earlier full steps);
+        from step warmup_steps - 1 on, full steps build the higher orders. False: every full step does.""",
+        label="warm-up restarts Taylor", advanced=True)
     eps: float = knob(
         1e-6, "Added to |real| in the rel_l1 denominator (and to norms) to avoid division by zero.",
         minimum=0, exclusive_minimum=True, advanced=True)
@@ -146,35 +188,61 @@ class SpeCaConfig(ConfigBase):
             self.schedule = list(self.schedule)
 
     def threshold_at(self, step: int, num_steps: int) -> float:
-        """tau(step) = threshold * decay ** (step / num_steps)."""
-        return float(self.threshold) * float(self.decay) ** (step / max(1, num_steps))
+        """tau(step) = max(threshold * decay ** (step / num_steps), threshold_floor)."""
+        tau = float(self.threshold) * float(self.decay) ** (step / max(1, num_steps))
+        return max(tau, float(self.threshold_floor))
+
+    @classmethod
+    def reference(cls, **overrides) -> "SpeCaConfig":
+        """The behaviour of the authors' released FLUX code (Shenyi-Z/Cache4Diffusion, flux/speca-flux: cal_type,
+        taylor_utils, cache_init and the sampling script's defaults), with `overrides` on top. Unknown
+        field names raise ValueError. See docs/speca.md, "Library defaults vs the released code"."""
+        preset = dict(
+            threshold=7.0, decay=0.3, threshold_floor=0.1, threshold_step="next",
+            order=2, warmup_steps=3, spec_after_full=True, warmup_restarts_taylor=True, taylor_form="reference",
+            distance="step", min_spec_steps=2, max_spec_steps=8,
+            metric="rel_l1", eps=1e-10, batch_error="whole_batch",
+            on_reject="defer", verify_block=-1, verify_in_grace=False, verify_output="forecast",
+            forecast="per_block",
+        )
+        return cls.from_dict({**preset, **overrides})
 
 
 class SpeCaState(RunState):
     def reset(self, *args, **kwargs) -> None:
-        _read_deferred(getattr(self, "deferred", ()))
+        _read_errors(getattr(self, "deferred", ()))
         super().reset()
         self.x = 0.0  # Taylor position of the current step
         self.forecasters: dict[int | str, TaylorForecaster] = {}
         self.consecutive_spec = 0
         self.force_full_next = False
+        self.last_full = False  # the previous step of this run was full
+        self.verify_now = True  # this speculative step computes the verify block
+        self.restart_taylor = False  # this full step restarts the Taylor terms at order 0
         self.verify_errors: torch.Tensor | None = None
         self.verify_map: torch.Tensor | None = None
         self.recorded: dict[str, dict[str, torch.Tensor]] = {}
         """Streams a full step's stand-ins recorded (stack forecast)."""
         self.gate_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
         """Every gate row of every modulation linear, stacked once per run (per_block forecast)."""
-        self.deferred: list[tuple[StepRecord, torch.Tensor, torch.Tensor | None, tuple]] = []
-        """Verification errors still on the device, read into their step records at the end of the run."""
+        self.deferred: list[tuple] = []
+        """(trace, record, errors, map, grid) of verification errors still on the device, read into their records
+        at the end of the run (`sync_timing=False`, when no decision needs them)."""
 
 
-def _read_deferred(deferred) -> None:
-    """Fill step records with errors that no decision needed at their step (one host sync for the run)."""
-    for rec, errors, emap, grid in deferred:
+def _read_errors(entries, appended: bool = True) -> None:
+    """Fill step records with their verification errors (and maps), read from the device. `appended`: the
+    records are already in their traces, whose series are then rebuilt."""
+    traces = {}
+    for trace, rec, errors, emap, grid in entries:
         rec.errors = errors.tolist()
         rec.error = max(rec.errors)
         if emap is not None:
-            rec.maps["error"] = emap.reshape(grid).tolist()
+            rec.set_map("error", emap.reshape(grid))
+        if appended and trace is not None:
+            traces[id(trace)] = trace
+    for trace in traces.values():
+        trace.refresh()
 
 
 class _Tap(nn.Module):
@@ -227,6 +295,8 @@ class SpeCaModelHook(StepDriverHook):
         super().__init__(*a, **kw)
         cfg: SpeCaConfig = self.config
         self.stack = cfg.forecast == STACK
+        self.forecast_verify_block = not cfg.verify_in_grace or cfg.verify_output == "forecast"
+        """Some speculative steps keep the verify block's forecast output (stack: its growth is forecast too)."""
         self.blocks = self.adapter.blocks()
         self.verify = self.blocks[verify_index]
         self.last = self.n_blocks - 1
@@ -302,7 +372,7 @@ class SpeCaModelHook(StepDriverHook):
     def _full_per_block(self, block: BlockSpec, args, kwargs):
         state: SpeCaState = self.current_state
         out, feats = self._run_taped(block, args, kwargs)
-        self._forecaster(state, block.index).update(state.x, feats)
+        self._forecaster(state, block.index).update(state.x, feats, restart=state.restart_taylor)
         return out
 
     def _full_stack_block(self, block: BlockSpec, args, kwargs):
@@ -311,12 +381,10 @@ class SpeCaModelHook(StepDriverHook):
         if block.index == 0 and v > 0:
             rec["first_in"] = adapter.block_streams(args, kwargs)
         if block.index == v:
-            if v > 0:
-                rec["verify_in"] = adapter.block_streams(args, kwargs)
+            rec["verify_in"] = adapter.block_streams(args, kwargs)
             out, feats = self._run_taped(block, args, kwargs)
             rec["feature"] = {"verify": feats[self.verify_key]}
-            if v < self.last:
-                rec["verify_out"] = adapter.output_streams(block, out)
+            rec["verify_out"] = adapter.output_streams(block, out)
         else:
             out = block.module(*args, **kwargs)
         if block.index == self.last and v < self.last:
@@ -324,66 +392,77 @@ class SpeCaModelHook(StepDriverHook):
         return out
 
     def _update_stack(self, state: SpeCaState) -> None:
-        """The stack forecast's new point: the streams' growth before and after the verify block, and the
-        verify block's feature."""
+        """The stack forecast's new point: the streams' growth before the verify block, through it (only when a
+        speculative step may keep its forecast output) and after it, and the verify block's feature."""
         rec, dtype = state.recorded, _DTYPES.get(self.config.cache_dtype)
         feats = dict(rec["feature"])
-        for name, (a, b) in (("before", ("first_in", "verify_in")), ("after", ("verify_out", "last_out"))):
-            if b in rec:
+        segments = [("before", "first_in", "verify_in"), ("after", "verify_out", "last_out")]
+        if self.forecast_verify_block:
+            segments.append(("block", "verify_in", "verify_out"))
+        for name, a, b in segments:
+            if a in rec and b in rec:
                 for s, x in rec[b].items():
                     y = rec[a][s]
                     feats[f"{name}.{s}"] = x.to(dtype) - y.to(dtype) if dtype is not None else x - y
         state.recorded = {}
-        self._forecaster(state, STACK).update(state.x, feats)
+        self._forecaster(state, STACK).update(state.x, feats, restart=state.restart_taylor)
 
     # ---- speculative steps ---------------------------------------------------------------------
     def _spec_block(self, block: BlockSpec, args, kwargs):
-        """The verify block on a speculative step: forecast before, real block, forecast after."""
+        """The verify block's place on a speculative step: the forecast of the blocks before it, then the block
+        for real when this step verifies (its error measured), then the forecast of the blocks after it. The
+        block's own output is its real one, or its forecast (`verify_output="forecast"`, or a step that does not
+        verify)."""
         state: SpeCaState = self.current_state
         adapter, cfg, v = self.adapter, self.config, block.index
         streams = adapter.block_streams(args, kwargs)
         if self.stack:
             forecaster = state.forecasters[STACK]
-            coefs = forecaster.coefficients(state.x)
-            terms = forecaster.terms
-            if v > 0:
-                streams = {s: add_terms(x, terms[f"before.{s}"], coefs) for s, x in streams.items()}
-            verify_terms = terms["verify"]
+            coefs, terms = forecaster.coefficients(state.x), forecaster.terms
+
+            def add(streams, segment):
+                return {s: add_terms(x, terms[f"{segment}.{s}"], coefs) for s, x in streams.items()}
         else:
             gates = self.all_gates(adapter.block_temb(args, kwargs), state)
             coefs = state.forecasters[v].coefficients(state.x)
-            before, after = self._entries(state)
-            streams = {s: accumulate(x, before.get(s, []), gates, coefs) for s, x in streams.items()}
-            verify_terms = state.forecasters[v].terms[self.verify_key]
-        args, kwargs = adapter.with_block_streams(args, kwargs, streams)
-        out, real = self._run_taped(block, args, kwargs)
-        state.blocks_computed += 1
-        img = adapter.image_tokens(block, self.verify_key, state.layout) if cfg.record_maps else None
-        state.verify_errors, state.verify_map = forecast_error(
-            verify_terms, coefs, real[self.verify_key], cfg.metric, cfg.eps, img)
-        if v == self.last:
-            return out  # the real output: it is computed anyway and strictly better than its forecast
-        streams = adapter.output_streams(block, out)
-        if self.stack:
-            streams = {s: add_terms(x, terms[f"after.{s}"], coefs) for s, x in streams.items()}
-        else:
-            streams = {s: accumulate(x, after.get(s, []), gates, coefs) for s, x in streams.items()}
+            entries = self._entries(state)
+
+            def add(streams, segment):
+                return {s: accumulate(x, entries[segment].get(s, []), gates, coefs) for s, x in streams.items()}
+        if v > 0:
+            streams = add(streams, "before")
+        out = None
+        if state.verify_now:
+            args, kwargs = adapter.with_block_streams(args, kwargs, streams)
+            out, real = self._run_taped(block, args, kwargs)
+            state.blocks_computed += 1
+            verify_terms = terms["verify"] if self.stack else state.forecasters[v].terms[self.verify_key]
+            img = adapter.image_tokens(block, self.verify_key, state.layout) if cfg.record_maps else None
+            state.verify_errors, state.verify_map = forecast_error(
+                verify_terms, coefs, real[self.verify_key], cfg.metric, cfg.eps, img,
+                whole_batch=cfg.batch_error == "whole_batch")
+        if out is not None and cfg.verify_output == "real":
+            if v == self.last:
+                return out  # the real output: it is computed anyway and closer to a full step than its forecast
+            streams = adapter.output_streams(block, out)
+        else:  # the block's output from its forecast, like every other block's
+            streams = add(streams, "block")
+        if v < self.last:
+            streams = add(streams, "after")
         return adapter.block_output(self.blocks[self.last], streams)
 
-    def _entries(self, state: SpeCaState):
-        """Per-block forecast: (stream -> [(terms, gate index, row start)]) of the blocks before and after the
-        verify block, for `kernels.accumulate`."""
-        before: dict[str, list] = {}
-        after: dict[str, list] = {}
+    def _entries(self, state: SpeCaState) -> dict[str, dict[str, list]]:
+        """Per-block forecast, for `kernels.accumulate`: segment ("before", "block", "after" the verify block) ->
+        stream -> [(terms, gate index, row start)]."""
+        out: dict[str, dict[str, list]] = {"before": {}, "block": {}, "after": {}}
+        v = self.verify.index
         for b in self.blocks:
-            if b.index == self.verify.index:
-                continue
+            side = out["before" if b.index < v else "block" if b.index == v else "after"]
             terms = state.forecasters[b.index].terms
-            side = before if b.index < self.verify.index else after
             for c in self.adapter.contributions(b, state.layout):
                 side.setdefault(c.stream, []).append((terms[c.feature], self.gate_index[(b.index, c.feature)],
                                                       c.row_start))
-        return before, after
+        return out
 
     def all_gates(self, temb: torch.Tensor, state: SpeCaState) -> torch.Tensor:
         """Every gate of every block at this step, [G, B, C], from one matrix product: the gate rows of all
@@ -407,6 +486,8 @@ class SpeCaModelHook(StepDriverHook):
         cfg: SpeCaConfig = self.config
         if cfg.schedule is not None:
             return (cfg.schedule[info.step] if info.step < len(cfg.schedule) else True), "schedule"
+        if cfg.spec_after_full and state.last_full:
+            return False, ""
         if info.step < cfg.warmup_steps:
             return True, "warmup"
         if not state.forecasters:
@@ -425,31 +506,41 @@ class SpeCaModelHook(StepDriverHook):
             self._update_stack(state)
         state.consecutive_spec = 0
         state.force_full_next = False
+        state.last_full = True
         return out
 
     def run_step(self, module, args, kwargs, info: StepInfo, state: SpeCaState, rec: StepRecord):
         cfg: SpeCaConfig = self.config
         state.x = float(info.step) if cfg.distance == "step" or info.sigma is None else info.sigma
-        rec.threshold = cfg.threshold_at(info.step, info.num_steps)
+        rec.threshold = cfg.threshold_at(info.step + (cfg.threshold_step == "next"), info.num_steps)
+        state.restart_taylor = cfg.warmup_restarts_taylor and info.step < cfg.warmup_steps - 1
         full, reason = self._plan(info, state)
         if full:
             rec.decision, rec.reason = FULL, reason
             return self._full(args, kwargs, state)
 
+        if any(k.startswith("controlnet_") and k.endswith("_samples") and v is not None for k, v in kwargs.items()):
+            raise NotImplementedError(
+                "SpeCa's speculative steps do not take ControlNet residuals (controlnet_*_samples): a speculative "
+                "step runs only the verify block. Use a schedule of full steps, or no ControlNet, with SpeCa.")
+        n_spec = state.consecutive_spec + 1
+        # Judged by the threshold after the grace steps; the released code never verifies the step right
+        # after a full one.
+        judged = n_spec > cfg.min_spec_steps and not (cfg.spec_after_full and state.last_full)
+        state.last_full = False
+        state.verify_now = cfg.schedule is not None or judged or cfg.verify_in_grace
         state.verify_errors = state.verify_map = None
         with self._view(self.spec_view):
             out = self.fn_ref.original_forward(*args, **kwargs)
-        n_spec = state.consecutive_spec + 1
-        needed = cfg.schedule is None and n_spec > cfg.min_spec_steps
         if state.verify_errors is not None:
-            if needed or self.handle.on_step is not None:
-                # the decision (or a live viewer) needs the value now: one host sync
-                _read_deferred([(rec, state.verify_errors, state.verify_map, state.layout.grid)])
-            else:  # read at the end of the run, so that speculative steps never wait for the device
-                state.deferred.append((rec, state.verify_errors, state.verify_map, state.layout.grid))
+            entry = (self.handle.running_trace, rec, state.verify_errors, state.verify_map, state.layout.grid)
+            if judged or cfg.sync_timing or self.handle.on_step is not None:
+                _read_errors([entry], appended=False)  # the decision (or a viewer) needs it now: one host sync
+            else:  # no per-step sync asked for: read at the end of the run, so that the device never waits
+                state.deferred.append(entry)
         if cfg.schedule is not None:
             verdict, reason = True, "schedule"
-        elif n_spec <= cfg.min_spec_steps:
+        elif not judged:
             verdict, reason = True, "grace"
         else:
             verdict, reason = (rec.error is None or rec.error <= rec.threshold), "verified"
@@ -470,7 +561,7 @@ class SpeCaModelHook(StepDriverHook):
         # The run is over: read the errors left on the device, and note what SpeCa held between steps (the
         # forecast terms, and the stacked gate rows of the per-block forecast) before the states go.
         for st in self.run_states.values():
-            _read_deferred(st.deferred)
+            _read_errors(st.deferred)
             st.deferred = []
         trace = self.handle.running_trace
         if trace is not None:

@@ -31,9 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import Adapter
-from .attention import FULL as A_FULL
-from .attention import PARTIAL as A_PARTIAL
-from .attention import AttnControl
+from .adapters.kv_attention import AttnControl, AttnMode
 from .api import register_method
 from .config import ConfigBase, knob
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
@@ -208,7 +206,7 @@ class SpecDiffModelHook(StepDriverHook):
                 out = self._partial_step(args, kwargs, info, state, rec, next_partial)
             else:
                 score = next_partial or (prerun_here and cfg.share_first_step)
-                ctl.begin(A_FULL, state.kv, store_kv=next_partial, score=score,
+                ctl.begin(AttnMode.DENSE, state.kv, store_kv=next_partial, score=score,
                           key_start=self.adapter.image_key_start(layout))
                 if not next_partial:
                     state.kv.clear()
@@ -245,7 +243,7 @@ class SpecDiffModelHook(StepDriverHook):
                      "attn_pairs": ctl.attn_pairs}
         if cfg.record_maps:
             h = state.layout.grid
-            rec.maps["level"] = torch.ones(h, dtype=torch.int8).tolist()
+            rec.set_map("level", torch.ones(h, dtype=torch.int8))
 
     def _partial_step(self, args, kwargs, info: StepInfo, state: SpecDiffState, rec: StepRecord, next_partial: bool):
         cfg: SpecDiffConfig = self.config
@@ -262,7 +260,7 @@ class SpecDiffModelHook(StepDriverHook):
 
         # the model on text + C1 only; attention over every token through the K/V caches
         rows = adapter.joint_rows(layout, c1)
-        ctl.begin(A_PARTIAL, state.kv, store_kv=False, score=next_partial, rows=rows,
+        ctl.begin(AttnMode.SUBSET, state.kv, store_kv=False, score=next_partial, rows=rows,
                   key_start=adapter.image_key_start(layout))
         out, new = adapter.run_subset(self.fn_ref.original_forward, args, kwargs, c1)  # new: [B, n_c1, C]
         state.his = normalise_scores(ctl.scores) if ctl.scores is not None else None
@@ -287,8 +285,8 @@ class SpecDiffModelHook(StepDriverHook):
         counts = torch.stack([(level == k).sum() for k in (1, 2, 3)]).float()
         if cfg.record_maps:
             packed = torch.cat([counts, score.float(), level.float()]).cpu()  # the step's one host sync
-            rec.maps["importance"] = packed[3:3 + n_img].reshape(layout.grid).tolist()
-            rec.maps["level"] = packed[3 + n_img:].to(torch.int8).reshape(layout.grid).tolist()
+            rec.set_map("importance", packed[3:3 + n_img].reshape(layout.grid))
+            rec.set_map("level", packed[3 + n_img:].to(torch.int8).reshape(layout.grid))
         else:
             packed = counts.cpu()
         c = [int(x) for x in packed[:3].tolist()]
@@ -331,7 +329,7 @@ class SpecDiffModelHook(StepDriverHook):
                 if on_cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                ctl.begin(A_FULL, None, store_kv=False, score=True, key_start=adapter.image_key_start(layout))
+                ctl.begin(AttnMode.DENSE, None, store_kv=False, score=True, key_start=adapter.image_key_start(layout))
                 if j == 0:  # the first step's own call (same latents, same timestep tensor)
                     a, k = args, kwargs
                 else:

@@ -8,7 +8,6 @@ also when the consumer stops iterating (the browser went away) or the user press
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import queue
 import threading
@@ -194,7 +193,7 @@ class RunUpdate:
 def snapshot(trace: Trace | None) -> Trace | None:
     if trace is None:
         return None
-    return dataclasses.replace(trace, steps=list(trace.steps), overhead=list(trace.overhead))
+    return trace.snapshot()
 
 
 def _oom_message(spec: RunSpec) -> str:

@@ -15,11 +15,11 @@ import accel
 import app
 import tiny
 import tiny_video
-import tinyvideo_data
 from accel.trace import Trace
 from lab import metrics
 from lab import models as M
 from lab import runner as R
+from scripts.tiny_video import data as tinyvideo_data
 
 BUNDLED = os.path.isfile(os.path.join(M.TINY_FLUX_DIR, "model_index.json"))
 
@@ -82,7 +82,7 @@ def test_generate_end_to_end_with_compare(lab):
     assert len(lab.full_cache) == 1
     # exported files: the trace round-trips, the config is the exact one
     by_ext = {os.path.splitext(f)[0].rsplit("_", 1)[-1] + os.path.splitext(f)[1]: f for f in files}
-    back = Trace.from_json(by_ext["trace.json"])
+    back = Trace.load(by_ext["trace.json"])
     assert back.summary() == trace.summary()
     assert open(by_ext["trace.csv"]).readline().startswith("phase,step")
     assert '"threshold": 7.0' in open(by_ext["config.json"]).read()
@@ -115,8 +115,15 @@ def test_every_method_streams_a_trace(rlab, method):
     for fig in final[3:6]:
         assert isinstance(fig, go.Figure)
     if method == R.SPECDIFF:
-        assert trace.overhead or trace.config["spec_steps"] == 1 or trace.config.get("share_first_step")
-        assert any("level" in r.maps for r in trace.steps)
+        cfg = trace.config
+        assert cfg["cache_rate"] == 0.85 and cfg["spec_steps"] == 2 and cfg["share_first_step"] is True
+        # the pre-run ran: spec_steps calls, the first shared with step 0
+        assert len(trace.overhead) == 1 and trace.overhead[0].reason == "prerun"
+        assert trace.meta["prerun"]["cond"]["calls"] == 1 and len(trace.meta["prerun"]["cond"]["sigmas"]) == 2
+        part = [r for r in trace.steps if r.decision == "partial"]
+        assert len(part) == 10 - 4  # the lab's warm-up: 4 steps
+        assert all(r.tokens_computed < r.tokens_total and "importance" in r.maps for r in part)
+        assert all((r.maps["level"] == 1).any() for r in part)
     assert _no_speclab_hooks(rlab.manager.get(M.TINY).pipe)
 
 

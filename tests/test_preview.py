@@ -17,7 +17,7 @@ def _as_tensor(img) -> torch.Tensor:
 
 def test_video_preview_matches_the_vae_decode():
     from diffusers import HunyuanVideoPipeline
-    from train_tiny_video import DEFAULT_CALL
+    from scripts.tiny_video.train import DEFAULT_CALL
 
     pipe = HunyuanVideoPipeline.from_pretrained(M.TINY_VIDEO_DIR)
     pipe.set_progress_bar_config(disable=True)

@@ -5,6 +5,7 @@ Triton install); skipped otherwise (the CPU torch wheel has no Triton). The torc
 test of SpeCa runs.
 """
 
+import itertools
 import os
 
 import pytest
@@ -28,9 +29,9 @@ def test_forecast_error_matches_the_definition(n_terms, channels):
     real = torch.randn(B, N, channels, generator=g, device=device)
     pred64 = kernels.torch_forecast([t.double() for t in terms], coefs)
     sums = kernels.row_sums(terms, coefs, real, 1e-6)
-    for metric in ("rel_l1", "rel_l2", "cosine"):
+    for metric, whole_batch in itertools.product(("rel_l1", "rel_rms", "rel_l2", "cosine"), (False, True)):
         rows = slice(8, None)
-        want, want_map = verification_errors(pred64, real.double(), metric, 1e-6, rows)
-        got, got_map = kernels.errors_from_sums(sums, channels, metric, 1e-6, rows)
+        want, want_map = verification_errors(pred64, real.double(), metric, 1e-6, rows, whole_batch)
+        got, got_map = kernels.errors_from_sums(sums, channels, metric, 1e-6, rows, whole_batch)
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got_map.double(), want_map.double(), rtol=1e-4, atol=1e-5)

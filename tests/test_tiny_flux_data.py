@@ -1,15 +1,12 @@
-"""The procedural caption/image generator behind the bundled tiny FLUX (scripts/tinyflux_data.py)."""
+"""The procedural caption/image generator behind the bundled tiny FLUX (scripts/tiny_flux/data.py)."""
 
-import os
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import tinyflux_data as data  # noqa: E402
+from scripts.tiny_flux import data
 
 OBJ = r"a (small|large) (red|orange|yellow|green|cyan|blue|purple|white) (circle|square|triangle) " \
       r"(on the left|on the right|at the top|at the bottom|in the center)"

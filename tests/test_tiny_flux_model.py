@@ -1,7 +1,6 @@
 """The bundled default model assets/models/tiny-flux: loads offline, is a real FLUX pipeline, follows prompts."""
 
 import os
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -9,10 +8,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from scripts.tiny_flux import check as chk  # noqa: E402
+from scripts.tiny_flux import data  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import check_tiny_flux as chk  # noqa: E402
-import tinyflux_data as data  # noqa: E402
 
 MODEL = os.path.join(ROOT, "assets", "models", "tiny-flux")
 
@@ -108,7 +107,7 @@ def test_different_prompts_give_different_images(adherence):
 
 
 def test_training_smoke_mode_runs(tmp_path):
-    import train_tiny_flux
+    from scripts.tiny_flux import train as train_tiny_flux
 
     hist = train_tiny_flux.main(["--smoke", "--out", str(tmp_path)])
     assert hist["vae_steps"] == 3 and hist["dit_steps"] == 4

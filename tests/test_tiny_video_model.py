@@ -5,7 +5,6 @@ offline, fits its size budget, and makes clips that move in the direction the pr
 under SpeCa and SpecDiff (docs/tiny-video.md)."""
 
 import os
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -13,9 +12,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from scripts.tiny_video import data  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import tinyvideo_data as data  # noqa: E402
 
 
 def test_generator_captions_agree_with_pixels():
@@ -42,7 +41,7 @@ def test_generator_is_deterministic_and_covers_the_grammar():
 
 @pytest.fixture(scope="module")
 def smoke():
-    import train_tiny_video
+    from scripts.tiny_video import train as train_tiny_video
 
     return train_tiny_video.main(["--smoke"])
 
@@ -56,7 +55,7 @@ def test_train_smoke_runs(smoke):
 def test_smoke_folder_loads_offline_and_is_deterministic(smoke):
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 
-    from build_tiny_video import PROMPT_TEMPLATE
+    from scripts.tiny_video.build import PROMPT_TEMPLATE
 
     pipe = HunyuanVideoPipeline.from_pretrained(os.path.join(smoke["smoke_dir"], "model"))
     pipe.set_progress_bar_config(disable=True)
@@ -93,7 +92,7 @@ def test_bundled_folder_fits_its_budget():
 
 def test_bundled_default_call_shape_and_determinism(bundled):
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
-    from train_tiny_video import DEFAULT_CALL
+    from scripts.tiny_video.train import DEFAULT_CALL
 
     assert isinstance(bundled.transformer, HunyuanVideoTransformer3DModel)
     assert isinstance(bundled.vae, AutoencoderKLHunyuanVideo)
@@ -108,9 +107,9 @@ def test_bundled_default_call_shape_and_determinism(bundled):
 
 
 def test_bundled_model_follows_motion_and_colour_on_heldout_prompts(bundled):
-    """16 prompts from the whole grammar with seeds its training never scored (scripts/check_tiny_video.py)."""
-    from check_tiny_video import heldout_prompts
-    from train_tiny_video import evaluate, summary
+    """16 prompts from the whole grammar with seeds its training never scored (scripts/tiny_video/check.py)."""
+    from scripts.tiny_video.check import heldout_prompts
+    from scripts.tiny_video.train import evaluate, summary
 
     res = evaluate(bundled, heldout_prompts(16, 2000), seed=2000)
     assert res["direction_pct"] >= 75, summary(res)  # measured: 100 % (and 100 % of 32 prompts at seed 1000)
@@ -120,8 +119,8 @@ def test_bundled_model_follows_motion_and_colour_on_heldout_prompts(bundled):
 @pytest.mark.parametrize("method", ["speca", "specdiff"])
 def test_accelerated_bundled_model_computes_less_and_keeps_the_motion(bundled, method):
     import accel
-    from check_tiny_video import heldout_prompts
-    from train_tiny_video import evaluate, summary
+    from scripts.tiny_video.check import heldout_prompts
+    from scripts.tiny_video.train import evaluate, summary
 
     cfg = accel.SpeCaConfig() if method == "speca" else accel.SpecDiffConfig(cache_rate=0.85)
     handle = accel.apply(bundled, cfg)

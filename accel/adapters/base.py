@@ -1,12 +1,16 @@
-"""What the methods need to know about a model family. One subclass per family, one file each.
+"""What the methods need to know about a model family. One `Adapter` subclass per family, in one folder per
+family (`accel/adapters/<family>/`, with its SpecDiff attention processor); docs/architecture-adapters.md says
+how to add one.
 
-The core (SpeCa, SpecDiff) never names a model class: it asks the adapter which blocks there are, where
-their inputs sit in the call, which sub-module outputs are the cacheable features, and how a block's
-output is rebuilt from (forecast) features.
+The core (SpeCa, SpecDiff) never names a model class: it asks the adapter which blocks there are, which
+inputs a call carries, which sub-module outputs are the cacheable features, and how a block's output is
+rebuilt from (forecast) features. Call arguments are found by name (`CallArgs`), never by a hard-coded position.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +67,67 @@ class TokenLayout:
         return n
 
 
-def arg(args: tuple, kwargs: dict, position: int, name: str):
-    """A call argument given by keyword or by position."""
-    if name in kwargs:
-        return kwargs[name]
-    if position < len(args):
-        return args[position]
-    return None
+class CallArgs:
+    """The arguments of one `forward` by name, whether a call gives them by keyword or by position.
+
+    Each parameter's position is read once from `inspect.signature(forward)` (as diffusers'
+    `TransformerBlockMetadata` does) and cached per module class (`CallArgs.of`)."""
+
+    def __init__(self, forward):
+        params = list(inspect.signature(forward).parameters.values())[1:]  # without self
+        self.name = getattr(forward, "__qualname__", repr(forward))
+        self.positions = {p.name: i for i, p in enumerate(params)
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        """Where each parameter sits when the call gives it by position."""
+        self.defaults = {p.name: None if p.default is p.empty else p.default
+                         for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        self.takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+
+    @classmethod
+    @functools.cache
+    def of(cls, module_class: type) -> CallArgs:
+        """The call arguments of `module_class.forward` (one instance per class)."""
+        return cls(module_class.forward)
+
+    @classmethod
+    def shared(cls, module_classes, names: tuple[str, ...]) -> CallArgs:
+        """One binding for calls to any of `module_classes` (e.g. a family's double and single blocks), which
+        must take each of `names` at the same position; a ValueError names the class that does not."""
+        bindings = [cls.of(c) for c in module_classes]
+        first = bindings[0]
+        for b in bindings[1:]:
+            for name in names:
+                if b.positions.get(name) != first.positions.get(name):
+                    raise ValueError(f"{b.name} takes {name!r} at position {b.positions.get(name)}, {first.name} at "
+                                     f"{first.positions.get(name)}: their calls cannot share one binding")
+        return first
+
+    def _position(self, name: str) -> int | None:
+        if name not in self.defaults and not self.takes_any_keyword:
+            raise ValueError(f"{self.name} has no argument {name!r}")
+        return self.positions.get(name)
+
+    def get(self, args: tuple, kwargs: dict, name: str):
+        """The value `forward` receives for `name` in the call (args, kwargs): keyword, position or default
+        (None for a required argument the call lacks)."""
+        if name in kwargs:
+            return kwargs[name]
+        i = self._position(name)
+        if i is not None and i < len(args):
+            return args[i]
+        return self.defaults.get(name)
+
+    def replace(self, args: tuple, kwargs: dict, **values) -> tuple[tuple, dict]:
+        """(args, kwargs) of the same call with the arguments `values` replaced, each where the call gave it
+        (keyword or position; one it lacks is added as a keyword), so nothing else about the call changes."""
+        args, kwargs = list(args), dict(kwargs)
+        for name, value in values.items():
+            i = self._position(name)
+            if name in kwargs or i is None or i >= len(args):
+                kwargs[name] = value
+            else:
+                args[i] = value
+        return tuple(args), kwargs
 
 
 class Adapter:
@@ -80,6 +138,8 @@ class Adapter:
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
+        self.call_args = CallArgs.of(type(transformer))
+        """The transformer's own forward arguments by name."""
 
     @classmethod
     def matches(cls, transformer: nn.Module) -> bool:
@@ -148,7 +208,8 @@ class Adapter:
         raise NotImplementedError
 
     def kv_cache_processor(self, attn: nn.Module, layer: int, control):
-        """A processor for `attn` that keeps a K/V cache and scores attention received (accel.attention)."""
+        """A processor for `attn` that keeps a K/V cache and scores attention received: a subclass of
+        `kv_attention.KVCacheAttnProcessor` in the family's folder."""
         raise NotImplementedError
 
     def set_attention_processor(self, attn: nn.Module, processor) -> None:

@@ -1,7 +1,8 @@
 """What FLUX-like transformers share: double-stream blocks (separate image and text streams, each with adaLN
 `norm1`/`norm1_context`, joint `attn`, `ff`/`ff_context`) followed by single-stream blocks (one joint stream,
 adaLN `norm`, attention and MLP fused through `proj_out`). A family of this shape subclasses `DualStreamAdapter`
-and states only what differs: token order, block output order, call-argument positions, token layout.
+and states only what differs: token order, block output order, token layout, how a call is restricted to a
+token subset, and its attention processor.
 """
 
 from __future__ import annotations
@@ -9,18 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Adapter, BlockSpec, Contribution, FeatureSite, GateSite, TokenLayout, arg
+from .base import Adapter, BlockSpec, CallArgs, Contribution, FeatureSite, GateSite, TokenLayout
 
-# Block argument positions shared by both families: (hidden_states, encoder_hidden_states, temb, ...).
-_HIDDEN, _ENCODER, _TEMB = 0, 1, 2
-
-
-def put(args: list, kwargs: dict, position: int, name: str, value) -> None:
-    """Set a call argument where the call gave it (keyword, or position), else as a keyword."""
-    if name in kwargs or position >= len(args):
-        kwargs[name] = value
-    else:
-        args[position] = value
+BLOCK_STREAMS = {"img": "hidden_states", "txt": "encoder_hidden_states"}
+"""The block arguments that carry each residual stream."""
 
 
 class DualStreamAdapter(Adapter):
@@ -30,9 +23,13 @@ class DualStreamAdapter(Adapter):
     """What a block returns: FLUX (encoder_hidden_states, hidden_states); HunyuanVideo the reverse."""
     clip_fp16 = False
     """The blocks clip float16 outputs to the float16 range (FLUX does)."""
-    # Positions of the transformer's own forward arguments (subclasses set them).
-    _M_HIDDEN = 0
-    _M_TIMESTEP = 3
+
+    def __init__(self, transformer):
+        super().__init__(transformer)
+        self.block_args = CallArgs.shared(list(dict.fromkeys(type(b.module) for b in self.blocks())),
+                                          (*BLOCK_STREAMS.values(), "temb"))
+        """The blocks' arguments by name (double and single blocks take the streams and temb at the same
+        positions, checked here, so one binding serves every block call)."""
 
     # ---- structure -------------------------------------------------------------------
     def blocks(self) -> list[BlockSpec]:
@@ -75,7 +72,7 @@ class DualStreamAdapter(Adapter):
         return F.silu(temb)
 
     def block_temb(self, args, kwargs):
-        return arg(args, kwargs, _TEMB, "temb")
+        return self.block_args.get(args, kwargs, "temb")
 
     def contributions(self, block: BlockSpec, layout: TokenLayout) -> list[Contribution]:
         if block.kind == "double":
@@ -88,8 +85,7 @@ class DualStreamAdapter(Adapter):
         return [Contribution("img", "proj_out", 0), Contribution("txt", "proj_out", layout.n_image)]
 
     def block_streams(self, args, kwargs):
-        return {"img": arg(args, kwargs, _HIDDEN, "hidden_states"),
-                "txt": arg(args, kwargs, _ENCODER, "encoder_hidden_states")}
+        return {stream: self.block_args.get(args, kwargs, name) for stream, name in BLOCK_STREAMS.items()}
 
     def block_output(self, block: BlockSpec, streams):
         if self.clip_fp16 and streams["img"].dtype == torch.float16:  # as the blocks do
@@ -100,10 +96,7 @@ class DualStreamAdapter(Adapter):
         return dict(zip(self.output_order, output))
 
     def with_block_streams(self, args, kwargs, streams):
-        args, kwargs = list(args), dict(kwargs)
-        put(args, kwargs, _HIDDEN, "hidden_states", streams["img"])
-        put(args, kwargs, _ENCODER, "encoder_hidden_states", streams["txt"])
-        return tuple(args), kwargs
+        return self.block_args.replace(args, kwargs, **{name: streams[s] for s, name in BLOCK_STREAMS.items()})
 
     def verify_feature(self, block: BlockSpec) -> str:
         return "ff" if block.kind == "double" else "proj_out"
@@ -128,7 +121,7 @@ class DualStreamAdapter(Adapter):
         return layout.n_text if self.text_first else 0
 
     def call_latents(self, args, kwargs) -> torch.Tensor:
-        return arg(args, kwargs, self._M_HIDDEN, "hidden_states")
+        return self.call_args.get(args, kwargs, "hidden_states")
 
     def call_timestep(self, args, kwargs) -> torch.Tensor:
-        return arg(args, kwargs, self._M_TIMESTEP, "timestep")
+        return self.call_args.get(args, kwargs, "timestep")
