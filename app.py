@@ -38,7 +38,7 @@ from lab import models as M
 from lab import runner as R
 from lab.errors import InputError, LabError
 from lab.limits import Limits
-from lab.session import RunFiles, Session
+from lab.session import RunFiles, Session, give_back_memory, release_large_blocks_at_once
 from lab.traces import TraceError, read_trace
 
 log = logging.getLogger("speclab")
@@ -186,7 +186,7 @@ class Lab:
             session.stop()
 
     def end_session(self, session: Session | None) -> None:
-        """The session's state is gone (tab closed, time-to-live over): remove its run files."""
+        """The session ended (its tab closed): stop its run, remove its run files."""
         if isinstance(session, Session):
             session.ended = True
             session.stop()
@@ -470,7 +470,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         gr.Markdown("# SpecLab — speculative caching for diffusion transformers\n"
                     "Pick a model and a method, tune it, press **Generate** and watch every step: full, "
                     "speculative (accepted), rejected or partial.")
-        session = gr.State(Session(), delete_callback=lab.end_session)  # each session gets its own copy
+        session = gr.State(Session())  # each session gets its own copy; ended by _forget_session
         trace_state = gr.State(None, time_to_live=ttl)
         with gr.Row():
             with gr.Column(scale=1, min_width=320, elem_id="speclab-controls"):
@@ -492,7 +492,8 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         generate.__doc__ = lab.api_doc()
         run_btn.click(generate, inputs_kwargs={"session": session, **{k: run[k] for k in RUN_CONTROLS}, **knobs},
                       outputs=[view[k] for k in OUTPUTS], api_name="generate",
-                      concurrency_limit=lab.limits.waiting * max(1, len(presets)))
+                      concurrency_limit=lab.limits.waiting,
+                      preprocess=False)  # raw values to Lab.parse: Gradio's Radio/Dropdown echo a bad value whole
         stop_btn.click(lab.stop, session, None, queue=False, api_name="stop")
         run["method"].change(lambda m: [gr.update(visible=m == label) for label in groups], run["method"],
                              list(groups.values()), api_visibility="private", queue=False)
@@ -506,22 +507,32 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         view["upload"].upload(lab.load_trace, view["upload"],
                               [view[k] for k in ("summary", "error_plot", "timeline_plot", "maps_plot", "step",
                                                  "frame")] + [trace_state],
-                              api_name="load_trace", concurrency_limit=None)
-        demo.unload(_forget_session(demo))
+                              api_name="load_trace", concurrency_limit=1)  # one trace parsed at a time: bounds
+        # the memory of parsing (a 20 MB trace is briefly millions of Python objects) and what it leaves fragmented
+        demo.unload(_forget_session(demo, lab, session))
     demo.lab = lab
     return demo
 
 
-def _forget_session(demo: gr.Blocks):
-    """On a closed tab, delete the session's state now: Gradio would keep a closed session's state an hour
-    (whatever the states' time-to-live), with its trace and run files. Deleting it calls the states'
-    delete_callback (the run files go) through Gradio's own `StateHolder.delete_state`."""
+def _forget_session(demo: gr.Blocks, lab: Lab, session_state: gr.State):
+    """When a tab closes (its heartbeat ends), forget the session at once: its run files go (`Lab.end_session`),
+    then its state. Gradio would keep a closed session's state for an hour whatever the states' time-to-live,
+    would call no delete_callback for a state that was only read (our `Session`), and keeps the session's copy
+    of every component's last value (the figures, the inputs, a 50 MB prompt...) until 'state_session_capacity'
+    newer sessions push it out; dropping the entry frees all of it, and the freed memory goes back to the OS.
+    A client that comes back with the same session hash starts afresh."""
 
     def forget(request: gr.Request):
         holder = getattr(demo, "state_holder", None)
         sid = getattr(request, "session_hash", None)
-        if holder is not None and sid:
-            holder.delete_state(sid)
+        if holder is None or not sid or sid not in holder:
+            return
+        lab.end_session(holder.session_data[sid].state_data.get(session_state._id))
+        holder.delete_state(sid)
+        with holder.lock:
+            holder.session_data.pop(sid, None)
+            holder.time_last_used.pop(sid, None)
+        give_back_memory()
 
     return forget
 
@@ -541,6 +552,7 @@ def main(argv=None) -> None:
                          "SPECLAB_TRACE_TTL_S or 3600")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    release_large_blocks_at_once()
     limits = Limits.from_env(max_work=args.max_work, max_upload_mb=args.max_upload_mb, trace_ttl_s=args.trace_ttl_s)
     demo = build_app(Lab(limits=limits, gpu=GPU))
     demo.queue(default_concurrency_limit=1, max_size=32)

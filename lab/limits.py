@@ -27,7 +27,8 @@ class Limits:
     run_files: int = 32
     """Exported files of this many runs are kept on disk (the oldest are removed); a session's go when it ends."""
     waiting: int = 16
-    """Runs that may wait in the line of one model at a time; more are held in Gradio's queue."""
+    """Generate requests in the lab at once (running or waiting in a model's line, all models together); more
+    wait in Gradio's queue, which shows its own position."""
 
     @classmethod
     def from_env(cls, environ=os.environ, **over) -> "Limits":

@@ -8,6 +8,8 @@ session's folders when the session ends.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import shutil
 import tempfile
 import threading
@@ -73,3 +75,26 @@ class RunFiles:
 
     def __len__(self) -> int:
         return len(self._dirs)
+
+
+def give_back_memory() -> None:
+    """Return freed heap memory to the OS. glibc keeps what Python freed in its arenas, so the memory of a
+    forgotten session (a loaded trace is tens of MB of Python objects) would stay in the server's RSS, which is
+    what a shared host's memory limit counts. Cycles (figures, Gradio's objects) are collected first, so their
+    memory is free to return. The trim is a no-op where there is no glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_large_blocks_at_once(threshold: int = 1 << 20) -> None:
+    """glibc: serve allocations of `threshold` bytes and more (a read upload, a figure's JSON, a token map) from
+    their own mappings, returned to the OS when freed. By default glibc raises this threshold after the first
+    large free, and later large blocks then come from the heap, where freed space stays in the process. Call
+    once at start-up (the app's `main`); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

@@ -1,5 +1,6 @@
 """Reading a trace file that somebody uploaded: size, shape and type checked before anything draws it.
 
+Token maps are kept as numpy arrays (what the figures read; a few times smaller than the JSON's nested lists).
 A trace exported by the lab passes; anything else fails with a `TraceError` that says what is wrong, never
 with a Python error text, a server path or the file's content echoed back.
 """
@@ -47,7 +48,7 @@ def _text(v, where: str, limit: int = 100):
         raise _fail(f"{where} must be short plain text")
 
 
-def _token_map(v, where: str, limits: Limits) -> None:
+def _token_map(v, where: str, limits: Limits) -> np.ndarray:
     try:
         a = np.asarray(v, dtype=float)
     except (TypeError, ValueError):
@@ -58,6 +59,7 @@ def _token_map(v, where: str, limits: Limits) -> None:
         raise _fail(f"{where} has {a.size} cells; at most {limits.max_map_cells} are shown")
     if not np.isfinite(a).all():
         raise _fail(f"{where} has values that are not finite numbers")
+    return a
 
 
 def _record(r, where: str, limits: Limits) -> dict:
@@ -83,11 +85,12 @@ def _record(r, where: str, limits: Limits) -> dict:
     maps = r.get("maps") or {}
     if not isinstance(maps, dict) or len(maps) > 8:
         raise _fail(f"{where}.maps must be an object of at most 8 token maps")
+    arrays = {}
     for name, m in maps.items():
         _text(name, f"{where}.maps key", 40)
-        _token_map(m, f"{where}.maps.{name}", limits)
+        arrays[name] = _token_map(m, f"{where}.maps.{name}", limits)
     known = set(StepRecord.__dataclass_fields__)
-    return {k: v for k, v in r.items() if k in known and k != "extra"}
+    return {**{k: v for k, v in r.items() if k in known and k != "extra"}, "maps": arrays}
 
 
 def validate(data, limits: Limits) -> Trace:
@@ -124,7 +127,7 @@ def read_trace(path: str, limits: Limits | None = None) -> Trace:
     try:
         size = os.path.getsize(path)
         if size > limits.max_upload_mb * 1e6:
-            raise TraceError(f"{name} is {size / 1e6:.1f} MB: traces up to {limits.max_upload_mb:g} MB are read")
+            raise TraceError(f"{name} is {size / 1e6:.3g} MB: traces up to {limits.max_upload_mb:g} MB are read")
         with open(path, "rb") as f:
             data = json.loads(f.read())
     except TraceError:

@@ -163,8 +163,9 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
         cum_ms += sum(g.time_ms for g in group)
         cum_calls += len(group)
         xs.append(s)
-        y_plain.append(cum_plain / plain_step_blocks)
-        y_done.append(cum_done / plain_step_blocks)
+        unit = plain_step_blocks or 1  # a trace whose steps count no blocks (hand-made, or empty) still draws
+        y_plain.append(cum_plain / unit)
+        y_done.append(cum_done / unit)
         ideal.append(cum_plain / cum_done if cum_done else None)
         if reference is not None and s in ref_ms:
             cum_ref += ref_ms[s]
