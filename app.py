@@ -352,9 +352,16 @@ class Lab:
 
 
 # ---- the UI ------------------------------------------------------------------------------------------------------
+def knob_info(k) -> str:
+    """A knob's help as a control's info text. Gradio's info renderer turns the help's formulas
+    (`threshold * decay ** (i / n)`) into emphasis and shows Markdown escapes as they are: the formulas are
+    written with x and ^ instead."""
+    return k.help.replace("`", "").replace("**", "^").replace("*", "×")
+
+
 def _knob_control(method: LM.LabMethod, k):
     """One control from a config knob: label, range, step and help text from the field's declaration."""
-    kw = dict(value=k.default, label=k.label, info=k.help, elem_id=f"speclab-{method.param(k.name)}")
+    kw = dict(value=k.default, label=k.label, info=knob_info(k), elem_id=f"speclab-{method.param(k.name)}")
     if k.kind == "bool":
         return gr.Checkbox(**kw)
     if k.kind == "choice":

@@ -287,10 +287,12 @@ def test_controls_come_from_the_configs_knobs(rlab):
                 assert key not in params
                 continue
             control = by_elem[f"speclab-{key}"]
-            assert key in params and control.label == k.label and control.info == k.help
+            assert key in params and control.label == k.label and control.info == app.knob_info(k)
             assert params[key]["parameter_default"] == k.default
             if isinstance(control, gr.Slider):
                 assert (control.minimum, control.maximum, control.step) == k.slider()
+    assert "The threshold at step i of n is threshold × decay ^ (i / n)." in app.knob_info(
+        accel.knobs(accel.SpeCaConfig)[0])
     # SpeCa's main knobs are open, the others folded away
     speca = LM.by_label(LM.SPECA)
     assert [k.name for k in speca.knobs() if speca.is_main(k)] == ["threshold", "decay", "order"]
