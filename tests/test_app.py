@@ -156,7 +156,7 @@ def test_bad_input_is_a_gr_error_naming_the_problem(rlab, over, needle):
 
 def test_missing_models_give_clear_messages(monkeypatch):
     missing = M.Preset("tiny FLUX (bundled, CPU)", "/nonexistent/tiny-flux", "local")
-    with pytest.raises(M.ModelError, match="tiny FLUX model is missing.*train_tiny_flux"):
+    with pytest.raises(M.ModelError, match="tiny FLUX model is missing.*scripts.tiny_flux.train"):
         M.load_preset(missing)
     monkeypatch.setattr(M.torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
@@ -417,9 +417,9 @@ def test_missing_bundled_video_model_and_hub_video_errors(monkeypatch, tmp_path)
     with pytest.raises(M.ModelError, match="bundled video model is not installed.*python -m scripts.tiny_video.train"):
         M.load_preset(missing)
     lab = app.Lab(M.ModelManager(presets={M.TINY_VIDEO: missing}))
-    with pytest.raises(gr.Error, match="not installed.*train_tiny_video"):
+    with pytest.raises(gr.Error, match="not installed.*scripts.tiny_video.train"):
         list(lab.generate(**vkw()))
-    assert "train_tiny_video.py" in M.preset_status(M.TINY_VIDEO) or os.path.isfile(
+    assert "scripts.tiny_video.train" in M.preset_status(M.TINY_VIDEO) or os.path.isfile(
         os.path.join(M.TINY_VIDEO_DIR, "model_index.json"))
     hub = M.PRESETS[M.HUNYUAN]
     assert hub.kind == "hub" and hub.source == "hunyuanvideo-community/HunyuanVideo" and hub.is_video
