@@ -401,3 +401,35 @@ def difference_figure(a, b, title: str = "|accelerated - full|") -> go.Figure:
     fig.update_layout(title=f"{title} (mean {d.mean():.2f}, max {d.max():.0f})", height=HEIGHT, margin=_MARGIN,
                       template="plotly_white")
     return fig
+
+
+def sweep_figure(points: list[dict], others: list[dict] = (), title: str = "speedup vs quality") -> go.Figure:
+    """A method's Pareto curve for one prompt: measured and ideal speedup against PSNR vs the full run, one point
+    per setting (`points`: dicts with `value`, `psnr`, `ssim`, `measured`, `ideal`, `label`), and other methods'
+    runs of the same prompt beside it (`others`: dicts with `label`, `psnr`, `ssim`, `measured`, `ideal`)."""
+    if not points and not others:
+        return empty_figure("press Sweep: the method runs at several settings", title=title)
+
+    def px(p):  # an identical image has an infinite PSNR: drawn at 60 dB
+        return 60.0 if p["psnr"] is None or not np.isfinite(p["psnr"]) else p["psnr"]
+
+    pts = sorted(points, key=px)
+    data = []
+    for key, name, dash, sym in (("measured", "measured speedup (time)", "solid", "circle"),
+                                 ("ideal", "ideal speedup (compute)", "dot", "diamond-open")):
+        data.append(dict(type="scatter", mode="lines+markers+text", name=name, x=[px(p) for p in pts],
+                         y=[p[key] for p in pts], text=[p["label"] if key == "ideal" else "" for p in pts],
+                         textposition="top center", line=dict(dash=dash, color=DECISION_COLORS[ACCEPTED]),
+                         marker=dict(symbol=sym, size=9),
+                         customdata=[[p["label"], p["ssim"]] for p in pts],
+                         hovertemplate="%{customdata[0]}<br>PSNR %{x:.2f} dB<br>SSIM %{customdata[1]:.4f}<br>"
+                                       f"{key} %{{y:.2f}}x<extra></extra>"))
+    for o in others:
+        data.append(dict(type="scatter", mode="markers", name=f"{o['label']} (measured)", x=[px(o)],
+                         y=[o["measured"]], marker=dict(symbol="square", size=11),
+                         hovertemplate=f"{o['label']}<br>PSNR %{{x:.2f}} dB<br>measured %{{y:.2f}}x<extra></extra>"))
+    layout = dict(title=dict(text=title), height=HEIGHT, margin=dict(_MARGIN, b=90),
+                  xaxis=dict(title=dict(text="PSNR vs the full run (dB; identical = 60)")),
+                  yaxis=dict(title=dict(text="speedup (x)"), rangemode="tozero"),
+                  legend=dict(orientation="h", y=-0.3, x=0))
+    return _figure(data, layout)
