@@ -77,7 +77,7 @@ def _timeline_axes() -> tuple[dict, tuple]:
 @functools.lru_cache(maxsize=None)
 def _maps_axes(n: int) -> tuple[dict, tuple]:
     """`n` token maps side by side, with a title annotation each (computed once per `n`)."""
-    fig = make_subplots(rows=1, cols=n, subplot_titles=["-"] * n, horizontal_spacing=0.12)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=["-"] * n, horizontal_spacing=0.2)
     return _axes_layout(fig, [(1, c, False) for c in range(1, n + 1)])
 
 
@@ -349,12 +349,13 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
     layout, axes = _maps_axes(len(keys))
     layout = copy.deepcopy(layout)
     for note, key in zip(layout["annotations"], keys):
-        note["text"] = MAP_TITLES.get(key, key)
+        note["text"] = ("first-block residual change" if key == "error" and trace.method == "fbcache"
+                        else MAP_TITLES.get(key, key))
     n_frames = max((m.shape[0] for m in maps.values() if m.ndim == 3), default=0)
     data = []
     for i, (key, (xa, ya)) in enumerate(zip(keys, axes), start=1):
         z = _grid2d(maps[key], frame)
-        bar = dict(len=0.8, x=i / len(keys) - 0.02, thickness=12)
+        bar = dict(len=0.8, x=layout[xa]["domain"][1] + 0.005, xanchor="left", thickness=10)  # beside its map
         if key == "level":
             levels = sorted(LEVEL_COLORS)
             scale = []
