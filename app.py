@@ -661,6 +661,8 @@ def _size_controls(lab: Lab, P: M.Preset) -> dict:
                                    "tiny FLUX has none")
     c["frames"] = gr.Slider(1, P.max_frames, value=None, step=4, label="frames (4k + 1)",
                             visible=P.is_video, elem_id="speclab-frames")
+    for name in SIZE_CONTROLS:  # a Slider turns None into its minimum: the API default must stay None
+        c[name].value = None
     return c
 
 
@@ -783,7 +785,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                 run["compare"] = gr.Checkbox(True, label="compare with the full run",
                                              info="also runs the full pipeline right after: PSNR, SSIM, and the "
                                                   "measured speedup from both timed back to back")
-                with gr.Accordion("size, steps, seed", open=False):
+                with gr.Accordion("size, steps, seed", open=True):
                     run.update(_size_controls(lab, P))
             with gr.Column(scale=3, elem_id="speclab-results"):
                 with gr.Row(equal_height=True):
