@@ -46,6 +46,7 @@ from lab.session import RunFiles, Session, give_back_memory, release_large_block
 from lab.traces import TraceError, read_trace
 
 log = logging.getLogger("speclab")
+EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples")
 
 try:  # Hugging Face Spaces (ZeroGPU): run each generation on a GPU slice
     import spaces
@@ -191,8 +192,15 @@ def trace_panels(trace: Trace, **extra) -> dict:
         m = LM.by_name(trace.method)
         error = V.empty_figure(f"{m.label if m else trace.method} verifies nothing: no error to plot",
                                title="verification error vs threshold")
-    return dict(error_plot=error, timeline_plot=V.timeline_figure(trace, reference=extra.get("ref")),
+    figs = dict(error_plot=error, timeline_plot=V.timeline_figure(trace, reference=extra.get("ref")),
                 maps_plot=V.token_maps_figure(trace))
+    m = LM.by_name(trace.method)
+    if m is not None:  # the UI's name in the titles ("SpeCa: compute timeline", not "speca: ...")
+        for fig in figs.values():
+            title = fig.layout.title.text or ""
+            if title.startswith(trace.method + ":"):
+                fig.layout.title.text = m.label + title[len(trace.method):]
+    return figs
 
 
 def _sweep_table(points: list[dict], full_ms: float) -> str:
@@ -223,6 +231,7 @@ class Lab:
         """Compare mode: at most this many accelerated/full pairs timed back to back per request..."""
         self.timing_budget_s = timing_budget_s
         self.play_delay_s = 0.15
+        self._example = None
         """...while the timing so far took less than half of this (a run of seconds gets one pair)."""
         self.limits = limits or Limits()
         self.files = files or RunFiles(self.limits.run_files)
@@ -354,6 +363,7 @@ class Lab:
                 label=method.label, psnr=comparison.psnr, ssim=comparison.ssim,
                 measured=extra.get("measured_speedup"), ideal=trace.summary()["ideal_speedup"]))
         trace.meta["run"] = self._run_meta(spec, method, config)
+        self.last_extra = extra  # the example recorder (scripts.lab.examples) reads it
         files = self._export(session, trace, spec, result)
         yield panels(preview=final.preview if final.preview is not None else result.image, image=result.image,
                      summary=summary_markdown(trace, extra), **trace_panels(trace, ref=ref[1] if ref else None),
@@ -461,7 +471,7 @@ class Lab:
         knob = next(k for k in method.knobs() if k.name == name)
         s_lo, s_hi, _ = knob.slider()
         lo = s_lo if lo is None else R.as_float("sweep from", lo)
-        hi = s_hi if hi is None else R.as_float("sweep to", hi)
+        hi = s_hi if hi is None or hi == 0 else R.as_float("sweep to", hi)  # 0: an empty box in the page
         count = R.as_int("sweep points", count)
         if not 2 <= count <= 8:
             raise InputError(f"sweep points={count} is out of range: use 2..8")
@@ -562,6 +572,32 @@ class Lab:
                     except InputError:
                         pass
         return out
+
+    # ---- the first page: a recorded example run ------------------------------------------------------
+    EXAMPLE_OUTPUTS = ("image", "full_image", "summary", "error_plot", "timeline_plot", "maps_plot", "step",
+                       "diff_plot", "trace")
+
+    def example(self):
+        """The recorded example (assets/examples/, `python -m scripts.lab.examples`) as the first page's panels,
+        so a visitor sees what a run shows before pressing anything; skipped if the files are not there."""
+        if self._example is None:
+            try:
+                from PIL import Image
+
+                d = EXAMPLE_DIR
+                trace = read_trace(os.path.join(d, "speca_trace.json"), self.limits)
+                image = Image.open(os.path.join(d, "speca.png")).convert("RGB")
+                full = Image.open(os.path.join(d, "full.png")).convert("RGB")
+                with open(os.path.join(d, "speca_comparison.json")) as f:
+                    extra = json.load(f)
+                extra["note"] = ("**an example recorded with the bundled tiny FLUX** (its numbers are from that "
+                                 "machine): press **Play** to step through it, or **Generate** for your own run")
+                self._example = (image, full, summary_markdown(trace, extra), *trace_panels(trace).values(),
+                                 _slider_update(trace), V.difference_figure(image, full), trace)
+            except Exception:  # no example: the empty panels explain themselves
+                log.info("no example run in %s", EXAMPLE_DIR)
+                self._example = tuple(gr.skip() for _ in self.EXAMPLE_OUTPUTS)
+        return self._example
 
     # ---- post-run views ---------------------------------------------------------------------------
     @staticmethod
@@ -709,8 +745,8 @@ def _view_panels(P: M.Preset, limits: Limits) -> dict:
                     "timed right after it; other methods you ran on this prompt appear as squares.",
                     elem_classes=["speclab-caption"])
         with gr.Row():
-            v["sweep_from"] = gr.Number(None, label="from (empty: the knob's lowest)", elem_id="speclab-sweep-from")
-            v["sweep_to"] = gr.Number(None, label="to (empty: the knob's highest)", elem_id="speclab-sweep-to")
+            v["sweep_from"] = gr.Number(None, label="from (empty: the knob's lowest)", info="e.g. SpeCa threshold 1", elem_id="speclab-sweep-from")
+            v["sweep_to"] = gr.Number(None, label="to (empty or 0: the knob's highest)", info="e.g. 15", elem_id="speclab-sweep-to")
             v["sweep_count"] = gr.Slider(2, 8, value=4, step=1, label="points", elem_id="speclab-sweep-count")
         v["sweep_btn"] = gr.Button("Sweep", elem_id="speclab-sweep")
         v["sweep_plot"] = gr.Plot(V.sweep_figure([]), elem_id="speclab-sweep-plot", show_label=False)
@@ -789,7 +825,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                     run.update(_size_controls(lab, P))
             with gr.Column(scale=3, elem_id="speclab-results"):
                 with gr.Row(equal_height=True):
-                    run["prompt"] = gr.Textbox(EXAMPLES[0], label="prompt", lines=2, scale=4,
+                    run["prompt"] = gr.Textbox(EXAMPLES[0], label="prompt", lines=2, scale=4, min_width=250,
                                                max_length=lab.limits.max_prompt_chars, elem_id="speclab-prompt")
                     with gr.Column(scale=1, min_width=130):
                         run_btn = gr.Button("Generate", variant="primary", elem_id="speclab-generate")
@@ -835,6 +871,8 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         run["model"].change(_on_model(presets), [run["model"], run["prompt"]], model_outputs,
                             api_visibility="private", queue=False)
         demo.load(_on_model(presets), [run["model"], run["prompt"]], model_outputs, api_visibility="private",
+                  queue=False)
+        demo.load(lab.example, None, [view[k] for k in Lab.EXAMPLE_OUTPUTS], api_visibility="private",
                   queue=False)
         for slider in (view["step"], view["frame"]):
             slider.input(lab.scrub, [view["step"], trace_state, view["frame"]], view["maps_plot"],

@@ -74,9 +74,9 @@ def server():
     demo.close()
 
 
-def _shot(page, tmp_path, name):
+def _shot(page, tmp_path, name, full_page=True):
     path = tmp_path / name
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     keep = os.environ.get("SPECLAB_SCREENSHOTS")
     if keep:
         os.makedirs(keep, exist_ok=True)
@@ -244,7 +244,7 @@ def test_generate_and_image_stay_in_view_while_a_run_streams(browser, server, tm
         text = page.locator("#speclab-summary").inner_text()
         assert "ideal speedup (compute, not time)" in text and "back-to-back" in text or "back to back" in text
         assert "SpeCa on tiny" in text.replace("*", "") or "SpeCa" in text
-        _shot(page, tmp_path, "lab-desktop.png")
+        _shot(page, tmp_path, "lab-desktop.png", full_page=False)  # what a visitor sees: docs/screenshots/
     finally:
         page.close()
 
@@ -274,7 +274,7 @@ def test_phone_shows_prompt_generate_and_image_first(browser, server, tmp_path):
         top = page.evaluate("() => document.querySelector('#speclab-image').getBoundingClientRect().top")
         knobs = page.evaluate("() => document.querySelector('#speclab-method').getBoundingClientRect().top")
         assert top < knobs and top < 844, (top, knobs)
-        _shot(page, tmp_path, "lab-phone.png")
+        _shot(page, tmp_path, "lab-phone.png", full_page=False)
     finally:
         page.close()
 

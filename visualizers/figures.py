@@ -260,7 +260,7 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
              hovertemplate="step %{x}: %{y:.2f}x measured<extra></extra>", **_on(right)),
     ]
     summary = trace.summary()
-    sub = f" — ideal {summary['ideal_speedup']}x" if summary.get("ideal_speedup") else ""
+    sub = f" — ideal {summary['ideal_speedup']:.2f}x" if summary.get("ideal_speedup") else ""
     x0 = -len(over) - 0.5 if len(over) else -0.5
     top_share = max([1.0, *step_share.max(initial=0.0, keepdims=True), *over.share.max(initial=0.0, keepdims=True)])
     layout[top[0]]["range"] = [x0, _x_range(trace)[1]]
@@ -268,9 +268,9 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
     layout[top[1]].update(title=dict(text="share of a step"), range=[0, top_share * 1.05], tickformat=".0%")
     layout[bottom[1]].update(title=dict(text="full steps"), rangemode="tozero")
     layout[right[1]].update(title=dict(text="speedup (x)"), rangemode="tozero", showgrid=False)
-    layout.update(title=dict(text=f"{trace.method}: compute timeline{sub}"), height=HEIGHT + 80,
-                  margin=dict(_MARGIN), barmode="overlay", hovermode="closest",
-                  legend=dict(orientation="h", y=-0.14, font=dict(size=10)))
+    layout.update(title=dict(text=f"{trace.method}: compute timeline{sub}"), height=HEIGHT + 110,
+                  margin=dict(_MARGIN, b=110), barmode="overlay", hovermode="closest",  # the legend below "step"
+                  legend=dict(orientation="h", y=-0.2, yanchor="top", font=dict(size=10)))
     return _figure(data, layout)
 
 
