@@ -89,6 +89,9 @@ CSS = """
 @media (max-width: 768px) {
   #speclab-main { flex-direction: column; }
   #speclab-results { order: -1; }
+  #speclab-header h1 { font-size: 1.4em; }
+  #speclab-header p { font-size: 0.85em; }
+  #speclab-preview, #speclab-image, #speclab-full { height: 150px !important; }
 }
 """
 
@@ -574,7 +577,7 @@ class Lab:
         return out
 
     # ---- the first page: a recorded example run ------------------------------------------------------
-    EXAMPLE_OUTPUTS = ("image", "full_image", "summary", "error_plot", "timeline_plot", "maps_plot", "step",
+    EXAMPLE_OUTPUTS = ("preview", "image", "full_image", "summary", "error_plot", "timeline_plot", "maps_plot", "step",
                        "diff_plot", "trace")
 
     def example(self):
@@ -592,7 +595,7 @@ class Lab:
                     extra = json.load(f)
                 extra["note"] = ("**an example recorded with the bundled tiny FLUX** (its numbers are from that "
                                  "machine): press **Play** to step through it, or **Generate** for your own run")
-                self._example = (image, full, summary_markdown(trace, extra), *trace_panels(trace).values(),
+                self._example = (image, image, full, summary_markdown(trace, extra), *trace_panels(trace).values(),
                                  _slider_update(trace), V.difference_figure(image, full), trace)
             except Exception:  # no example: the empty panels explain themselves
                 log.info("no example run in %s", EXAMPLE_DIR)
@@ -705,11 +708,11 @@ def _size_controls(lab: Lab, P: M.Preset) -> dict:
 def _view_panels(P: M.Preset, limits: Limits) -> dict:
     v = {}
     with gr.Row(equal_height=True):
-        v["preview"] = gr.Image(label="preview (live, latent decode)", type="pil", height=230,
+        v["preview"] = gr.Image(label="live preview", type="pil", height=230, min_width=100,
                                 elem_id="speclab-preview", interactive=False)
-        v["image"] = gr.Image(label="image (this method)", type="pil", height=230, elem_id="speclab-image",
+        v["image"] = gr.Image(label="this method", type="pil", height=230, min_width=100, elem_id="speclab-image",
                               interactive=False)
-        v["full_image"] = gr.Image(label="full run (same seed)", type="pil", height=230, elem_id="speclab-full",
+        v["full_image"] = gr.Image(label="full run (same seed)", type="pil", height=230, min_width=100, elem_id="speclab-full",
                                    interactive=False)
     v["video"] = gr.Video(label="video (mp4)", visible=P.is_video, elem_id="speclab-video", interactive=False,
                           height=300)
@@ -870,10 +873,13 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                          run["frames"], view["video"], view["frame"]]
         run["model"].change(_on_model(presets), [run["model"], run["prompt"]], model_outputs,
                             api_visibility="private", queue=False)
-        demo.load(_on_model(presets), [run["model"], run["prompt"]], model_outputs, api_visibility="private",
-                  queue=False)
-        demo.load(lab.example, None, [view[k] for k in Lab.EXAMPLE_OUTPUTS], api_visibility="private",
-                  queue=False)
+        on_model = _on_model(presets)
+
+        def on_load(model, prompt):  # one event: the preset's size controls, then the example's panels
+            return (*on_model(model, prompt), *lab.example())
+
+        demo.load(on_load, [run["model"], run["prompt"]],
+                  model_outputs + [view[k] for k in Lab.EXAMPLE_OUTPUTS], api_visibility="private", queue=False)
         for slider in (view["step"], view["frame"]):
             slider.input(lab.scrub, [view["step"], trace_state, view["frame"]], view["maps_plot"],
                          api_visibility="private", concurrency_limit=None)

@@ -85,8 +85,17 @@ def _shot(page, tmp_path, name, full_page=True):
     return path
 
 
+def _wait_loaded(page) -> None:
+    """The page's load event filled the size controls with the preset's values (and the example's panels)."""
+    page.wait_for_function(
+        "() => { const e = document.querySelector('#speclab-steps input[type=number]'); "
+        "const s = document.querySelector('#speclab-summary'); "
+        "return e && e.value && s && !s.innerText.includes('No run yet'); }", timeout=30_000)
+
+
 def _set_steps(page, n: int) -> None:
     """Type `n` into the steps box, as a user would, and wait until the slider took it."""
+    _wait_loaded(page)
     box = page.locator("#speclab-steps input[type=number]")
     box.fill(str(n))
     box.press("Enter")
@@ -152,6 +161,7 @@ def test_stop_button_ends_a_run(browser, server, tmp_path):
     try:
         page.goto(server, wait_until="domcontentloaded", timeout=60_000)
         page.locator("#speclab-generate").wait_for(timeout=60_000)
+        _wait_loaded(page)
         for box, value in (("#speclab-steps", "100"), ("#speclab-width", "256"), ("#speclab-height", "256")):
             field = page.locator(f"{box} input[type=number]")  # a long run, so that Stop comes mid-way
             field.fill(value)
@@ -206,10 +216,7 @@ def _open(page, server, width=1440, height=900):
     page.set_viewport_size({"width": width, "height": height})
     page.goto(server, wait_until="domcontentloaded", timeout=60_000)
     page.locator("#speclab-generate").wait_for(timeout=60_000)
-    # the page fills the size controls with the preset's values on load
-    page.wait_for_function(
-        "() => { const e = document.querySelector('#speclab-steps input[type=number]'); return e && e.value; }",
-        timeout=30_000)
+    _wait_loaded(page)
 
 
 def _small_run(page, steps=6, size=64):
