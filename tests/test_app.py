@@ -427,9 +427,9 @@ def test_missing_bundled_video_model_and_hub_video_errors(monkeypatch, tmp_path)
     with pytest.raises(M.ModelError, match="bundled video model is not installed.*python -m scripts.tiny_video.train"):
         M.load_preset(missing)
     lab = app.Lab(M.ModelManager(presets={M.TINY_VIDEO: missing}))
-    with pytest.raises(gr.Error, match="not installed.*train_tiny_video"):
+    with pytest.raises(gr.Error, match="not installed.*scripts.tiny_video.train"):
         list(lab.generate(**vkw()))
-    assert "train_tiny_video.py" in M.preset_status(M.TINY_VIDEO) or os.path.isfile(
+    assert "scripts.tiny_video.train" in M.preset_status(M.TINY_VIDEO) or os.path.isfile(
         os.path.join(M.TINY_VIDEO_DIR, "model_index.json"))
     hub = M.PRESETS[M.HUNYUAN]
     assert hub.kind == "hub" and hub.source == "hunyuanvideo-community/HunyuanVideo" and hub.is_video
