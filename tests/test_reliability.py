@@ -74,6 +74,14 @@ def test_nan_and_inf_are_refused_naming_the_field(lab, field):
         assert msg.startswith(f"{field} must be a finite number"), msg
 
 
+def test_nan_target_speedup_and_sweep_range_refused(lab):
+    assert _error(lab, target_speedup=float("nan")).startswith("target speedup must be a finite number")
+    with pytest.raises(gr.Error, match="sweep from must be a finite number"):
+        list(lab.sweep(None, float("nan"), None, 3, **kw()))
+    with pytest.raises(gr.Error, match="sweep points=9 is out of range"):
+        list(lab.sweep(None, None, None, 9, **kw()))
+
+
 def test_nan_frames_refused(lab):
     msg = _error(lab, model=M.TINY_VIDEO, frames=float("nan"))
     assert msg.startswith("frames must be a finite number")
