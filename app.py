@@ -848,6 +848,8 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         run_btn.click(generate, inputs_kwargs={"session": session, **{k: run[k] for k in RUN_CONTROLS}, **knobs},
                       outputs=[view[k] for k in OUTPUTS], api_name="generate",
                       concurrency_limit=lab.limits.waiting,
+                      # progress (and an error's badge) on the summary only: the panels stay readable as they stream
+                      show_progress_on=[view["summary"]],
                       preprocess=False)  # raw values to Lab.parse: Gradio's Radio/Dropdown echo a bad value whole
         stop_btn.click(lab.stop, session, None, queue=False, api_name="stop")
 
@@ -860,6 +862,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
             sweep, inputs_kwargs={"session": session, "sweep_from": view["sweep_from"], "sweep_to": view["sweep_to"],
                                   "sweep_count": view["sweep_count"], **{k: run[k] for k in RUN_CONTROLS}, **knobs},
             outputs=[view["sweep_plot"], view["sweep_table"], view["sweep_pick"]], api_name="sweep",
+            show_progress_on=[view["sweep_table"]],
             concurrency_limit=lab.limits.waiting, preprocess=False)
         view["sweep_pick"].input(
             lambda label, s: lab.pick(label, s), [view["sweep_pick"], session],

@@ -353,3 +353,20 @@ def test_loading_a_trace_restores_the_controls(browser, server, tmp_path):
         assert "loaded from restore_me.json" in page.locator("#speclab-summary").inner_text()
     finally:
         page.close()
+
+
+def test_a_typo_names_the_field_and_leaves_the_panels_readable(browser, server):
+    page = browser.new_page()
+    try:
+        _open(page, server)
+        field = page.locator("#speclab-width input[type=number]")
+        field.fill("100")
+        field.press("Enter")
+        page.locator("#speclab-generate").click()
+        toast = page.locator(".toast-body, [data-testid='toast-body']").first
+        toast.wait_for(timeout=30_000)
+        assert "width=100" in toast.inner_text()
+        for pid in ("speclab-image", "speclab-maps", "speclab-timeline"):  # the example's panels, no error badge
+            assert "Error" not in page.locator(f"#{pid}").inner_text()
+    finally:
+        page.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import textwrap
 
 import numpy as np
 import plotly.graph_objects as go
@@ -129,6 +130,7 @@ def _customdata(*columns) -> list:
 
 def empty_figure(message: str, title: str = "") -> go.Figure:
     """A blank figure carrying a centred message (e.g. before a run, or a method without token maps)."""
+    message = "<br>".join(textwrap.wrap(message, 56)) or message  # a long message wraps instead of being clipped
     layout = dict(
         annotations=[dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                           font=dict(size=14, color="#666"))],
@@ -395,11 +397,13 @@ def difference_figure(a, b, title: str = "|accelerated - full|") -> go.Figure:
     d = np.abs(x - y)
     if d.ndim == 3:
         d = d.mean(axis=2)
-    fig = go.Figure(go.Heatmap(z=d, colorscale="Magma", zmin=0, name="difference",
+    fig = go.Figure(go.Heatmap(z=d, colorscale="Magma", zmin=0, zmax=max(float(d.max()), 1.0), name="difference",
                                hovertemplate="x %{x}, y %{y}<br>|diff| %{z:.1f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
     fig.update_xaxes(showticklabels=False)
-    fig.update_layout(title=f"{title} (mean {d.mean():.2f}, max {d.max():.0f})", height=HEIGHT, margin=_MARGIN,
+    identical = " — identical" if not d.any() else ""  # a flat map: 0..1 on the bar, not an autoscaled ±0.5
+    fig.update_layout(title=f"{title} (mean {d.mean():.2f}, max {d.max():.0f}){identical}", height=HEIGHT,
+                      margin=_MARGIN,
                       template="plotly_white")
     return fig
 
