@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -70,6 +71,9 @@ class SpeCaConfig(ConfigBase):
     Defaults are the paper's FLUX settings; `SpeCaConfig.reference()` gives the behaviour of the authors'
     released code instead (docs/speca.md lists every difference and why the defaults differ).
     """
+
+    SPEED_KNOB: ClassVar[str] = "threshold"
+    """The field that trades quality for speed: a larger value skips more work (`accel.calibrate`)."""
 
     threshold: float = knob(
         7.0, """Base of the acceptance threshold. The threshold at step i of n is `threshold * decay ** (i / n)`.
