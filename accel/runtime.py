@@ -72,6 +72,7 @@ class StepDriverHook(ModelHook):
         self.run_states: dict[str, RunState] = {}
         """This run's state of every cache context seen so far (cleared when the run ends)."""
         self._timesteps_cpu: torch.Tensor | None = None
+        self._sigmas_cpu: torch.Tensor | None = None
 
     # ---- step location -------------------------------------------------------------------
     def _locate(self, state: RunState, args, kwargs) -> StepInfo:
@@ -88,11 +89,13 @@ class StepDriverHook(ModelHook):
             # The scheduler was set (again) since this hook's last call: a new run, or another call on this
             # pipeline reset the shared scheduler in the middle of this one.
             self._timesteps_cpu = timesteps.detach().float().cpu()
+            sigmas = getattr(sched, "sigmas", None)  # on the device for some schedulers: read once, not per step
+            self._sigmas_cpu = sigmas.detach().float().cpu() if isinstance(sigmas, torch.Tensor) else None
             self._schedule_ref = timesteps
             if state.last_step is not None and idx < n:
                 self._check_schedule(idx, args, kwargs)
         t = float(self._timesteps_cpu[idx]) if n and idx < n else None
-        sigmas = getattr(sched, "sigmas", None)
+        sigmas = self._sigmas_cpu if n else getattr(sched, "sigmas", None)
         sigma = float(sigmas[idx]) if sigmas is not None and idx < len(sigmas) else None
         name = self.states.context.name
         return StepInfo(step=idx, num_steps=max(n, idx + 1), context=name, timestep=t, sigma=sigma)
