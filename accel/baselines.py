@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import ModelHook
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import _set_cache_context
 
 from .adapters import Adapter
 from .api import register_method
@@ -127,7 +128,7 @@ class _LinearCounter(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         x = args[0] if args else kwargs.get("input")
         if x is not None and self.driver.counting:
-            self.driver.macs[self.index] += x.numel() // max(1, module.in_features) * module.out_features
+            self.driver.macs[self.index] += x.numel() * module.out_features  # rows x in x out
         return args, kwargs
 
 
@@ -162,6 +163,18 @@ class BaselineDriver(StepDriverHook):
         self.counting = False
         self.macs: list[float] = [0.0] * self.n_blocks
         self.head_residual: torch.Tensor | None = None
+
+    def on_new_run(self) -> None:
+        """diffusers resets its cache hooks only at the end of a pipeline call: after a run that ended in an
+        exception their state (forecast factors, cached residuals) would leak into this one. Reset them."""
+        transformer = self.adapter.transformer
+        context = self.states.context  # a reset clears the hooks' cache context too: set it again after
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        for reg in (registry, *registry._get_child_registries()):
+            for name, hook in reg.hooks.items():
+                if hook._is_stateful and not name.startswith("speclab_"):
+                    hook.reset_state(reg._module_ref)
+        _set_cache_context(transformer, context)
 
     def run_step(self, module, args, kwargs, info: StepInfo, state: BaselineState, rec: StepRecord):
         if not self.count:  # plain run: every block, by construction
@@ -213,7 +226,7 @@ class FirstBlockDriver(BaselineDriver):
             rec.errors = [rec.error]
             if state.layout is not None and res.shape[1] == _prod(state.layout.grid):
                 per_token = diff.float().mean(dim=(0, 2)) / scale.float().clamp_min(1e-12)
-                rec.maps["error"] = per_token.reshape(state.layout.grid).tolist()
+                rec.set_map("error", per_token.reshape(state.layout.grid))
         if full:
             rec.decision, rec.reason = FULL, "first_step" if ref is None else "changed"
             if res is not None:

@@ -114,6 +114,7 @@ class StepDriverHook(ModelHook):
             )
 
     # ---- diffusers hook API ----------------------------------------------------------------
+    @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
         try:
             self.states.context
@@ -161,9 +162,13 @@ class StepDriverHook(ModelHook):
         state = self.states.get_state()
         info = self._locate(state, args, kwargs)
         self.current_state = state
-        self.run_states[info.context] = state
-        if state.last_step is not None and info.step <= state.last_step:
+        restarted = state.last_step is not None and info.step <= state.last_step
+        if restarted:
             state.reset()  # a new run in this context (the last one ended without a reset)
+            self.run_states.clear()
+        if not self.run_states:
+            self.on_new_run()
+        self.run_states[info.context] = state
         if state.layout is None:
             state.layout = self.adapter.token_layout(args, kwargs)
         trace = self.handle._trace_for(info, state.layout)
@@ -183,7 +188,7 @@ class StepDriverHook(ModelHook):
         self._slowest_step_s = max(self._slowest_step_s, rec.time_ms / 1000.0)
         rec.blocks_computed = state.blocks_computed
         state.last_step = info.step
-        trace.steps.append(rec)
+        trace.append(rec)
         if self.handle.on_step is not None:
             self.handle.on_step(rec)
         return out
@@ -196,6 +201,10 @@ class StepDriverHook(ModelHook):
 
     def run_step(self, module, args, kwargs, info: StepInfo, state: RunState, rec: StepRecord):
         raise NotImplementedError
+
+    def on_new_run(self) -> None:
+        """Called at the first denoiser call of every run (before `run_step`), also when the last run ended in
+        an exception without the pipeline's reset."""
 
     def reset_state(self, module):
         self.states.reset()
@@ -243,8 +252,8 @@ class Handle:
     def _trace_for(self, info: StepInfo, layout: TokenLayout) -> Trace:
         cur = self._current
         if cur is not None:
-            seen = [r.step for r in cur.steps if r.context == info.context]
-            if seen and info.step <= seen[-1]:  # steps went backwards: a new run began without a reset
+            seen = cur.series(info.context).step
+            if len(seen) and info.step <= seen[-1]:  # steps went backwards: a new run began without a reset
                 self._end_run()
                 cur = None
         if cur is None:

@@ -392,7 +392,7 @@ class SpecDiffModelHook(StepDriverHook):
                      "attn_pairs": ctl.attn_pairs}
         if cfg.record_maps:
             h = state.layout.grid
-            rec.maps["level"] = torch.ones(h, dtype=torch.int8).tolist()
+            rec.set_map("level", torch.ones(h, dtype=torch.int8))
 
     def _partial_step(self, args, kwargs, info: StepInfo, state: SpecDiffState, rec: StepRecord, next_partial: bool):
         cfg: SpecDiffConfig = self.config
@@ -539,40 +539,43 @@ class SpecDiffModelHook(StepDriverHook):
 
     # ---- trace fields read back from the device ------------------------------------------------------
     def _defer(self, rec: StepRecord, packed: torch.Tensor, grid) -> None:
-        """Queue a partial step's level counts (and maps) for the trace: read back after the step when
-        `sync_timing` synchronises anyway (or on the CPU), else at the end of the run, so that no step waits
-        for the device. The copy starts now (pinned host buffer, non-blocking)."""
-        if packed.is_cuda:
-            i = len(self._pending)  # pinned buffers are reused run after run (allocating one can synchronise)
-            if i >= len(self._host_bufs) or self._host_bufs[i].shape != packed.shape:
-                buf = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                self._host_bufs[i:i + 1] = [buf]
-            host = self._host_bufs[i]
-            host.copy_(packed, non_blocking=True)
-            packed = host
-        self._pending.append((rec, packed, grid))
+        """A partial step's level counts (and maps) for the trace, packed in one tensor. Read now when the
+        step waits for the device anyway (`sync_timing`, or on the CPU): the runtime synchronises right after
+        this step. Else copied to a reused pinned buffer without waiting and read at the end of the run
+        (`_resolve`), so that no step waits for the device; the trace's series are refreshed then."""
+        if not packed.is_cuda or self.config.sync_timing:
+            self._fill(rec, packed.cpu(), grid)
+            return
+        i = len(self._pending)  # pinned buffers are reused run after run (allocating one can synchronise)
+        if i >= len(self._host_bufs) or self._host_bufs[i].shape != packed.shape:
+            self._host_bufs[i:i + 1] = [torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)]
+        host = self._host_bufs[i]
+        host.copy_(packed, non_blocking=True)
+        self._pending.append((rec, host, grid))
+
+    @staticmethod
+    def _fill(rec: StepRecord, packed: torch.Tensor, grid) -> None:
+        c = [int(x) for x in packed[:3].tolist()]
+        rec.extra["c1"], rec.extra["c2"], rec.extra["c3"] = c
+        if packed.numel() > 3:
+            n_img = (packed.numel() - 3) // 2
+            rec.set_map("importance", packed[3:3 + n_img].reshape(grid))
+            rec.set_map("level", packed[3 + n_img:].to(torch.int8).reshape(grid))
 
     def _resolve(self) -> None:
         if not self._pending:
             return
-        if any(p.is_pinned() for _, p, _ in self._pending) and torch.cuda.is_available():
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
         for rec, packed, grid in self._pending:
-            c = [int(x) for x in packed[:3].tolist()]
-            rec.extra["c1"], rec.extra["c2"], rec.extra["c3"] = c
-            if packed.numel() > 3:
-                n_img = (packed.numel() - 3) // 2
-                rec.maps["importance"] = packed[3:3 + n_img].reshape(grid).tolist()
-                rec.maps["level"] = packed[3 + n_img:].to(torch.int8).reshape(grid).tolist()
+            self._fill(rec, packed, grid)
         self._pending.clear()
+        trace = self.handle.running_trace
+        if trace is not None:
+            trace.refresh()  # the records changed after they were appended
 
     # ---- speculative pre-run -------------------------------------------------------------------
     def _call(self, module, args, kwargs):
-        try:
-            out = super()._call(module, args, kwargs)
-        finally:
-            if self.config.sync_timing or not torch.cuda.is_available():
-                self._resolve()
+        out = super()._call(module, args, kwargs)
         state: SpecDiffState = self.states.get_state()
         if state.prerun is not None:
             try:

@@ -40,14 +40,15 @@ class TaylorForecaster:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.terms.values() for t in ts)
 
-    def update(self, x: float, feats: Features) -> None:
-        """Record the real features of a full step at position x."""
-        old_nodes = self.nodes
+    def update(self, x: float, feats: Features, restart: bool = False) -> None:
+        """Record the real features of a full step at position x. restart: forget the earlier full steps, so
+        the terms start again at order 0 (the released code does this during its warm-up)."""
+        old_nodes = [] if restart else self.nodes
         for name, f in feats.items():
             f = f.detach()
             if self.dtype is not None and f.dtype != self.dtype:
                 f = f.to(self.dtype)
-            old = self.terms.get(name, [])
+            old = [] if restart else self.terms.get(name, [])
             m = min(len(old), self.order)
             # Newton: f[x, x0..xi] = (f[x, x0..x(i-1)] - f[x0..xi]) / (x - xi)
             # reference: divide by the distance to the last full step every time

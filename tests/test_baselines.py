@@ -35,16 +35,15 @@ def _count_to_q(pipe):
     return per_call, handles
 
 
-def test_full_is_exact_and_traced(pipe, plain):
+def test_full_is_traced(pipe):
+    """(Bit-identical output and remove(): tests/test_contract.py.)"""
     with accel.apply(pipe, accel.FullConfig()) as h:
-        out = tiny.run(pipe, steps=STEPS)
-    assert torch.equal(out, plain)
+        tiny.run(pipe, steps=STEPS)
     t = h.trace
     assert t.method == "full" and len(t.steps) == STEPS
     assert all(r.decision == FULL and r.blocks_computed == _n_blocks(pipe) for r in t.steps)
     assert t.summary()["ideal_speedup"] == 1.0
     assert all(r.time_ms > 0 for r in t.steps)
-    assert torch.equal(tiny.run(pipe, steps=STEPS), plain)
 
 
 @pytest.mark.parametrize("lite", [False, True])

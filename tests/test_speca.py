@@ -1,21 +1,28 @@
-"""SpeCa on a tiny random FLUX: exactness, real compute savings, decision rules, state isolation, errors."""
+"""SpeCa on a tiny random FLUX: the forecaster, decision rules, schedule replay, sigma coordinates, the batch decision,
+verification metrics, the trace, errors. (Exactness, remove(), compute counted from leaf Linears and isolation run
+for every family in tests/test_contract.py.)"""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 
 import accel
-from accel.adapters import adapter_for
-import torch.nn.functional as F
+from families import FLUX
+from tiny import run, tiny_flux_pipe
 
-from accel.adapters import TokenLayout
+# accel internals these tests reach, imported in this one place (a moved module is a one-line change here)
+from accel.adapters import TokenLayout, adapter_for
 from accel.kernels import accumulate
+from accel.metrics import verification_errors
 from accel.taylor import TaylorForecaster
-from tiny import embeds, run, tiny_flux_pipe
 
 STEPS = 12
+FORECASTS = ("stack", "per_block")
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +33,6 @@ def pipe():
 @pytest.fixture(scope="module")
 def baseline(pipe):
     return run(pipe, STEPS)
-
-
-class LinearCounter:
-    """Counts real calls of every nn.Linear inside the transformer blocks (plain torch forward hooks)."""
-
-    def __init__(self, transformer):
-        self.calls = 0
-        self.handles = []
-        for name, m in transformer.named_modules():
-            if isinstance(m, nn.Linear) and "transformer_blocks" in name:
-                self.handles.append(m.register_forward_hook(self._hit))
-
-    def _hit(self, *_):
-        self.calls += 1
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 # ---- forecaster ---------------------------------------------------------------------------------------
@@ -89,25 +78,7 @@ def test_threshold_schedule():
     assert accel.SpeCaConfig(decay=1.0).threshold_at(40, 50) == pytest.approx(7.0)
 
 
-# ---- exactness ----------------------------------------------------------------------------------------
-def test_all_full_is_bit_identical_and_remove_restores(pipe, baseline):
-    handle = accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS))
-    out = run(pipe, STEPS)
-    assert torch.equal(out, baseline)
-    s = handle.trace.summary()
-    assert s["full_steps"] == STEPS and s["ideal_speedup"] == 1.0
-    handle.remove()
-    assert torch.equal(run(pipe, STEPS), baseline)
-
-
-def test_remove_after_speculation_restores_baseline(pipe, baseline):
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9)) as handle:
-        out = run(pipe, STEPS)
-        assert handle.trace.summary()["accepted_steps"] > 0
-        assert not torch.equal(out, baseline)
-    assert torch.equal(run(pipe, STEPS), baseline)
-
-
+# ---- block rebuild ------------------------------------------------------------------------------------
 def test_forecast_of_real_features_rebuilds_block_output(pipe):
     """Inputs + gate * real features, as a speculative step adds them, == the block's own output."""
     adapter = adapter_for(pipe.transformer)
@@ -155,39 +126,31 @@ def _rows(linear, n_chunks, chunk):
 
 
 # ---- real compute and decision rules --------------------------------------------------------------------
-def test_loose_threshold_drops_real_block_compute(pipe):
-    counter = LinearCounter(pipe.transformer)
-    run(pipe, STEPS)
-    plain_calls = counter.calls
-    counter.calls = 0
-    cfg = accel.SpeCaConfig(threshold=1e9, warmup_steps=3, min_spec_steps=1, max_spec_steps=4)
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_warmup_and_max_spec_steps_shape_the_run(pipe, forecast):
+    """(Real compute against leaf Linears: tests/test_contract.py.) Warm-up steps are full, never more than
+    max_spec_steps speculative steps in a row, and a speculative step computes exactly the verify block."""
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=1e9, warmup_steps=3, min_spec_steps=1, max_spec_steps=4)
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         trace = handle.trace
-    accel_calls = counter.calls
-    counter.close()
     n_blocks = len(adapter_for(pipe.transformer).blocks())
     s = trace.summary()
-    assert accel_calls < plain_calls
-    # leaf-layer calls agree with the trace's block count: full steps run every block, accepted ones
-    # only the verify block (a single block: 3 linears of the 7 a double block has... count per step)
-    per_full = plain_calls / STEPS
-    verify_linears = sum(1 for m in pipe.transformer.single_transformer_blocks[-1].modules() if isinstance(m, nn.Linear))
-    expected = s["full_steps"] * per_full + s["accepted_steps"] * verify_linears
-    assert accel_calls == expected
     assert s["blocks_computed"] == s["full_steps"] * n_blocks + s["accepted_steps"]
     decisions = [r.decision for r in trace.steps]
     assert decisions[:3] == ["full"] * 3
-    # max_spec_steps: never more than 4 speculative steps in a row
+    assert [r.reason for r in trace.steps if r.decision == "full"][3:] == ["max_spec"] * (s["full_steps"] - 3)
     run_len = 0
     for d in decisions:
         run_len = run_len + 1 if d != "full" else 0
         assert run_len <= 4
+    assert decisions[3:8] == ["accepted"] * 4 + ["full"]  # exactly 4, then forced full
     assert s["ideal_speedup"] > 1.5
 
 
-def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline):
-    cfg = accel.SpeCaConfig(threshold=0.0, warmup_steps=2, min_spec_steps=2, max_spec_steps=8)
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=0.0, warmup_steps=2, min_spec_steps=2, max_spec_steps=8)
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         recs = handle.trace.steps
@@ -201,8 +164,9 @@ def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline):
     assert all(r.error is not None for r in recs if r.decision != "full")
 
 
-def test_defer_policy_makes_next_step_full(pipe):
-    cfg = accel.SpeCaConfig(threshold=0.0, warmup_steps=2, min_spec_steps=0, on_reject="defer")
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_defer_policy_makes_next_step_full(pipe, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=0.0, warmup_steps=2, min_spec_steps=0, on_reject="defer")
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         recs = handle.trace.steps
@@ -211,85 +175,145 @@ def test_defer_policy_makes_next_step_full(pipe):
     assert recs[3].decision == "full" and recs[3].reason == "after_reject"
 
 
-def test_schedule_replay_reproduces_run(pipe):
-    cfg = accel.SpeCaConfig(threshold=8.0, min_spec_steps=1)
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_schedule_replay_reproduces_run(pipe, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=8.0, min_spec_steps=1)
     with accel.apply(pipe, cfg) as handle:
         first = run(pipe, STEPS)
         trace = handle.trace
     schedule = trace.schedule()
     assert len(schedule) == STEPS and schedule[0]
-    with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule)) as handle:
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, forecast=forecast)) as handle:
         replay = run(pipe, STEPS)
         assert handle.trace.schedule() == schedule
     assert torch.equal(first, replay)
 
 
-def test_sigma_distance_and_reference_form_run(pipe, baseline):
-    for cfg in (accel.SpeCaConfig(threshold=1e9, distance="sigma"), accel.SpeCaConfig(threshold=1e9, taylor_form="reference")):
-        with accel.apply(pipe, cfg) as handle:
-            out = run(pipe, STEPS)
-        assert torch.isfinite(out).all()
-        assert handle.trace.summary()["accepted_steps"] > 0
-        rel = ((out - baseline).norm() / baseline.norm()).item()
-        assert rel < 0.5
-
-
-# ---- state isolation -------------------------------------------------------------------------------------
-def test_interleaved_pipelines_do_not_share_state():
-    a, b = tiny_flux_pipe(seed=0), tiny_flux_pipe(seed=5)
-    cfg = dict(threshold=1e9, min_spec_steps=1)
-    with accel.apply(a, accel.SpeCaConfig(**cfg)):
-        alone_a = run(a, STEPS)
-    with accel.apply(b, accel.SpeCaConfig(**cfg)):
-        alone_b = run(b, STEPS, seed=3)
-    ha, hb = accel.apply(a, accel.SpeCaConfig(**cfg)), accel.apply(b, accel.SpeCaConfig(**cfg))
-    inner = {}
-
-    def in_the_middle(p, i, t, kw):
-        if i == 5:  # a whole run of b inside step 5 of a
-            inner["b"] = run(b, STEPS, seed=3)
-        return kw
-
-    out_a = run(a, STEPS, callback_on_step_end=in_the_middle)
-    assert torch.equal(out_a, alone_a) and torch.equal(inner["b"], alone_b)
-    # and one after another on the same pipeline: the second run starts from a clean state
-    again = run(a, STEPS)
-    assert torch.equal(again, alone_a)
-    assert len(ha.traces) == 2 and len(hb.traces) == 1
-    ha.remove(), hb.remove()
-
-
-def test_true_cfg_keeps_separate_states(pipe):
-    pe, pooled = embeds(seed=1)
-    ne, npooled = embeds(seed=2)
-    kw = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=ne,
-              negative_pooled_prompt_embeds=npooled, true_cfg_scale=3.0, height=64, width=64,
-              num_inference_steps=STEPS, output_type="latent")
-    base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS)) as handle:
-        full = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-        assert handle.trace.contexts() == ["cond", "uncond"]
-    assert torch.equal(full, base)
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, min_spec_steps=1)) as handle:
-        out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-        trace = handle.trace
-    cond, uncond = trace.for_context("cond"), trace.for_context("uncond")
-    assert len(cond) == len(uncond) == STEPS
+def test_reference_form_runs(pipe, baseline):
+    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, taylor_form="reference")) as handle:
+        out = run(pipe, STEPS)
     assert torch.isfinite(out).all()
-    # each branch verified against its own forecast: the errors differ
-    assert [r.error for r in cond if r.error] != [r.error for r in uncond if r.error]
+    assert handle.trace.summary()["accepted_steps"] > 0
+    assert 0 < ((out - baseline).norm() / baseline.norm()).item() < 0.5
 
 
-def test_batch_decision_uses_every_sample(pipe):
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, min_spec_steps=0)) as handle:
-        run(pipe, STEPS, batch=2)
-        recs = [r for r in handle.trace.steps if r.errors]
-    assert recs and all(len(r.errors) == 2 and r.error == max(r.errors) for r in recs)
+SIGMA_SCHEDULE = [True, True, True, False, False, True, False, False, True, False, False, False]
+
+
+def _replay(pipe, distance, **kw):
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=SIGMA_SCHEDULE, order=2, distance=distance)) as handle:
+        out = FLUX.run(pipe, **kw)
+        trace = handle.trace
+    return out, trace
+
+
+def test_sigma_distance_forecasts_in_sigma_coordinates():
+    """A forecast is the interpolating polynomial through the last full steps, and that does not change under an
+    affine change of coordinate. So where the sigmas are affine in the step index, "sigma" and "step" distances
+    forecast the same features; on a shifted (non-linear) schedule they must not."""
+    pipe = tiny_flux_pipe()
+    affine = [float(s) for s in np.linspace(1.0, 0.2, STEPS)]
+    out_step, _ = _replay(pipe, "step", sigmas=affine)
+    out_sigma, trace = _replay(pipe, "sigma", sigmas=affine)
+    assert [r.sigma for r in trace.steps] == pytest.approx(affine)
+    torch.testing.assert_close(out_sigma, out_step, rtol=1e-5, atol=1e-6)
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    out_step, _ = _replay(pipe, "step")
+    out_sigma, trace = _replay(pipe, "sigma")
+    sig = [r.sigma for r in trace.steps]
+    gaps = -np.diff(sig)
+    assert gaps.max() / gaps.min() > 3  # the schedule is far from affine in the step index
+    plain = FLUX.run(pipe)
+    for out in (out_step, out_sigma):
+        assert 0 < ((out - plain).norm() / plain.norm()).item() < 0.05
+    assert ((out_sigma - out_step).norm() / out_step.norm()).item() > 1e-3
+
+
+# ---- batches ------------------------------------------------------------------------------------------------
+def _two_samples():
+    prompt = FLUX.prompt(1, 2)
+    return prompt, FLUX.latents(21, 2)
+
+
+def _first_verified(cfg, **kw):
+    pipe = tiny_flux_pipe()
+    with accel.apply(pipe, cfg) as handle:
+        FLUX.run(pipe, **kw)
+        return handle.trace.steps[2]
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_batch_step_is_accepted_only_if_every_sample_passes(forecast):
+    """Step 2 is the first verified step (2 warm-up steps, no grace): its per-sample errors do not depend on
+    the threshold. With a threshold between the two samples' errors the step is rejected; above both, accepted."""
+    prompt, x = _two_samples()
+    kw = dict(batch=2, latents=x, **prompt)
+    base = dict(decay=1.0, warmup_steps=2, min_spec_steps=0, forecast=forecast)
+    rec = _first_verified(accel.SpeCaConfig(threshold=1e9, **base), **kw)
+    lo, hi = sorted(rec.errors)
+    assert rec.decision == "accepted" and rec.reason == "verified" and len(rec.errors) == 2
+    assert rec.error == hi and hi > 1.05 * lo
+    # each sample's error is its own: the same as that sample run alone
+    for b in range(2):
+        alone = _first_verified(accel.SpeCaConfig(threshold=1e9, **base), latents=x[b:b + 1],
+                                prompt_embeds=prompt["prompt_embeds"][b:b + 1],
+                                pooled_prompt_embeds=prompt["pooled_prompt_embeds"][b:b + 1])
+        # (rel_l1 is elementwise and ill-conditioned: batch-1 and batch-2 matmuls differ in the 4th digit)
+        assert alone.errors[0] == pytest.approx(rec.errors[b], rel=1e-2)
+    between = _first_verified(accel.SpeCaConfig(threshold=(lo + hi) / 2, **base), **kw)
+    assert between.errors == pytest.approx(rec.errors, rel=1e-6)
+    assert between.threshold == pytest.approx((lo + hi) / 2)
+    assert between.decision == "rejected" and between.reason == "recomputed"
+    above = _first_verified(accel.SpeCaConfig(threshold=hi * 1.01, **base), **kw)
+    assert above.decision == "accepted"
+
+
+# ---- verification metrics (accel/metrics.py) against hand computations ----------------------------------------
+def _metric_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(2, 10, 6, generator=g, dtype=torch.float64)
+    real[1] *= 40.0  # samples of very different scale: a pooled or unnormalised metric cannot pass
+    pred = real + torch.randn(2, 10, 6, generator=g, dtype=torch.float64) * torch.tensor([0.1, 3.0])[:, None, None]
+    return pred.to(dtype), real.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_metric_matches_a_hand_computation(dtype):
+    pred, real = _metric_inputs(dtype)
+    p, r = pred.double(), real.double()
+    eps = 1e-6
+    by_hand = {
+        "rel_l1": torch.stack([((p[b] - r[b]).abs() / (r[b].abs() + eps)).mean() for b in range(2)]),
+        "rel_l2": torch.stack([(p[b] - r[b]).norm() / (r[b].norm() + eps) for b in range(2)]),
+        "cosine": torch.stack([1 - (p[b] * r[b]).sum() / (p[b].norm() * r[b].norm()) for b in range(2)]),
+    }
+    keep_p, keep_r = pred.clone(), real.clone()
+    for metric, expect in by_hand.items():
+        err, tok = verification_errors(pred, real, metric, eps)
+        assert err.shape == (2,) and err.dtype == torch.float32 and tok is None
+        torch.testing.assert_close(err.double(), expect, rtol=1e-5, atol=1e-6)
+        assert torch.equal(pred, keep_p) and torch.equal(real, keep_r)  # inputs untouched
+    # the per-token map: per image row, mean |p - r| / (mean |r| + eps), averaged over the batch
+    rows = slice(3, 9)
+    _, tok = verification_errors(pred, real, "rel_l1", eps, image_rows=rows)
+    d = (p - r)[:, rows].abs().mean(-1) / (r[:, rows].abs().mean(-1) + eps)
+    torch.testing.assert_close(tok.double(), d.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_in_a_run_are_per_sample():
+    """The configured metric reaches the trace: rel_l2 and cosine errors are small numbers in [0, 2], per sample."""
+    prompt, x = _two_samples()
+    for metric in ("rel_l2", "cosine"):
+        rec = _first_verified(accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=0, metric=metric),
+                              batch=2, latents=x, **prompt)
+        assert len(rec.errors) == 2 and all(0 < e < 2 for e in rec.errors) and rec.errors[0] != rec.errors[1]
 
 
 # ---- trace ----------------------------------------------------------------------------------------------
-def test_trace_round_trips_and_has_error_maps(pipe, tmp_path):
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9)) as handle:
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_trace_round_trips_and_has_error_maps(pipe, tmp_path, forecast):
+    with accel.apply(pipe, accel.SpeCaConfig(forecast=forecast, threshold=1e9)) as handle:
         run(pipe, STEPS, size=64)
     trace = handle.trace
     spec = [r for r in trace.steps if r.decision == "accepted"]
@@ -297,8 +321,9 @@ def test_trace_round_trips_and_has_error_maps(pipe, tmp_path):
     assert trace.token_grid == [4, 4]
     path = tmp_path / "t.json"
     trace.to_json(str(path))
-    back = accel.Trace.from_json(str(path))
+    back = accel.Trace.load(path)
     assert back.summary() == trace.summary() and back.steps[5] == trace.steps[5]
+    assert back.steps[5].maps["error"].dtype == trace.steps[5].maps["error"].dtype == "float32"
     csv = trace.to_csv()
     assert csv.count("\n") == STEPS + 1 and "decision" in csv.splitlines()[0]
     with pytest.raises(ValueError, match="not a SpecLab trace"):
@@ -341,3 +366,159 @@ def test_bad_pipelines_and_blocks_raise(pipe):
     with accel.apply(pipe, accel.SpeCaConfig()):
         with pytest.raises(ValueError, match="already attached"):
             accel.apply(pipe, accel.SpeCaConfig())
+
+
+# ---- the stack forecast ---------------------------------------------------------------------------------
+def _lagrange(xs, ys, x):
+    """The polynomial through (xs, ys) at x, in float64 (independent of accel.taylor)."""
+    out = 0.0
+    for i, (xi, yi) in enumerate(zip(xs, ys)):
+        w = 1.0
+        for j, xj in enumerate(xs):
+            if j != i:
+                w *= (x - xj) / (xi - xj)
+        out = out + w * yi
+    return out
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_stack_forecast_is_the_polynomial_through_the_recorded_stacks(pipe, order):
+    """On a speculative step the verify block receives the streams entering the first block plus the
+    interpolating polynomial (degree = order) through the full steps' recorded growth of the streams up to the
+    verify block: so a stack whose growth is a polynomial of degree <= order in the step is forecast exactly."""
+    t = pipe.transformer
+    seen: dict[int, dict] = {}
+    step = {"i": -1}
+
+    def first_in(name):
+        def hook(mod, inp, out):
+            seen.setdefault(step["i"], {})[name] = out.double()
+        return hook
+
+    def verify_in(mod, args, kwargs):
+        seen.setdefault(step["i"], {}).update(v_img=kwargs["hidden_states"].double(),
+                                              v_txt=kwargs["encoder_hidden_states"].double())
+
+    def count(mod, args, kwargs):
+        step["i"] += 1
+
+    handles = [t.register_forward_pre_hook(count, with_kwargs=True),
+               t.x_embedder.register_forward_hook(first_in("img")),
+               t.context_embedder.register_forward_hook(first_in("txt")),
+               t.single_transformer_blocks[-1].register_forward_pre_hook(verify_in, with_kwargs=True)]
+    schedule = [True, True, True, False, False, True, False, False, False, True, False, False]
+    try:
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, order=order, forecast="stack")):
+            run(pipe, STEPS)
+    finally:
+        for h in handles:
+            h.remove()
+    full = [i for i, f in enumerate(schedule) if f]
+    for k in (i for i, f in enumerate(schedule) if not f):
+        nodes = [i for i in full if i < k][-(order + 1):]
+        for s in ("img", "txt"):
+            growth = [seen[i][f"v_{s}"] - seen[i][s] for i in nodes]
+            expected = seen[k][s] + _lagrange(nodes, growth, float(k))
+            torch.testing.assert_close(seen[k][f"v_{s}"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_verify_block_in_the_middle(pipe, baseline, forecast):
+    """A verify block that is not the last: the blocks after it are forecast too; one block computed per
+    speculative step, and an all-full run stays bit-identical."""
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS, verify_block=1, forecast=forecast)):
+        assert torch.equal(run(pipe, STEPS), baseline)
+    calls = []
+    linears = [m for n, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear) and "transformer_blocks" in n]
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in linears]
+    cfg = accel.SpeCaConfig(threshold=1e9, min_spec_steps=1, verify_block=1, forecast=forecast)
+    try:
+        with accel.apply(pipe, cfg) as handle:
+            out = run(pipe, STEPS)
+    finally:
+        for h in hooks:
+            h.remove()
+    s = handle.trace.summary()
+    per_double = sum(1 for m in pipe.transformer.transformer_blocks[1].modules() if isinstance(m, nn.Linear))
+    assert s["accepted_steps"] > 0
+    assert len(calls) == s["full_steps"] * len(linears) + s["accepted_steps"] * per_double
+    assert all(r.error is not None and r.error > 0 for r in handle.trace.steps if r.decision != "full")
+    rel = ((out - baseline).norm() / baseline.norm()).item()
+    assert 0 < rel < 0.5
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_cache_bytes_count_what_is_kept(pipe, forecast):
+    order = 1
+    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, order=order, forecast=forecast)) as handle:
+        run(pipe, STEPS)
+    meta = handle.trace.meta
+    t = pipe.transformer
+    C, n_img, n_txt, f32 = t.inner_dim, 16, 8, 4  # 64 x 64 -> 4 x 4 image tokens
+    n_double, n_single = len(t.transformer_blocks), len(t.single_transformer_blocks)
+    if forecast == "stack":
+        # streams' growth up to the verify block (image + text rows) and the verify block's proj_out (joint rows)
+        terms = (order + 1) * ((n_img + n_txt) + (n_img + n_txt)) * C * f32
+        gates = 0
+    else:
+        rows = n_double * 2 * (n_img + n_txt) + n_single * (n_img + n_txt)  # attn, ff (+ ctx); proj_out
+        terms = (order + 1) * rows * C * f32
+        gates = (4 * n_double + n_single) * (C * C + C) * f32  # stacked gate rows of the modulation linears
+    assert meta["cache_bytes_terms"] == terms
+    assert meta["cache_bytes"] == terms + gates
+
+
+def test_errors_read_at_the_end_of_an_unsynchronised_run(pipe):
+    """sync_timing=False: an error that no decision needs stays on the device until the run ends (no host sync
+    on a speculative step), then fills its record and the trace's series; an `on_step` viewer gets it at once."""
+    seen = []
+    cfg = accel.SpeCaConfig(schedule=[True, True, True, False, False, True] * 2, sync_timing=False)
+    with accel.apply(pipe, cfg) as handle:
+        handle.on_step = lambda r: seen.append(r.error)
+        run(pipe, STEPS)
+        handle.on_step = None
+        run(pipe, STEPS)
+    spec = [i for i, f in enumerate(cfg.schedule) if not f]
+    assert all(seen[i] is not None for i in spec)
+    first, second = handle.traces
+    assert [r.error for r in second.steps] == [r.error for r in first.steps] == seen
+    series = second.series().error
+    assert np.isfinite(series[spec]).all() and series[spec] == pytest.approx([seen[i] for i in spec])
+    assert all(second.steps[i].maps["error"].shape == (4, 4) for i in spec)
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_unverified_steps_keep_the_forecast_of_every_block(pipe, baseline, forecast):
+    """verify_in_grace=False: a grace step computes no block (the verify block's output is forecast too) and
+    traces no error; a judged step computes the verify block. verify_output="forecast" keeps the forecast on a
+    verified step too, so its output does not depend on whether the step verified."""
+    cfg = dict(forecast=forecast, threshold=1e9, warmup_steps=2, min_spec_steps=2, max_spec_steps=4)
+    with accel.apply(pipe, accel.SpeCaConfig(verify_in_grace=False, **cfg)) as handle:
+        out = run(pipe, STEPS)
+    spec = [r for r in handle.trace.steps if r.decision != "full"]
+    assert [r.reason for r in spec][:3] == ["grace", "grace", "verified"]
+    assert all((r.blocks_computed, r.error is None) == ((0, True) if r.reason == "grace" else (1, False))
+               for r in spec)
+    assert 0 < ((out - baseline).norm() / baseline.norm()).item() < 0.5
+    with accel.apply(pipe, accel.SpeCaConfig(verify_in_grace=False, verify_output="forecast", **cfg)):
+        unverified_output = run(pipe, STEPS)
+    with accel.apply(pipe, accel.SpeCaConfig(verify_in_grace=True, verify_output="forecast", **cfg)) as handle:
+        verified_output = run(pipe, STEPS)
+    assert all(r.error is not None for r in handle.trace.steps if r.decision != "full")
+    torch.testing.assert_close(verified_output, unverified_output, rtol=0, atol=0)
+
+
+def test_controlnet_residuals_are_refused_on_a_speculative_step(pipe):
+    t = pipe.transformer
+    samples = [torch.zeros(1, 16, t.inner_dim)]
+
+    def with_controlnet(mod, args, kwargs):
+        return args, {**kwargs, "controlnet_block_samples": samples}
+
+    hook = t.register_forward_pre_hook(with_controlnet, with_kwargs=True, prepend=True)
+    try:
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * 3 + [False] * (STEPS - 3))):
+            with pytest.raises(NotImplementedError, match="ControlNet"):
+                run(pipe, STEPS)
+    finally:
+        hook.remove()

@@ -25,8 +25,8 @@ def _speca_trace(n_done=N) -> Trace:
                        error=err, threshold=0.5 * 0.3 ** (i / N), time_ms=10.0 if blocks == 5 else 3.0,
                        blocks_computed=blocks, blocks_total=5)
         if err is not None:
-            r.maps["error"] = (np.arange(24).reshape(GRID) * (i + 1) / 100).tolist()
-        t.steps.append(r)
+            r.set_map("error", np.arange(24).reshape(GRID) * (i + 1) / 100)
+        t.append(r)
     return t
 
 
@@ -41,9 +41,9 @@ def _specdiff_trace() -> Trace:
                        blocks_computed=5.0 if d == FULL else 2.0, blocks_total=5,
                        tokens_computed=24 if d == FULL else 8, tokens_total=24)
         if d == PARTIAL:
-            r.maps["importance"] = np.linspace(0, 1, 24).reshape(GRID).tolist()
-            r.maps["level"] = levels.tolist()
-        t.steps.append(r)
+            r.set_map("importance", np.linspace(0, 1, 24).reshape(GRID))
+            r.set_map("level", levels)
+        t.append(r)
     return t
 
 
@@ -173,9 +173,9 @@ def _video_specdiff_trace() -> Trace:
         r = StepRecord(step=i, num_steps=4, decision=d, time_ms=1.0, blocks_computed=5.0 if d == FULL else 2.0,
                        blocks_total=5, tokens_computed=72 if d == FULL else 20, tokens_total=72)
         if d == PARTIAL:
-            r.maps["importance"] = imp.tolist()
-            r.maps["level"] = levels.tolist()
-        t.steps.append(r)
+            r.set_map("importance", imp)
+            r.set_map("level", levels)
+        t.append(r)
     return t
 
 
@@ -207,3 +207,19 @@ def test_map_frames_without_a_grid_reads_the_maps():
     t = _video_specdiff_trace()
     t.token_grid = None
     assert V.map_frames(t) == 3
+
+
+def test_every_figure_is_valid_plotly_with_its_template():
+    """The figures skip plotly's per-property validation for speed (`visualizers.figures._figure`): validate
+    every kind here, so a wrong property or value still fails."""
+    t, sd, video = _speca_trace(), _specdiff_trace(), _video_specdiff_trace()
+    figs = [
+        V.error_figure(t), V.error_figure(Trace(method="full", config={})), V.timeline_figure(t),
+        V.timeline_figure(sd, reference=t), V.timeline_figure(Trace(method="full", config={})),
+        V.token_maps_figure(sd, step=3), V.token_maps_figure(t, step=5), V.token_maps_figure(video, frame=1),
+        V.token_maps_figure(sd, step=0), V.empty_figure("nothing yet", "title"),
+    ]
+    for fig in figs:
+        checked = go.Figure(fig.to_dict())  # raises on an unknown property or a bad value
+        assert checked.layout.template.layout.plot_bgcolor == "white"  # plotly_white, resolved for plotly.js
+        json.loads(fig.to_json())

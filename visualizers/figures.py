@@ -1,15 +1,23 @@
 """Trace -> Plotly figures. Pure functions: they read a `accel.Trace` (finished or still growing) and return a
-`plotly.graph_objects.Figure`; nothing here imports Gradio or touches a model."""
+`plotly.graph_objects.Figure`; nothing here imports Gradio or touches a model.
+
+Cheap enough to redraw at every update of a streamed run: they read the trace's precomputed columns
+(`Trace.series`, `overhead_series`, `step_totals`, `summary`) with numpy, never loop over its records, and
+a token-map figure reads the one record it draws. So an update at step 50 costs what one at step 1 does.
+"""
 
 from __future__ import annotations
 
-import statistics
+import copy
+import functools
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.colors import get_colorscale
 from plotly.subplots import make_subplots
 
-from accel.trace import ACCEPTED, FULL, PARTIAL, REJECTED, StepRecord, Trace
+from accel.trace import ACCEPTED, DECISIONS, FULL, PARTIAL, REJECTED, Series, Trace
 
 DECISION_COLORS = {
     FULL: "#4C78A8",  # blue: every block computed
@@ -23,7 +31,69 @@ LEVEL_COLORS = {1: "#4C78A8", 2: "#BAB0AC", 3: "#F58518"}  # C1 computed, C2 reu
 LEVEL_NAMES = {1: "C1 computed", 2: "C2 reused", 3: "C3 history"}
 MAP_TITLES = {"importance": "token importance", "level": "cache level", "error": "forecast error per token"}
 HEIGHT = 340
+TEMPLATE = "plotly_white"
 _MARGIN = dict(l=50, r=20, t=50, b=40)
+
+
+# ---- building figures ------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _template_json() -> dict:
+    return pio.templates[TEMPLATE].to_plotly_json()
+
+
+def _figure(data: list[dict], layout: dict) -> go.Figure:
+    """A Figure from the plain dicts this module builds, without plotly's per-property validation.
+
+    Why: validating a figure (and deep-copying the registered template into it) costs more than everything
+    else in a streamed update together; the dicts come from this module only, and tests/test_visualizers.py
+    validates every kind of figure (`go.Figure(fig.to_dict())`). `_validate=False` is the flag plotly itself
+    uses to apply its templates; a plotly without it gets the same figure, validated."""
+    spec = {"data": data, "layout": {"template": copy.deepcopy(_template_json()), **layout}}
+    try:
+        return go.Figure(spec, _validate=False)
+    except TypeError:
+        return go.Figure(spec)
+
+
+def _axes_layout(fig: go.Figure, cells) -> tuple[dict, tuple]:
+    layout = fig.layout.to_plotly_json()
+    layout.pop("template", None)
+    ids = []
+    for row, col, secondary in cells:
+        sp = fig.get_subplot(row, col, secondary_y=secondary)
+        ids.append((sp.xaxis.plotly_name, sp.yaxis.plotly_name))
+    return layout, tuple(ids)
+
+
+@functools.lru_cache(maxsize=None)
+def _timeline_axes() -> tuple[dict, tuple]:
+    """The timeline's axes as `make_subplots` lays them out (computed once; callers copy the layout) and the
+    (x, y) axis names of: the bars, the cumulative compute, the speedups (secondary y)."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.45, 0.55],
+                        specs=[[{}], [{"secondary_y": True}]])
+    return _axes_layout(fig, ((1, 1, False), (2, 1, False), (2, 1, True)))
+
+
+@functools.lru_cache(maxsize=None)
+def _maps_axes(n: int) -> tuple[dict, tuple]:
+    """`n` token maps side by side, with a title annotation each (computed once per `n`)."""
+    fig = make_subplots(rows=1, cols=n, subplot_titles=["-"] * n, horizontal_spacing=0.12)
+    return _axes_layout(fig, [(1, c, False) for c in range(1, n + 1)])
+
+
+def _ref(axis: str) -> str:
+    """Layout axis name -> a trace's axis reference: "xaxis2" -> "x2"."""
+    return axis.replace("axis", "")
+
+
+def _on(axes: tuple[str, str]) -> dict:
+    return {"xaxis": _ref(axes[0]), "yaxis": _ref(axes[1])}
+
+
+@functools.lru_cache(maxsize=None)
+def _colorscale(name: str) -> tuple:
+    """A named colorscale as explicit stops (plotly.js knows fewer names than plotly does, e.g. no Inferno)."""
+    return tuple(tuple(stop) for stop in get_colorscale(name))
 
 
 def _as_trace(trace) -> Trace:
@@ -31,26 +101,42 @@ def _as_trace(trace) -> Trace:
 
 
 def _x_range(trace: Trace) -> list[float]:
-    n = max(trace.num_steps, max((r.step for r in trace.steps), default=-1) + 1, 1)
+    ran = trace.step_totals().step
+    n = max(trace.num_steps, int(ran[-1]) + 1 if len(ran) else 0, 1)
     return [-0.5, n - 0.5]
 
 
-def _fmt(v, spec: str = ".4g") -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt_column(values: np.ndarray, spec: str = "%.4g") -> np.ndarray:
+    """A float column as strings ("-" where NaN, i.e. None in the record), for hover text."""
+    out = np.char.mod(spec, values).astype(object)
+    out[np.isnan(values)] = "-"
+    return out
+
+
+def _or_dash(reason: np.ndarray) -> np.ndarray:
+    return np.where((reason == "") | (reason == None), "-", reason)  # noqa: E711 (elementwise)
+
+
+def _customdata(*columns) -> list:
+    """Columns side by side, one row per point (what `customdata[i]` reads in a hovertemplate), as lists:
+    plotly writes short and non-numeric arrays to JSON faster as lists (so do the figures' x/y, from the
+    series' arrays); the token maps stay arrays (plotly sends those as typed arrays)."""
+    out = np.empty((len(columns[0]), len(columns)), dtype=object)
+    for i, c in enumerate(columns):
+        out[:, i] = c
+    return out.tolist()
 
 
 def empty_figure(message: str, title: str = "") -> go.Figure:
     """A blank figure carrying a centred message (e.g. before a run, or a method without token maps)."""
-    fig = go.Figure()
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                       font=dict(size=14, color="#666"))
-    fig.update_layout(title=title or None, height=HEIGHT, margin=_MARGIN, template="plotly_white",
-                      xaxis=dict(visible=False), yaxis=dict(visible=False))
-    return fig
-
-
-def _records(trace: Trace, context: str | None) -> list[StepRecord]:
-    return trace.for_context(context) if trace.steps else []
+    layout = dict(
+        annotations=[dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                          font=dict(size=14, color="#666"))],
+        height=HEIGHT, margin=dict(_MARGIN), xaxis=dict(visible=False), yaxis=dict(visible=False),
+    )
+    if title:
+        layout["title"] = dict(text=title)
+    return _figure([], layout)
 
 
 def error_figure(trace, context: str | None = None) -> go.Figure:
@@ -60,47 +146,68 @@ def error_figure(trace, context: str | None = None) -> go.Figure:
     nothing (full steps, unverified methods) sit at y=0 as open squares. Hover: step, timestep, error, time,
     reason. A dashed "threshold" line where the method has one."""
     trace = _as_trace(trace)
-    recs = _records(trace, context)
-    fig = go.Figure()
-    thr = [(r.step, r.threshold) for r in recs if r.threshold is not None]
-    if thr:
-        fig.add_trace(go.Scatter(
-            x=[s for s, _ in thr], y=[t for _, t in thr], mode="lines", name="threshold",
+    s = trace.series(context)
+    data = []
+    has_thr = ~np.isnan(s.threshold)
+    if has_thr.any():
+        data.append(dict(
+            type="scatter", x=s.step[has_thr].tolist(), y=s.threshold[has_thr].tolist(), mode="lines", name="threshold",
             line=dict(color=THRESHOLD_COLOR, dash="dash", width=2), hovertemplate="threshold %{y:.4g}<extra></extra>",
         ))
-    for decision in (FULL, ACCEPTED, REJECTED, PARTIAL):
-        sel = [r for r in recs if r.decision == decision]
-        if not sel:
+    for code, decision in enumerate(DECISIONS):
+        sel = s.decision == code
+        if not sel.any():
             continue
-        y = [r.error if r.error is not None else 0.0 for r in sel]
-        symbols = ["circle" if r.error is not None else "square-open" for r in sel]
-        custom = [[r.step, _fmt(r.timestep, ".1f"), _fmt(r.error), round(r.time_ms, 2), r.reason or "-"] for r in sel]
-        fig.add_trace(go.Scatter(
-            x=[r.step for r in sel], y=y, mode="markers", name=decision,
-            marker=dict(color=DECISION_COLORS[decision], size=9, symbol=symbols, line=dict(width=1, color="white")),
-            customdata=custom,
+        err = s.error[sel]
+        verified = ~np.isnan(err)
+        data.append(dict(
+            type="scatter", x=s.step[sel].tolist(), y=np.where(verified, err, 0.0).tolist(), mode="markers", name=decision,
+            marker=dict(color=DECISION_COLORS[decision], size=9, symbol=np.where(verified, "circle", "square-open").tolist(),
+                        line=dict(width=1, color="white")),
+            customdata=_customdata(s.step[sel], _fmt_column(s.timestep[sel], "%.1f"), _fmt_column(err),
+                                   np.round(s.time_ms[sel], 2), _or_dash(s.reason[sel])),
             hovertemplate=("step %{customdata[0]}<br>timestep %{customdata[1]}<br>error %{customdata[2]}"
                            "<br>time %{customdata[3]} ms<br>reason %{customdata[4]}<extra>" + decision + "</extra>"),
         ))
-    title = f"{trace.method}: verification error vs threshold"
-    if recs and not any(r.error is not None for r in recs):
-        fig.add_annotation(text="this method verifies nothing: markers show the decisions only", x=0.5, y=0.95,
-                           xref="paper", yref="paper", showarrow=False, font=dict(color="#666"))
-    fig.update_layout(
-        title=title, height=HEIGHT, margin=_MARGIN, template="plotly_white",
-        xaxis=dict(title="step", range=_x_range(trace)), yaxis=dict(title="error", rangemode="tozero"),
+    layout = dict(
+        title=dict(text=f"{trace.method}: verification error vs threshold"), height=HEIGHT, margin=dict(_MARGIN),
+        xaxis=dict(title=dict(text="step"), range=_x_range(trace)),
+        yaxis=dict(title=dict(text="error"), rangemode="tozero"),
         legend=dict(orientation="h", y=-0.2, font=dict(size=10)), hovermode="closest",
     )
-    return fig
+    if len(s) and np.isnan(s.error).all():
+        layout["annotations"] = [dict(text="this method verifies nothing: markers show the decisions only", x=0.5,
+                                      y=0.95, xref="paper", yref="paper", showarrow=False, font=dict(color="#666"))]
+    return _figure(data, layout)
 
 
-def _per_step(trace: Trace, context: str | None):
-    """Main steps of `context` with their compute summed over all contexts of the same step."""
-    recs = _records(trace, context)
-    by_step: dict[int, list[StepRecord]] = {}
-    for r in trace.steps:
-        by_step.setdefault(r.step, []).append(r)
-    return recs, by_step
+def _cumulative(trace: Trace, over: Series, reference: Trace | None):
+    """Per step (all contexts together, ascending): x, cumulative compute of a plain run and of this run (in
+    full-step equivalents), running ideal and measured speedups (NaN where undefined)."""
+    tot = trace.step_totals()
+    nonzero = np.flatnonzero(tot.blocks_total)
+    plain_step = tot.blocks_total[nonzero[0]] if len(nonzero) else 1.0
+    n_over = len(over)
+    # sequential sums, pre-run first, as the run spent them
+    cum_plain = np.cumsum(tot.blocks_total)
+    cum_done = np.cumsum(np.concatenate([over.blocks_computed, tot.blocks_computed]))[n_over:]
+    cum_ms = np.cumsum(np.concatenate([over.time_ms, tot.time_ms]))[n_over:]
+    cum_calls = np.cumsum(tot.calls)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ideal = np.where(cum_done != 0, cum_plain / cum_done, np.nan)
+        if reference is not None:
+            ref = reference.step_totals()
+            at = np.minimum(np.searchsorted(ref.step, tot.step), max(len(ref.step) - 1, 0))
+            in_ref = (ref.step[at] == tot.step) if len(ref.step) else np.zeros(len(tot.step), bool)
+            cum_ref = np.cumsum(np.where(in_ref, ref.time_ms[at] if len(ref.step) else 0.0, 0.0))
+            measured = np.where(in_ref & (cum_ms != 0), cum_ref / cum_ms, np.nan)
+        else:
+            full_ms = trace.full_step_ms()
+            est = float(np.median(full_ms)) if len(full_ms) else None
+            measured = np.where(cum_ms != 0, est * cum_calls / cum_ms, np.nan) if est else \
+                np.full(len(tot.step), np.nan)
+    share = tot.blocks_computed / np.maximum(1, tot.blocks_total)
+    return tot.step, cum_plain / plain_step, cum_done / plain_step, ideal, measured, share
 
 
 def timeline_figure(trace, context: str | None = None, reference=None) -> go.Figure:
@@ -113,113 +220,78 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
     median time of this run's full steps stands for a plain step."""
     trace = _as_trace(trace)
     reference = _as_trace(reference) if reference is not None else None
-    recs, by_step = _per_step(trace, context)
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.45, 0.55],
-                        specs=[[{}], [{"secondary_y": True}]])
-    over = trace.overhead
-    if over:
-        xs = list(range(-len(over), 0))
-        fig.add_trace(go.Bar(
-            x=xs, y=[r.blocks_computed / max(1, r.blocks_total) for r in over], name="pre-run", width=0.8,
-            marker_color=OVERHEAD_COLOR, customdata=[[round(r.time_ms, 2), r.reason] for r in over],
-            hovertemplate="pre-run call %{x}<br>%{y:.0%} of a step<br>%{customdata[0]} ms<extra></extra>",
-        ), row=1, col=1)
-    for decision in (FULL, ACCEPTED, REJECTED, PARTIAL):
-        sel = [r for r in recs if r.decision == decision]
-        if not sel:
+    s, over = trace.series(context), trace.overhead_series()
+    layout, (top, bottom, right) = _timeline_axes()
+    layout = copy.deepcopy(layout)
+    data = []
+    if len(over):
+        data.append(dict(
+            type="bar", x=list(range(-len(over), 0)), y=over.share.tolist(), name="pre-run", width=0.8,
+            marker=dict(color=OVERHEAD_COLOR), customdata=_customdata(np.round(over.time_ms, 2), over.reason),
+            hovertemplate="pre-run call %{x}<br>%{y:.0%} of a step<br>%{customdata[0]} ms<extra></extra>", **_on(top),
+        ))
+    for code, decision in enumerate(DECISIONS):
+        sel = s.decision == code
+        if not sel.any():
             continue
-        frac = []
-        for r in sel:
-            group = by_step[r.step]
-            frac.append(sum(g.blocks_computed for g in group) / max(1, sum(g.blocks_total for g in group)))
-        fig.add_trace(go.Bar(
-            x=[r.step for r in sel], y=frac, name=decision, marker_color=DECISION_COLORS[decision], width=0.8,
-            customdata=[[round(r.time_ms, 2), r.reason or "-", _fmt(r.timestep, ".1f")] for r in sel],
+        data.append(dict(
+            type="bar", x=s.step[sel].tolist(), y=s.share[sel].tolist(), name=decision, marker=dict(color=DECISION_COLORS[decision]),
+            width=0.8, customdata=_customdata(np.round(s.time_ms[sel], 2), _or_dash(s.reason[sel]),
+                                              _fmt_column(s.timestep[sel], "%.1f")),
             hovertemplate=("step %{x} (t %{customdata[2]})<br>%{y:.0%} of a full step<br>%{customdata[0]} ms"
-                           "<br>%{customdata[1]}<extra>" + decision + "</extra>"),
-        ), row=1, col=1)
+                           "<br>%{customdata[1]}<extra>" + decision + "</extra>"), **_on(top),
+        ))
 
     # cumulative compute and speedups, over steps (all contexts of a step together)
-    steps = sorted(by_step)
-    over_blocks = sum(r.blocks_computed for r in over)
-    over_ms = sum(r.time_ms for r in over)
-    cum_plain, cum_done, cum_ms = 0.0, over_blocks, over_ms
-    plain_step_blocks = None
-    xs, y_plain, y_done, ideal, measured = [], [], [], [], []
-    full_ms = [r.time_ms for r in trace.steps if r.decision == FULL]
-    est_step_ms = statistics.median(full_ms) if full_ms else None
-    ref_ms: dict[int, float] = {}
-    if reference is not None:
-        for r in reference.steps:
-            ref_ms[r.step] = ref_ms.get(r.step, 0.0) + r.time_ms
-    cum_ref = 0.0
-    cum_calls = 0
-    for s in steps:
-        group = by_step[s]
-        total = sum(g.blocks_total for g in group)
-        plain_step_blocks = plain_step_blocks or total
-        cum_plain += total
-        cum_done += sum(g.blocks_computed for g in group)
-        cum_ms += sum(g.time_ms for g in group)
-        cum_calls += len(group)
-        xs.append(s)
-        y_plain.append(cum_plain / plain_step_blocks)
-        y_done.append(cum_done / plain_step_blocks)
-        ideal.append(cum_plain / cum_done if cum_done else None)
-        if reference is not None and s in ref_ms:
-            cum_ref += ref_ms[s]
-            measured.append(cum_ref / cum_ms if cum_ms else None)
-        elif reference is None and est_step_ms:
-            measured.append(est_step_ms * cum_calls / cum_ms if cum_ms else None)
-        else:
-            measured.append(None)
-    fig.add_trace(go.Scatter(x=xs, y=y_plain, name="plain run (cumulative)", mode="lines",
-                             line=dict(color="#999", dash="dot"),
-                             hovertemplate="step %{x}: %{y:.1f} full steps<extra>plain</extra>"),
-                  row=2, col=1, secondary_y=False)
-    fig.add_trace(go.Scatter(x=xs, y=y_done, name="this run (cumulative)", mode="lines", fill="tozeroy",
-                             line=dict(color=DECISION_COLORS[FULL]),
-                             hovertemplate="step %{x}: %{y:.2f} full-step equivalents<extra>this run</extra>"),
-                  row=2, col=1, secondary_y=False)
-    fig.add_trace(go.Scatter(x=xs, y=ideal, name="ideal speedup", mode="lines",
-                             line=dict(color=DECISION_COLORS[ACCEPTED], width=2),
-                             hovertemplate="step %{x}: %{y:.2f}x ideal<extra></extra>"),
-                  row=2, col=1, secondary_y=True)
-    label = "measured speedup" + ("" if reference is not None else " (est.)")
-    fig.add_trace(go.Scatter(x=xs, y=measured, name=label, mode="lines",
-                             line=dict(color=DECISION_COLORS[REJECTED], width=2),
-                             hovertemplate="step %{x}: %{y:.2f}x measured<extra></extra>"),
-                  row=2, col=1, secondary_y=True)
-    s = trace.summary()
-    sub = f" — ideal {s['ideal_speedup']}x" if s.get("ideal_speedup") else ""
-    x0 = -len(over) - 0.5 if over else -0.5
-    fig.update_layout(title=f"{trace.method}: compute timeline{sub}", height=HEIGHT + 80, margin=_MARGIN,
-                      template="plotly_white", barmode="overlay", hovermode="closest",
-                      legend=dict(orientation="h", y=-0.14, font=dict(size=10)))
-    fig.update_xaxes(range=[x0, _x_range(trace)[1]], row=1, col=1)
-    fig.update_xaxes(title_text="step", row=2, col=1)
-    top = max([1.0] + [r.blocks_computed / max(1, r.blocks_total) for r in trace.steps + over])
-    fig.update_yaxes(title_text="share of a step", range=[0, top * 1.05], tickformat=".0%", row=1, col=1)
-    fig.update_yaxes(title_text="full steps", row=2, col=1, secondary_y=False, rangemode="tozero")
-    fig.update_yaxes(title_text="speedup (x)", row=2, col=1, secondary_y=True, rangemode="tozero", showgrid=False)
-    return fig
+    *lines, step_share = _cumulative(trace, over, reference)
+    xs, y_plain, y_done, ideal, measured = (a.tolist() for a in lines)
+    data += [
+        dict(type="scatter", x=xs, y=y_plain, name="plain run (cumulative)", mode="lines",
+             line=dict(color="#999", dash="dot"), hovertemplate="step %{x}: %{y:.1f} full steps<extra>plain</extra>",
+             **_on(bottom)),
+        dict(type="scatter", x=xs, y=y_done, name="this run (cumulative)", mode="lines", fill="tozeroy",
+             line=dict(color=DECISION_COLORS[FULL]),
+             hovertemplate="step %{x}: %{y:.2f} full-step equivalents<extra>this run</extra>", **_on(bottom)),
+        dict(type="scatter", x=xs, y=ideal, name="ideal speedup", mode="lines",
+             line=dict(color=DECISION_COLORS[ACCEPTED], width=2),
+             hovertemplate="step %{x}: %{y:.2f}x ideal<extra></extra>", **_on(right)),
+        dict(type="scatter", x=xs, y=measured, name="measured speedup" + ("" if reference is not None else " (est.)"),
+             mode="lines", line=dict(color=DECISION_COLORS[REJECTED], width=2),
+             hovertemplate="step %{x}: %{y:.2f}x measured<extra></extra>", **_on(right)),
+    ]
+    summary = trace.summary()
+    sub = f" — ideal {summary['ideal_speedup']}x" if summary.get("ideal_speedup") else ""
+    x0 = -len(over) - 0.5 if len(over) else -0.5
+    top_share = max([1.0, *step_share.max(initial=0.0, keepdims=True), *over.share.max(initial=0.0, keepdims=True)])
+    layout[top[0]]["range"] = [x0, _x_range(trace)[1]]
+    layout[bottom[0]]["title"] = dict(text="step")
+    layout[top[1]].update(title=dict(text="share of a step"), range=[0, top_share * 1.05], tickformat=".0%")
+    layout[bottom[1]].update(title=dict(text="full steps"), rangemode="tozero")
+    layout[right[1]].update(title=dict(text="speedup (x)"), rangemode="tozero", showgrid=False)
+    layout.update(title=dict(text=f"{trace.method}: compute timeline{sub}"), height=HEIGHT + 80,
+                  margin=dict(_MARGIN), barmode="overlay", hovermode="closest",
+                  legend=dict(orientation="h", y=-0.14, font=dict(size=10)))
+    return _figure(data, layout)
 
 
 def map_steps(trace, context: str | None = None) -> list[int]:
     """Steps of `context` that carry token maps (what the app's scrub slider can show)."""
-    trace = _as_trace(trace)
-    return [r.step for r in _records(trace, context) if r.maps]
+    s = _as_trace(trace).series(context)
+    return s.step[s.has_maps].tolist()
 
 
 def map_frames(trace, context: str | None = None) -> int:
     """Number of frames of the trace's token maps: `F` for video maps `[frames][h][w]`, 0 for image maps (or
-    none). Read from `trace.token_grid` when it has 3 entries, else from the first 3-D map."""
+    none). Read from `trace.token_grid` when it has 3 entries, else from the first record with maps (a
+    trace's maps all share its token grid)."""
     trace = _as_trace(trace)
     grid = trace.token_grid or []
     if len(grid) == 3:
         return int(grid[0])
-    for r in _records(trace, context):
-        for v in (r.maps or {}).values():
+    s = trace.series(context)
+    with_maps = s.index[s.has_maps]
+    if len(with_maps):
+        for v in trace.steps[with_maps[0]].maps.values():
             a = np.asarray(v)
             if a.ndim == 3:
                 return int(a.shape[0])
@@ -232,12 +304,21 @@ def _frame_index(n: int, frame: int | None) -> int:
 
 
 def _grid2d(values, frame: int | None = None) -> np.ndarray:
-    a = np.asarray(values, dtype=float)
+    a = np.asarray(values)
     if a.ndim == 3:  # [frames][h][w]: one frame (the middle one unless `frame` is given)
         a = a[_frame_index(a.shape[0], frame)]
     if a.ndim == 1:
         a = a[None, :]
     return a
+
+
+def _level_text(z: np.ndarray) -> list:
+    """Each cell's level name (`LEVEL_NAMES`), the number itself for a level without one; nested lists (see
+    `_customdata`)."""
+    codes = np.rint(z).astype(np.int64)
+    names = np.array([LEVEL_NAMES.get(i, str(i)) for i in range(max(LEVEL_NAMES) + 1)], dtype=object)
+    known = (codes >= 0) & (codes < len(names))
+    return np.where(known, names[np.clip(codes, 0, len(names) - 1)], codes.astype(str).astype(object)).tolist()
 
 
 def token_maps_figure(trace, step: int | None = None, context: str | None = None,
@@ -248,54 +329,59 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
     Video traces (maps `[frames][h][w]`) show one latent frame at a time: `frame` (clamped to the frames there
     are; None: the middle frame); the title names it. Image traces ignore `frame`."""
     trace = _as_trace(trace)
-    recs = _records(trace, context)
-    with_maps = [r for r in recs if r.maps]
-    if not with_maps:
+    s = trace.series(context)
+    with_maps = s.index[s.has_maps]
+    if not len(with_maps):
         return empty_figure("no token maps in this trace (Full and TaylorSeer record none; "
                             "SpeCa records them on verified steps)", title="token maps")
     rec = None
     if step is not None:
-        rec = next((r for r in recs if r.step == int(step)), None)
+        hit = np.flatnonzero(s.step == int(step))
+        rec = trace.steps[s.index[hit[0]]] if len(hit) else None
         if rec is not None and not rec.maps:
             return empty_figure(f"step {rec.step} ({rec.decision}, {rec.reason or '-'}) has no token maps",
                                 title=f"token maps — step {rec.step}")
-    rec = rec or with_maps[-1]
-    keys = [k for k in ("importance", "level", "error") if k in rec.maps] + \
-        [k for k in rec.maps if k not in ("importance", "level", "error")]
-    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[MAP_TITLES.get(k, k) for k in keys],
-                        horizontal_spacing=0.12)
-    n_frames = max((np.asarray(v).shape[0] for v in rec.maps.values() if np.asarray(v).ndim == 3), default=0)
-    for i, key in enumerate(keys, start=1):
-        z = _grid2d(rec.maps[key], frame)
-        bar_x = i / len(keys) - 0.02
-        bar = dict(len=0.8, x=bar_x, thickness=12)
+    if rec is None:
+        rec = trace.steps[with_maps[-1]]
+    maps = {k: np.asarray(v) for k, v in rec.maps.items()}
+    keys = [k for k in ("importance", "level", "error") if k in maps] + \
+        [k for k in maps if k not in ("importance", "level", "error")]
+    layout, axes = _maps_axes(len(keys))
+    layout = copy.deepcopy(layout)
+    for note, key in zip(layout["annotations"], keys):
+        note["text"] = MAP_TITLES.get(key, key)
+    n_frames = max((m.shape[0] for m in maps.values() if m.ndim == 3), default=0)
+    data = []
+    for i, (key, (xa, ya)) in enumerate(zip(keys, axes), start=1):
+        z = _grid2d(maps[key], frame)
+        bar = dict(len=0.8, x=i / len(keys) - 0.02, thickness=12)
         if key == "level":
             levels = sorted(LEVEL_COLORS)
-            lo, hi = levels[0] - 0.5, levels[-1] + 0.5
             scale = []
             for j, lv in enumerate(levels):
                 a, b = j / len(levels), (j + 1) / len(levels)
                 scale += [[a, LEVEL_COLORS[lv]], [b, LEVEL_COLORS[lv]]]
-            text = [[LEVEL_NAMES.get(int(v), str(v)) for v in row] for row in z]
-            fig.add_trace(go.Heatmap(
-                z=z, zmin=lo, zmax=hi, colorscale=scale, text=text, name="level",
+            data.append(dict(
+                type="heatmap", z=z, zmin=levels[0] - 0.5, zmax=levels[-1] + 0.5, colorscale=scale,
+                text=_level_text(z), name="level",
                 colorbar=dict(bar, tickvals=levels, ticktext=[LEVEL_NAMES[v] for v in levels]),
-                hovertemplate="row %{y}, col %{x}<br>%{text}<extra></extra>",
-            ), row=1, col=i)
+                hovertemplate="row %{y}, col %{x}<br>%{text}<extra></extra>", **_on((xa, ya)),
+            ))
         else:
-            fig.add_trace(go.Heatmap(
-                z=z, colorscale="Viridis" if key == "importance" else "Inferno", name=key, colorbar=bar,
-                hovertemplate="row %{y}, col %{x}<br>" + key + " %{z:.4g}<extra></extra>",
-            ), row=1, col=i)
-        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{i if i > 1 else ''}", row=1, col=i,
-                         showticklabels=False)
-        fig.update_xaxes(showticklabels=False, row=1, col=i)
+            data.append(dict(
+                type="heatmap", z=z, colorscale=[list(c) for c in _colorscale("Viridis" if key == "importance" else "Inferno")],
+                name=key,
+                colorbar=bar, hovertemplate="row %{y}, col %{x}<br>" + key + " %{z:.4g}<extra></extra>",
+                **_on((xa, ya)),
+            ))
+        layout[ya].update(autorange="reversed", scaleanchor=_ref(xa), showticklabels=False)
+        layout[xa].update(showticklabels=False)
     extra = f", {rec.tokens_computed}/{rec.tokens_total} tokens" if rec.tokens_computed and rec.tokens_total else ""
     err = f", error {rec.error:.4g}" if rec.error is not None else ""
     where = f", frame {_frame_index(n_frames, frame)} (0–{n_frames - 1})" if n_frames else ""  # 0-based, as the slider
-    fig.update_layout(title=f"token maps — step {rec.step}{where} ({rec.decision}{err}{extra})", height=HEIGHT,
-                      margin=_MARGIN, template="plotly_white")
-    return fig
+    layout.update(title=dict(text=f"token maps — step {rec.step}{where} ({rec.decision}{err}{extra})"),
+                  height=HEIGHT, margin=dict(_MARGIN))
+    return _figure(data, layout)
 
 
 def difference_figure(a, b, title: str = "|accelerated - full|") -> go.Figure:
