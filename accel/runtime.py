@@ -111,6 +111,7 @@ class StepDriverHook(ModelHook):
             )
 
     # ---- diffusers hook API ----------------------------------------------------------------
+    @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
         try:
             self.states.context

@@ -1,13 +1,27 @@
-"""SpeCa: forecast every block's features with a Taylor series, verify on one real block, accept or fall back.
+"""SpeCa: forecast the blocks' features with a Taylor series, verify on one real block, accept or fall back.
 
-Hooks (all registered under one name, so `Handle.remove` takes them all off):
-- `SpeCaModelHook` on the transformer decides, per step and per cache context, full or speculative, and after a
-  speculative pass reads the verification error and accepts, or rejects (recompute now / full next step).
-- `SpeCaBlockHook` on every block: on a full step runs the block as is and records its features into the
-  block's forecaster; on a speculative step rebuilds the block's output from forecast features, except the
-  verify block, which is computed for real and compared with its forecast.
-- `_CaptureHook` on the sub-modules that produce the features (attention, MLP, ...): copies their outputs out
-  while the block runs, leaving the computation untouched (so full steps stay bit-exact).
+How a step runs. The transformer's forward iterates its block lists (`Adapter.block_containers`); for the
+length of one call the model-level hook (`SpeCaModelHook`) puts a *view* of the blocks there, built once at
+attach time, and puts the model's own lists back afterwards:
+- a full step's view is the model's own blocks, with stand-ins (`_BlockCall`, a small module around a block)
+  where something must be recorded; every block runs as is, so a full step is bit-identical to a plain one.
+- a speculative step's view holds only the verify block's stand-in: it adds the forecast of every block before
+  the verify block to the streams it receives, runs the verify block for real, measures its feature's forecast
+  error, and adds the forecast of every block after it. No other block is called.
+Inside the blocks nothing of SpeCa runs, except that a block whose features are forecast runs with a tap
+(`_Tap`) in place of each feature's sub-module, for that call only, which hands the output over. So blocks
+compiled with `compile_repeated_blocks` keep their graphs (a tapped block gets one graph of its own), the
+compiled code guards on no SpeCa state, and after `remove()` nothing of SpeCa is left in the model.
+
+Two forecasts (`SpeCaConfig.forecast`):
+- "stack": the blocks' summed contributions. A full step records the streams entering the first block and
+  entering the verify block (and leaving it and the last block, when the verify block is not the last); the
+  forecast is of their differences (the gated sum of the blocks' contributions, one tensor per stream and Taylor
+  order) and of the verify block's feature. Memory: (order + 1) x (streams + the feature).
+- "per_block" (the paper's): every block's features, each multiplied by this step's exact gate (from the
+  modulation linears, one matrix product for all blocks) and summed by one fused kernel (`kernels.accumulate`).
+  Memory: (order + 1) x every feature of every block, plus the stacked gate rows.
+Both verify the same thing: the verify block's own feature (before its gate) against its forecast.
 
 Batch > 1: the error is taken per sample and the step is accepted only if every sample passes (the decision
 is shared because the batch runs through one forward); the trace keeps every sample's error.
@@ -15,22 +29,21 @@ is shared because the batch runs through one forward); the trace keeps every sam
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import ModelHook
+from torch import nn
 
 from .adapters import Adapter, BlockSpec, FeatureSite
 from .api import register_method
 from .config import ConfigBase, check, knob
-from .kernels import accumulate
-from .metrics import verification_errors
+from .kernels import accumulate, add_terms, forecast_error
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
 from .taylor import TaylorForecaster
 from .trace import ACCEPTED, FULL, REJECTED, StepRecord
 
 HOOK_NAME = "speclab_speca"
-FULL_MODE, SPEC_MODE = "full", "spec"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,6 +55,9 @@ VERIFY_OUTPUTS = ("real", "forecast")
 BATCH_ERRORS = ("worst_sample", "whole_batch")
 TAYLOR_FORMS = ("newton", "reference")
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
+FORECASTS = ("stack", "per_block")
+STACK = "stack"
+"""Key of the one forecaster of the stack forecast in `SpeCaState.forecasters` (per_block: block indices)."""
 
 
 @dataclass
@@ -121,6 +137,13 @@ class SpeCaConfig(ConfigBase):
         and closer to a full step). forecast (the released code): its forecast, like every other block, so the
         verification only measures.""",
         label="verify block output", choices=VERIFY_OUTPUTS, advanced=True)
+    forecast: str = knob(
+        "stack", """What a speculative step forecasts. stack: the sum of the blocks' gated contributions before
+        the verify block (and after it), one tensor per stream and Taylor order, and the verify block's feature;
+        little memory, and a speculative step costs about one block. per_block (the paper, and the released
+        code): every block's features, each multiplied by this step's exact gate; (order + 1) tensors per feature
+        of every block.""",
+        label="forecast", choices=FORECASTS)
     schedule: list[bool] | None = knob(
         None, """Forced schedule replay: one bool per step, True = full step, False = speculative (accepted). When
         set, the warm-up/min/max/threshold rules are not used; verification still runs on speculative steps (its
@@ -180,16 +203,17 @@ class SpeCaConfig(ConfigBase):
             distance="step", min_spec_steps=2, max_spec_steps=8,
             metric="rel_l1", eps=1e-10, batch_error="whole_batch",
             on_reject="defer", verify_block=-1, verify_in_grace=False, verify_output="forecast",
+            forecast="per_block",
         )
         return cls.from_dict({**preset, **overrides})
 
 
 class SpeCaState(RunState):
     def reset(self, *args, **kwargs) -> None:
+        _read_errors(getattr(self, "deferred", ()))
         super().reset()
-        self.mode = FULL_MODE
         self.x = 0.0  # Taylor position of the current step
-        self.forecasters: dict[int, TaylorForecaster] = {}
+        self.forecasters: dict[int | str, TaylorForecaster] = {}
         self.consecutive_spec = 0
         self.force_full_next = False
         self.last_full = False  # the previous step of this run was full
@@ -197,116 +221,248 @@ class SpeCaState(RunState):
         self.restart_taylor = False  # this full step restarts the Taylor terms at order 0
         self.verify_errors: torch.Tensor | None = None
         self.verify_map: torch.Tensor | None = None
-        # Speculative step in flight: every gate of the model at this step ([G, B, C]) and the forecast
-        # contributions not yet added to the streams (stream -> [(terms, gate index, row start)]).
-        self.gates: torch.Tensor | None = None
-        self.pending: dict[str, list] = {}
-        self.coefs: list[float] = []
+        self.recorded: dict[str, dict[str, torch.Tensor]] = {}
+        """Streams a full step's stand-ins recorded (stack forecast)."""
         self.gate_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        """Every gate row of every modulation linear, stacked once per run (per_block forecast)."""
+        self.deferred: list[tuple] = []
+        """(trace, record, errors, map, grid) of verification errors still on the device, read into their records
+        at the end of the run (`sync_timing=False`, when no decision needs them)."""
 
 
-class _FeatureSink:
-    """Where capture hooks drop the features of the block that is running."""
+def _read_errors(entries, appended: bool = True) -> None:
+    """Fill step records with their verification errors (and maps), read from the device. `appended`: the
+    records are already in their traces, whose series are then rebuilt."""
+    traces = {}
+    for trace, rec, errors, emap, grid in entries:
+        rec.errors = errors.tolist()
+        rec.error = max(rec.errors)
+        if emap is not None:
+            rec.set_map("error", emap.reshape(grid))
+        if appended and trace is not None:
+            traces[id(trace)] = trace
+    for trace in traces.values():
+        trace.refresh()
 
-    def __init__(self):
-        self.active = False
-        self.feats: dict[str, torch.Tensor] = {}
 
-    def begin(self) -> None:
-        self.active, self.feats = True, {}
+class _Tap(nn.Module):
+    """Stands in for a feature's sub-module (e.g. a single block's `proj_out`) while its block runs in a taped
+    call: runs the sub-module and puts its output on the tape. A module rather than a forward hook, because a
+    compiled block guards on its sub-modules' types but not on their hooks: a block with taps compiles to a
+    graph of its own, and the graphs of the blocks without taps stay the plain ones."""
 
-    def end(self) -> dict[str, torch.Tensor]:
-        self.active = False
-        feats, self.feats = self.feats, {}
-        return feats
-
-
-class _CaptureHook(ModelHook):
-    def __init__(self, site: FeatureSite, sink: _FeatureSink):
+    def __init__(self, inner: nn.Module, site: FeatureSite, tape: dict):
         super().__init__()
-        self.site, self.sink = site, sink
+        self.inner = inner
+        self.names, self.index, self.tape = site.names, site.index, tape
 
-    def post_forward(self, module, output):
-        if self.sink.active:
-            if self.site.index is None:
-                self.sink.feats[self.site.names[0]] = output
-            else:
-                for name, i in zip(self.site.names, self.site.index):
-                    self.sink.feats[name] = output[i]
-        return output
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        if self.index is None:
+            self.tape[self.names[0]] = out
+        else:
+            for name, i in zip(self.names, self.index):
+                self.tape[name] = out[i]
+        return out
 
 
-class SpeCaBlockHook(ModelHook):
-    def __init__(self, block: BlockSpec, driver: "SpeCaModelHook", is_verify: bool):
+def _slot(root: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute name) of `module` inside `root`."""
+    for parent in root.modules():
+        for name, child in parent._modules.items():
+            if child is module:
+                return parent, name
+    raise ValueError(f"{type(module).__name__} is not a sub-module of {type(root).__name__}")
+
+
+class _BlockCall(nn.Module):
+    """Stands in for one block in a step's view of the model: calls `run(block, args, kwargs)`, which calls the
+    block itself. The block is held as a plain attribute, not a sub-module: a view adds no parameters."""
+
+    def __init__(self, block: BlockSpec, run):
         super().__init__()
         self.block = block
-        self.driver = driver
-        self.is_verify = is_verify
-        self.sink = _FeatureSink()
+        self.run = run
 
-    def _forecaster(self, state: SpeCaState) -> TaylorForecaster:
-        f = state.forecasters.get(self.block.index)
-        if f is None:
-            cfg = self.driver.config
-            f = TaylorForecaster(cfg.order, cfg.taylor_form, _DTYPES.get(cfg.cache_dtype))
-            state.forecasters[self.block.index] = f
-        return f
-
-    def _real(self, args, kwargs, state: SpeCaState):
-        self.sink.begin()
-        out = self.fn_ref.original_forward(*args, **kwargs)
-        feats = self.sink.end()
-        state.blocks_computed += 1
-        return out, feats
-
-    def new_forward(self, module, *args, **kwargs):
-        state: SpeCaState = self.driver.current_state
-        forecaster = self._forecaster(state)
-        if state.mode == FULL_MODE:
-            out, feats = self._real(args, kwargs, state)
-            forecaster.update(state.x, feats, restart=state.restart_taylor)
-            return out
-        driver, adapter = self.driver, self.driver.adapter
-        pred = forecaster.predict(state.x)
-        if state.gates is None:
-            state.gates = driver.all_gates(adapter.block_temb(args, kwargs), state)
-        if not (self.is_verify and state.verify_now):
-            return self._forecast(args, kwargs, state, pred)
-        # Verification: this block for real, from the hidden state the forecast blocks produced.
-        args, kwargs = adapter.with_block_streams(args, kwargs, driver.flush(adapter.block_streams(args, kwargs), state))
-        out, real = self._real(args, kwargs, state)
-        key = adapter.verify_feature(self.block)
-        cfg = driver.config
-        forecast = pred[key]
-        img = adapter.image_tokens(self.block, key, state.layout) if cfg.record_maps else None
-        state.verify_errors, state.verify_map = verification_errors(
-            forecast, real[key], cfg.metric, cfg.eps, img, whole_batch=cfg.batch_error == "whole_batch")
-        if cfg.verify_output == "forecast":  # the released code: the verification only measures
-            return self._forecast(args, kwargs, state, pred)
-        return out  # the real output: it is computed anyway and strictly better than its forecast
-
-    def _forecast(self, args, kwargs, state: SpeCaState, pred):
-        """The block's output on a speculative step, from its forecast features.
-        A forecast block only queues gate * forecast; the queue is added to the streams in one pass before the
-        next real block (or after the last block): the blocks' sum is all that is needed."""
-        driver, adapter = self.driver, self.driver.adapter
-        state.coefs = pred.coefs
-        for c in adapter.contributions(self.block, state.layout):
-            gi = driver.gate_index[(self.block.index, c.feature)]
-            state.pending.setdefault(c.stream, []).append((pred.terms[c.feature], gi, c.row_start))
-        streams = adapter.block_streams(args, kwargs)
-        if self.block.index == driver.n_blocks - 1:
-            streams = driver.flush(streams, state)
-        return adapter.block_output(self.block, streams)
+    def forward(self, *args, **kwargs):
+        return self.run(self.block, args, kwargs)
 
 
 class SpeCaModelHook(StepDriverHook):
     method = "speca"
 
-    def __init__(self, *a, **kw):
+    def __init__(self, *a, verify_index: int, **kw):
         super().__init__(*a, **kw)
-        self.gate_sites = [(b.index, g) for b in self.adapter.blocks() for g in self.adapter.gate_sites(b)]
+        cfg: SpeCaConfig = self.config
+        self.stack = cfg.forecast == STACK
+        self.forecast_verify_block = not cfg.verify_in_grace or cfg.verify_output == "forecast"
+        """Some speculative steps keep the verify block's forecast output (stack: its growth is forecast too)."""
+        self.blocks = self.adapter.blocks()
+        self.verify = self.blocks[verify_index]
+        self.last = self.n_blocks - 1
+        self.verify_key = self.adapter.verify_feature(self.verify)
+        self.tape: dict[str, torch.Tensor] = {}
+        # Taps for the features the forecast reads: every block's (per_block), or the verify block's verified
+        # feature only (stack). block index -> [(parent, attribute, sub-module, tap)]
+        self.taps: dict[int, list] = {}
+        for b in self.blocks if not self.stack else [self.verify]:
+            for site in self.adapter.feature_sites(b):
+                if self.stack and self.verify_key not in site.names:
+                    continue
+                parent, name = _slot(b.module, site.module)
+                self.taps.setdefault(b.index, []).append((parent, name, site.module, _Tap(site.module, site, self.tape)))
+        self.gate_sites = [(b.index, g) for b in self.blocks for g in self.adapter.gate_sites(b)]
         self.gate_index = {(bi, g.feature): i for i, (bi, g) in enumerate(self.gate_sites)}
+        self.containers = self.adapter.block_containers()
+        self.full_view, self.spec_view = self._views()
+
+    # ---- views ---------------------------------------------------------------------------------
+    def _views(self) -> tuple[list[nn.ModuleList], list[nn.ModuleList]]:
+        """(full step's lists, speculative step's lists), one per block container."""
+        v, own = self.verify.index, [list(getattr(owner, name)) for owner, name in self.containers]
+        if self.stack:
+            marks = {0, v, self.last}
+            full_fn = self._full_stack_block
+        else:
+            marks = set(range(self.n_blocks))
+            full_fn = self._full_per_block
+        full, spec, i = [], [], 0
+        for blocks in own:
+            full.append(nn.ModuleList([_BlockCall(self.blocks[i + j], full_fn) if i + j in marks else b
+                                       for j, b in enumerate(blocks)]))
+            spec.append(nn.ModuleList([_BlockCall(self.verify, self._spec_block)] if i <= v < i + len(blocks) else []))
+            i += len(blocks)
+        return full, spec
+
+    @contextmanager
+    def _view(self, lists: list[nn.ModuleList]):
+        """The model iterates `lists` instead of its own block lists for the length of one call."""
+        saved = [owner._modules[name] for owner, name in self.containers]
+        for (owner, name), blocks in zip(self.containers, lists):
+            owner._modules[name] = blocks
+        try:
+            yield
+        finally:
+            for (owner, name), blocks in zip(self.containers, saved):
+                owner._modules[name] = blocks
+
+    def _run_taped(self, block: BlockSpec, args, kwargs):
+        """Run a block with taps on its feature sites; (its output, the features)."""
+        taps = self.taps[block.index]
+        self.tape.clear()
+        for parent, name, _, tap in taps:
+            parent._modules[name] = tap
+        try:
+            out = block.module(*args, **kwargs)
+        finally:
+            for parent, name, inner, _ in taps:
+                parent._modules[name] = inner
+        feats = dict(self.tape)
+        self.tape.clear()
+        return out, feats
+
+    # ---- full steps ----------------------------------------------------------------------------
+    def _forecaster(self, state: SpeCaState, key) -> TaylorForecaster:
+        f = state.forecasters.get(key)
+        if f is None:
+            cfg = self.config
+            f = state.forecasters[key] = TaylorForecaster(cfg.order, cfg.taylor_form, _DTYPES.get(cfg.cache_dtype))
+        return f
+
+    def _full_per_block(self, block: BlockSpec, args, kwargs):
+        state: SpeCaState = self.current_state
+        out, feats = self._run_taped(block, args, kwargs)
+        self._forecaster(state, block.index).update(state.x, feats, restart=state.restart_taylor)
+        return out
+
+    def _full_stack_block(self, block: BlockSpec, args, kwargs):
+        state: SpeCaState = self.current_state
+        rec, v, adapter = state.recorded, self.verify.index, self.adapter
+        if block.index == 0 and v > 0:
+            rec["first_in"] = adapter.block_streams(args, kwargs)
+        if block.index == v:
+            rec["verify_in"] = adapter.block_streams(args, kwargs)
+            out, feats = self._run_taped(block, args, kwargs)
+            rec["feature"] = {"verify": feats[self.verify_key]}
+            rec["verify_out"] = adapter.output_streams(block, out)
+        else:
+            out = block.module(*args, **kwargs)
+        if block.index == self.last and v < self.last:
+            rec["last_out"] = adapter.output_streams(block, out)
+        return out
+
+    def _update_stack(self, state: SpeCaState) -> None:
+        """The stack forecast's new point: the streams' growth before the verify block, through it (only when a
+        speculative step may keep its forecast output) and after it, and the verify block's feature."""
+        rec, dtype = state.recorded, _DTYPES.get(self.config.cache_dtype)
+        feats = dict(rec["feature"])
+        segments = [("before", "first_in", "verify_in"), ("after", "verify_out", "last_out")]
+        if self.forecast_verify_block:
+            segments.append(("block", "verify_in", "verify_out"))
+        for name, a, b in segments:
+            if a in rec and b in rec:
+                for s, x in rec[b].items():
+                    y = rec[a][s]
+                    feats[f"{name}.{s}"] = x.to(dtype) - y.to(dtype) if dtype is not None else x - y
+        state.recorded = {}
+        self._forecaster(state, STACK).update(state.x, feats, restart=state.restart_taylor)
+
+    # ---- speculative steps ---------------------------------------------------------------------
+    def _spec_block(self, block: BlockSpec, args, kwargs):
+        """The verify block's place on a speculative step: the forecast of the blocks before it, then the block
+        for real when this step verifies (its error measured), then the forecast of the blocks after it. The
+        block's own output is its real one, or its forecast (`verify_output="forecast"`, or a step that does not
+        verify)."""
+        state: SpeCaState = self.current_state
+        adapter, cfg, v = self.adapter, self.config, block.index
+        streams = adapter.block_streams(args, kwargs)
+        if self.stack:
+            forecaster = state.forecasters[STACK]
+            coefs, terms = forecaster.coefficients(state.x), forecaster.terms
+
+            def add(streams, segment):
+                return {s: add_terms(x, terms[f"{segment}.{s}"], coefs) for s, x in streams.items()}
+        else:
+            gates = self.all_gates(adapter.block_temb(args, kwargs), state)
+            coefs = state.forecasters[v].coefficients(state.x)
+            entries = self._entries(state)
+
+            def add(streams, segment):
+                return {s: accumulate(x, entries[segment].get(s, []), gates, coefs) for s, x in streams.items()}
+        if v > 0:
+            streams = add(streams, "before")
+        out = None
+        if state.verify_now:
+            args, kwargs = adapter.with_block_streams(args, kwargs, streams)
+            out, real = self._run_taped(block, args, kwargs)
+            state.blocks_computed += 1
+            verify_terms = terms["verify"] if self.stack else state.forecasters[v].terms[self.verify_key]
+            img = adapter.image_tokens(block, self.verify_key, state.layout) if cfg.record_maps else None
+            state.verify_errors, state.verify_map = forecast_error(
+                verify_terms, coefs, real[self.verify_key], cfg.metric, cfg.eps, img,
+                whole_batch=cfg.batch_error == "whole_batch")
+        if out is not None and cfg.verify_output == "real":
+            if v == self.last:
+                return out  # the real output: it is computed anyway and closer to a full step than its forecast
+            streams = adapter.output_streams(block, out)
+        else:  # the block's output from its forecast, like every other block's
+            streams = add(streams, "block")
+        if v < self.last:
+            streams = add(streams, "after")
+        return adapter.block_output(self.blocks[self.last], streams)
+
+    def _entries(self, state: SpeCaState) -> dict[str, dict[str, list]]:
+        """Per-block forecast, for `kernels.accumulate`: segment ("before", "block", "after" the verify block) ->
+        stream -> [(terms, gate index, row start)]."""
+        out: dict[str, dict[str, list]] = {"before": {}, "block": {}, "after": {}}
+        v = self.verify.index
+        for b in self.blocks:
+            side = out["before" if b.index < v else "block" if b.index == v else "after"]
+            terms = state.forecasters[b.index].terms
+            for c in self.adapter.contributions(b, state.layout):
+                side.setdefault(c.stream, []).append((terms[c.feature], self.gate_index[(b.index, c.feature)],
+                                                      c.row_start))
+        return out
 
     def all_gates(self, temb: torch.Tensor, state: SpeCaState) -> torch.Tensor:
         """Every gate of every block at this step, [G, B, C], from one matrix product: the gate rows of all
@@ -324,15 +480,7 @@ class SpeCaModelHook(StepDriverHook):
         x = self.adapter.gate_input(temb).to(w.dtype)
         return torch.nn.functional.linear(x, w, b).unflatten(1, (len(self.gate_sites), -1)).transpose(0, 1).contiguous()
 
-    def flush(self, streams: dict[str, torch.Tensor], state: SpeCaState) -> dict[str, torch.Tensor]:
-        """Add the queued forecast contributions to the streams."""
-        if state.pending:
-            streams = dict(streams)
-            for name, entries in state.pending.items():
-                streams[name] = accumulate(streams[name], entries, state.gates, state.coefs)
-            state.pending = {}
-        return streams
-
+    # ---- decisions -----------------------------------------------------------------------------
     def _plan(self, info: StepInfo, state: SpeCaState) -> tuple[bool, str]:
         """(full?, reason) before the step runs."""
         cfg: SpeCaConfig = self.config
@@ -351,8 +499,11 @@ class SpeCaModelHook(StepDriverHook):
         return False, ""
 
     def _full(self, args, kwargs, state: SpeCaState):
-        state.mode = FULL_MODE
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        with self._view(self.full_view):
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        state.blocks_computed += self.n_blocks
+        if self.stack:
+            self._update_stack(state)
         state.consecutive_spec = 0
         state.force_full_next = False
         state.last_full = True
@@ -368,21 +519,25 @@ class SpeCaModelHook(StepDriverHook):
             rec.decision, rec.reason = FULL, reason
             return self._full(args, kwargs, state)
 
+        if any(k.startswith("controlnet_") and k.endswith("_samples") and v is not None for k, v in kwargs.items()):
+            raise NotImplementedError(
+                "SpeCa's speculative steps do not take ControlNet residuals (controlnet_*_samples): a speculative "
+                "step runs only the verify block. Use a schedule of full steps, or no ControlNet, with SpeCa.")
         n_spec = state.consecutive_spec + 1
         # Judged by the threshold after the grace steps; the released code never verifies the step right
         # after a full one.
         judged = n_spec > cfg.min_spec_steps and not (cfg.spec_after_full and state.last_full)
-        state.mode = SPEC_MODE
         state.last_full = False
         state.verify_now = cfg.schedule is not None or judged or cfg.verify_in_grace
-        state.verify_errors = state.verify_map = state.gates = None
-        state.pending = {}
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        state.verify_errors = state.verify_map = None
+        with self._view(self.spec_view):
+            out = self.fn_ref.original_forward(*args, **kwargs)
         if state.verify_errors is not None:
-            errors = state.verify_errors.tolist()  # one sync: the decision needs the value
-            rec.errors, rec.error = errors, max(errors)
-        if state.verify_map is not None:
-            rec.set_map("error", state.verify_map.reshape(state.layout.grid))
+            entry = (self.handle.running_trace, rec, state.verify_errors, state.verify_map, state.layout.grid)
+            if judged or cfg.sync_timing or self.handle.on_step is not None:
+                _read_errors([entry], appended=False)  # the decision (or a viewer) needs it now: one host sync
+            else:  # no per-step sync asked for: read at the end of the run, so that the device never waits
+                state.deferred.append(entry)
         if cfg.schedule is not None:
             verdict, reason = True, "schedule"
         elif not judged:
@@ -402,14 +557,19 @@ class SpeCaModelHook(StepDriverHook):
         state.force_full_next = True
         return out
 
-
     def reset_state(self, module):
-        # The run is over: note how much the forecast caches held, before the state goes.
+        # The run is over: read the errors left on the device, and note what SpeCa held between steps (the
+        # forecast terms, and the stacked gate rows of the per-block forecast) before the states go.
+        for st in self.run_states.values():
+            _read_errors(st.deferred)
+            st.deferred = []
         trace = self.handle.running_trace
         if trace is not None:
-            trace.meta["cache_bytes"] = sum(
-                f.nbytes() for st in self.run_states.values() for f in st.forecasters.values()
-            )
+            terms = sum(f.nbytes() for st in self.run_states.values() for f in st.forecasters.values())
+            gates = sum(t.numel() * t.element_size() for st in self.run_states.values()
+                        for t in (st.gate_weights or ()) if t is not None)
+            trace.meta["cache_bytes"] = terms + gates
+            trace.meta["cache_bytes_terms"] = terms
         return super().reset_state(module)
 
 
@@ -424,11 +584,7 @@ def attach_speca(pipe, adapter: Adapter, config: SpeCaConfig) -> Handle:
         )
     verify_index = config.verify_block % n
     handle = Handle(pipe, adapter, "speca", config, HOOK_NAME)
-    driver = SpeCaModelHook(pipe, adapter, config, SpeCaState, handle)
-    for block in blocks:
-        hook = SpeCaBlockHook(block, driver, is_verify=block.index == verify_index)
-        register(block.module, hook, HOOK_NAME)
-        for site in adapter.feature_sites(block):
-            register(site.module, _CaptureHook(site, hook.sink), HOOK_NAME)
+    driver = SpeCaModelHook(pipe, adapter, config, SpeCaState, handle, verify_index=verify_index)
     register(adapter.transformer, driver, HOOK_NAME)
     return handle
+

@@ -218,7 +218,8 @@ def _row(i: int, r: StepRecord) -> dict:
 class _Index:
     """What `Trace` derives from its records, kept up to date one record at a time: per-context columns,
     per-step sums, the running totals of `summary()`. A cache: never serialised, rebuilt when its lists
-    were replaced or shrank. Records are final once appended (the runtime fills them in before)."""
+    were replaced or shrank. Records are final once appended (the runtime fills them in before); one that
+    changes later is followed by `Trace.refresh`."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -372,6 +373,13 @@ class Trace:
         with self._index.lock:
             self.steps.append(rec)
             self._index.sync(self)
+
+    def refresh(self) -> None:
+        """Records changed after they were appended (SpeCa with `sync_timing=False` reads its verification errors
+        at the end of the run, so that speculative steps never wait for the device): rebuild the series."""
+        with self._index.lock:
+            self._index._reset_steps(None)
+            self._index._reset_overhead(None)
 
     def snapshot(self) -> "Trace":
         """A copy that later appends do not change (what the lab hands to the figures while a run goes on).

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -10,14 +12,17 @@ from typing import Callable
 
 import torch
 
+from .errors import LabError, shorten
+from .line import Line
 from .preview import Previewer
 
+log = logging.getLogger("speclab")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLUX_DIR = os.path.join(ROOT, "assets", "models", "tiny-flux")
 TINY_VIDEO_DIR = os.path.join(ROOT, "assets", "models", "tiny-hunyuanvideo")
 
 
-class ModelError(Exception):
+class ModelError(LabError):
     """A preset that cannot be loaded here; the message is meant for the user."""
 
 
@@ -45,8 +50,9 @@ class Preset:
     """Video presets: default number of frames (4k + 1 for HunyuanVideo); None: an image preset."""
     max_frames: int = 129
     fps: int = 8
-    family: str = "flux"  # "flux" | "hunyuan_video"
-    build_script: str = "scripts/train_tiny_flux.py"
+    pipeline: str | None = None
+    """The diffusers pipeline class name (one of `PIPELINES`); None: the local folder's model_index.json says."""
+    build_script: str = "python -m scripts.tiny_flux.train"
     """Local presets: the script that produces the folder."""
     prompt_template: dict | None = None
     """HunyuanVideo: the pipeline's ``prompt_template`` (None: the pipeline's default, cut at 95 real-Llama tokens,
@@ -67,17 +73,17 @@ PRESETS: dict[str, Preset] = {
     TINY: Preset(TINY, TINY_FLUX_DIR, "local", 128, 128, 28, 1.0, 32, None, 32, 512, 100, False, "float32",
                  "trained on captions of coloured shapes; runs on a CPU in seconds"),
     DEV: Preset(DEV, "black-forest-labs/FLUX.1-dev", "hub", 1024, 1024, 28, 3.5, 512, 16, 256, 2048, 100, True,
-                "bfloat16", "gated: accept the licence on its hub page and provide HF_TOKEN"),
+                "bfloat16", "gated: accept the licence on its hub page and provide HF_TOKEN", pipeline="FluxPipeline"),
     SCHNELL: Preset(SCHNELL, "black-forest-labs/FLUX.1-schnell", "hub", 1024, 1024, 4, 0.0, 256, 16, 256, 2048, 50,
-                    True, "bfloat16", "4-step distilled model; Apache-2.0"),
+                    True, "bfloat16", "4-step distilled model; Apache-2.0", pipeline="FluxPipeline"),
     TINY_VIDEO: Preset(TINY_VIDEO, TINY_VIDEO_DIR, "local", 64, 64, 20, 1.0, 32, None, 32, 256, 100, False,
                        "float32", "trained on clips of one coloured shape moving left, right, up or down (prompts like "
                        "the video examples); runs on a CPU in seconds", frames=9, max_frames=33,
-                       fps=8, family="hunyuan_video", build_script="scripts/train_tiny_video.py",
+                       fps=8, build_script="python -m scripts.tiny_video.train",
                        prompt_template={"template": "{}", "crop_start": 0}),
     HUNYUAN: Preset(HUNYUAN, "hunyuanvideo-community/HunyuanVideo", "hub", 512, 320, 30, 6.0, 256, 16, 256, 1280,
                     100, True, "bfloat16", "13B video model; about 40 GB of GPU memory in bfloat16 at small sizes",
-                    frames=33, max_frames=129, fps=15, family="hunyuan_video"),
+                    frames=33, max_frames=129, fps=15, pipeline="HunyuanVideoPipeline"),
 }
 DEFAULT_PRESET = TINY
 
@@ -132,14 +138,37 @@ def explain_load_error(preset: Preset, e: BaseException) -> str:
         need = "about 40 GB" if preset.is_video else "about 24 GB"
         return (f"out of GPU memory while loading {preset.name}: it needs {need} in bfloat16 (plus the text "
                 "encoders); free the GPU or use a larger one.")
-    return f"could not load {preset.name} from {preset.source}: {type(e).__name__}: {e}"
+    log.error("loading %s from %s failed", preset.name, preset.source, exc_info=e)
+    return (f"could not load {preset.name} from {preset.source} ({type(e).__name__}); the server's log has the "
+            "details")
+
+
+PIPELINES = ("FluxPipeline", "HunyuanVideoPipeline")
+"""diffusers pipeline classes the lab can drive (accel has adapters for their transformers)."""
+
+
+def pipeline_class(preset: Preset) -> type:
+    """The diffusers pipeline class of `preset`: the preset's `pipeline`, else the `_class_name` of its folder's
+    model_index.json. Only `PIPELINES` are accepted, with a `ModelError` naming what was found otherwise."""
+    import diffusers
+
+    name = preset.pipeline
+    if name is None and preset.kind == "local":
+        index = os.path.join(preset.source, "model_index.json")
+        try:
+            with open(index) as f:
+                name = json.load(f).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            raise ModelError(f"{preset.name}: {os.path.relpath(index, ROOT)} is not a readable diffusers "
+                             "model_index.json") from None
+    if name not in PIPELINES:
+        raise ModelError(f"{preset.name}: the lab cannot run a {name or 'pipeline of unknown class'}; it runs "
+                         f"{' and '.join(PIPELINES)}")
+    return getattr(diffusers, name)
 
 
 def load_preset(preset: Preset):
     """Default factory: the diffusers pipeline of `preset`, on the GPU if it needs one."""
-    from diffusers import FluxPipeline, HunyuanVideoPipeline
-
-    cls = HunyuanVideoPipeline if preset.family == "hunyuan_video" else FluxPipeline
     if preset.kind == "planned":
         raise ModelError(f"{preset.name}: {preset.note}; not available yet.")
     if preset.kind == "local":
@@ -150,6 +179,7 @@ def load_preset(preset: Preset):
                 f"{os.path.relpath(preset.source, ROOT)}/ (with model_index.json). It is produced by "
                 f"{preset.build_script}; until then pick another preset."
             )
+        cls = pipeline_class(preset)
         try:
             pipe = cls.from_pretrained(preset.source)
         except Exception as e:  # a half-written folder, a version mismatch...
@@ -161,13 +191,12 @@ def load_preset(preset: Preset):
                 f"{preset.name} needs a CUDA GPU ({need} in bfloat16) and this machine has none. "
                 f"Use the bundled {tiny} preset here, or run the lab on a GPU (e.g. a Hugging Face Space)."
             )
+        cls = pipeline_class(preset)
         try:
             pipe = cls.from_pretrained(preset.source, torch_dtype=getattr(torch, preset.dtype))
             pipe.to("cuda")
             if preset.is_video and hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
                 pipe.vae.enable_tiling()
-        except ModelError:
-            raise
         except Exception as e:
             raise ModelError(explain_load_error(preset, e)) from None
     pipe.set_progress_bar_config(disable=True)
@@ -178,8 +207,8 @@ def load_preset(preset: Preset):
 class LoadedModel:
     preset: Preset
     pipe: object
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    """One run at a time per pipeline (a pipeline carries one run's hooks)."""
+    line: Line = field(default_factory=Line)
+    """One run at a time per pipeline (a pipeline carries one run's hooks): runs wait here for their turn."""
     previewer: Previewer | None = None
 
     @property
@@ -209,8 +238,9 @@ class LoadedModel:
         return kw
 
     @property
-    def has_guidance(self) -> bool:
-        return bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
+    def takes_guidance(self) -> bool:
+        """Whether the pipeline takes `guidance_scale` (FLUX with guidance embeds; HunyuanVideo always)."""
+        return self.is_video or bool(getattr(self.pipe.transformer.config, "guidance_embeds", False))
 
 
 def _warm_up(m: LoadedModel) -> None:
@@ -243,7 +273,7 @@ class ModelManager:
     def preset(self, name: str) -> Preset:
         p = self.presets.get(name)
         if p is None:
-            raise ModelError(f"unknown model preset {name!r}: choose one of {list(self.presets)}")
+            raise ModelError(f"unknown model preset {shorten(name)}: choose one of {list(self.presets)}")
         return p
 
     def get(self, name: str) -> LoadedModel:

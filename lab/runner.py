@@ -1,14 +1,15 @@
-"""Run orchestration: controls -> accel config; one accelerated pipeline call streamed step by step;
-the cache of full (reference) runs.
+"""Run orchestration: one accelerated pipeline call streamed step by step; the cache of full (reference) runs.
 
 The pipeline runs in a worker thread; `accel`'s `Handle.on_step` and the pipeline's `callback_on_step_end`
 feed a queue that `stream_run` turns into `RunUpdate`s (throttled). Hooks are always removed in `finally`,
-also when the consumer stops iterating (the browser went away) or the user pressed Stop.
+also when the consumer stops iterating (the browser went away) or the user pressed Stop. The caller holds the
+model's turn (`LoadedModel.line`): one run at a time per pipeline.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 import time
@@ -21,69 +22,49 @@ import torch
 import accel
 from accel.trace import Trace
 
+from .errors import InputError, LabError, shorten
+from .limits import Limits
 from .models import LoadedModel
-from .preview import decode, unpack
-from .video import decode_video, latent_frames, strip, to_pil_frames
-
-SpecDiffConfig = getattr(accel, "SpecDiffConfig", None)
-
-FULL, SPECA, SPECDIFF, TAYLORSEER, FBCACHE = (
-    "Full", "SpeCa", "SpecDiff", "TaylorSeerCache (diffusers)", "FirstBlockCache (diffusers)",
-)
-METHODS = [FULL, SPECA] + ([SPECDIFF] if SpecDiffConfig is not None else []) + [TAYLORSEER, FBCACHE]
+from .output import Output, Rendered, output_for
 
 
-class InputError(ValueError):
-    """A control value the run cannot use; the message names it."""
+class RunError(LabError):
+    """A run that failed for a reason the user can act on (e.g. out of memory)."""
 
 
 def as_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise InputError(f"{name} must be a number, got {shorten(v)}")
     try:
         f = float(v)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {v!r}") from None
+        raise InputError(f"{name} must be a number, got {shorten(v)}") from None
+    if not math.isfinite(f):
+        raise InputError(f"{name} must be a finite number, got {shorten(v)}")
     if f != int(f):
-        raise InputError(f"{name} must be a whole number, got {v!r}")
+        raise InputError(f"{name} must be a whole number, got {shorten(v)}")
     return int(f)
 
 
-def build_config(method: str, p: dict):
-    """The accel config for `method` from control values `p` (keys as in `app.generate`'s parameters).
-    Raises `InputError` naming the bad field (config classes validate ranges themselves)."""
-    try:
-        if method == FULL:
-            return accel.FullConfig()
-        if method == SPECA:
-            return accel.SpeCaConfig(
-                threshold=float(p["speca_threshold"]), decay=float(p["speca_decay"]),
-                order=as_int("Taylor order", p["speca_order"]), warmup_steps=as_int("warm-up", p["speca_warmup"]),
-                min_spec_steps=as_int("min speculative steps", p["speca_min_spec"]),
-                max_spec_steps=as_int("max speculative steps", p["speca_max_spec"]),
-                metric=str(p["speca_metric"]), on_reject=str(p["speca_on_reject"]),
-            )
-        if method == SPECDIFF:
-            if SpecDiffConfig is None:
-                raise InputError("SpecDiff is not available in this build of accel")
-            return SpecDiffConfig(
-                cache_rate=float(p["sd_cache_rate"]), spec_steps=as_int("speculative steps", p["sd_spec_steps"]),
-                c2_share=float(p["sd_c2_share"]), history_window=as_int("history window", p["sd_history"]),
-                starvation_scale=float(p["sd_starvation"]), warmup_steps=as_int("warm-up", p["sd_warmup"]),
-            )
-        if method == TAYLORSEER:
-            return accel.TaylorSeerConfig(
-                cache_interval=as_int("cache interval", p["ts_interval"]),
-                disable_cache_before_step=as_int("warm-up", p["ts_warmup"]),
-                max_order=as_int("Taylor order", p["ts_order"]), taylor_factors_dtype="float32",
-            )
-        if method == FBCACHE:
-            return accel.FirstBlockConfig(threshold=float(p["fbc_threshold"]))
-    except InputError:
-        raise
-    except ValueError as e:
-        raise InputError(f"{method}: {e}") from None
-    except (TypeError, KeyError) as e:
-        raise InputError(f"{method}: missing or invalid control value ({e})") from None
-    raise InputError(f"unknown method {method!r}: choose one of {METHODS}")
+def as_float(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise InputError(f"{name} must be a number, got {shorten(v)}")
+    if not math.isfinite(v):
+        raise InputError(f"{name} must be a finite number, got {shorten(v)}")
+    return float(v)
+
+
+def as_text(name: str, v, limit: int) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise InputError(f"{name} must be text, got {type(v).__name__}")
+    if len(v) > limit:
+        raise InputError(f"{name} is {len(v)} characters long: at most {limit} are accepted")
+    return v
+
+
+MAX_GUIDANCE = 20.0
 
 
 @dataclass
@@ -105,8 +86,9 @@ class RunSpec:
                 self.frames)
 
 
-def validate_spec(spec: RunSpec, model: LoadedModel) -> None:
+def validate_spec(spec: RunSpec, model: LoadedModel, limits: Limits | None = None, compare: bool = False) -> None:
     p = model.preset
+    limits = limits or Limits()
     if not spec.prompt or not spec.prompt.strip():
         raise InputError("the prompt is empty: describe the image (see the examples)")
     if not 1 <= spec.steps <= p.max_steps:
@@ -129,6 +111,16 @@ def validate_spec(spec: RunSpec, model: LoadedModel) -> None:
                              f"latent frame): use {lo} or {lo + 4}")
     if spec.seed < 0 or spec.seed >= 2**63:
         raise InputError(f"seed={spec.seed} is out of range: use 0 .. 2**63-1")
+    if not 0 <= spec.guidance <= MAX_GUIDANCE:
+        raise InputError(f"guidance={spec.guidance:g} is out of range: use 0..{MAX_GUIDANCE:g}")
+    work = limits.work(spec.steps, spec.width, spec.height, spec.frames, compare)
+    if work > limits.max_work:
+        frames = f" x {spec.frames} frames" if spec.frames else ""
+        raise InputError(
+            f"this request is too large for this server: {spec.steps} steps x {spec.width}x{spec.height} px{frames}"
+            f"{' x 2 (compare also runs the full run)' if compare else ''} = {work:.0f} M pixel-steps; it takes "
+            f"at most {limits.max_work:g} M per request. Lower the steps, the size or the frames"
+            f"{', or untick compare' if compare else ''}.")
 
 
 def _hashed_embeds(prompt: str, model: LoadedModel, batch: int = 1):
@@ -144,32 +136,20 @@ def _hashed_embeds(prompt: str, model: LoadedModel, batch: int = 1):
     return pe, pooled
 
 
-def pipe_kwargs(spec: RunSpec, model: LoadedModel) -> dict:
-    pipe = model.pipe
+def pipe_kwargs(spec: RunSpec, model: LoadedModel, output: Output | None = None) -> dict:
+    output = output or output_for(model, spec)
     kw = dict(height=spec.height, width=spec.width, num_inference_steps=spec.steps,
-              generator=torch.Generator(device="cpu").manual_seed(spec.seed))
-    if model.is_video:
-        kw["num_frames"] = int(spec.frames)
-    if model.has_guidance or model.is_video:  # HunyuanVideo always embeds its guidance
+              generator=torch.Generator(device="cpu").manual_seed(spec.seed), **output.call_kwargs())
+    if model.takes_guidance:
         kw["guidance_scale"] = float(spec.guidance)
     if model.has_text_encoders:
         kw.update(prompt=spec.prompt, **model.text_kwargs)
     else:
         pe, pooled = _hashed_embeds(spec.prompt, model)
         kw.update(prompt_embeds=pe, pooled_prompt_embeds=pooled)
-        if model.is_video:
+        if model.is_video:  # HunyuanVideo needs the mask along with given embeddings
             kw["prompt_attention_mask"] = torch.ones(pe.shape[:2], device=pe.device)
-    has_vae = getattr(pipe, "vae", None) is not None
-    kw["output_type"] = ("np" if model.is_video else "pil") if has_vae else "latent"
     return kw
-
-
-def _preview_image(model: LoadedModel, latents: torch.Tensor, spec: RunSpec):
-    """Live preview: one image for FLUX (packed latents); a strip of the latent frames for video."""
-    size = (spec.width, spec.height)
-    if model.is_video:
-        return strip(latent_frames(model.previewer, latents, size))
-    return model.previewer.to_image(unpack(model.pipe, latents, spec.height, spec.width), size)
 
 
 @dataclass
@@ -181,10 +161,8 @@ class RunUpdate:
     step: int = -1
     num_steps: int = 0
     done: bool = False
-    image: object = None
-    """Final image (PIL) when done; for a video, a strip of evenly spaced frames."""
-    frames: list | None = None
-    """Video runs: the final video's frames (PIL) when done."""
+    result: Rendered | None = None
+    """The finished run's pictures (when done)."""
     stopped: bool = False
     elapsed_s: float = 0.0
     config: dict = field(default_factory=dict)
@@ -201,144 +179,132 @@ def _oom_message(spec: RunSpec) -> str:
             "steps), close other runs on this GPU, or use a GPU with more memory")
 
 
+def _set_interrupt(pipe, value: bool) -> None:
+    """diffusers reads `pipe.interrupt` in its denoising loop, but that is a read-only property over the private
+    `_interrupt` (FLUX, HunyuanVideo); its documented way to stop a run is setting `_interrupt` from
+    `callback_on_step_end`. Each `__call__` resets it to False at its start; after a stopped run we reset it too,
+    so the pipeline reads as not interrupted between runs."""
+    pipe._interrupt = value
+
+
+class _Run:
+    """One pipeline call in a worker thread; its callbacks put ("step" | "preview" | "end", ...) events in
+    `events`. Stop interrupts the pipeline after the current step and keeps the clean-image estimate."""
+
+    def __init__(self, model: LoadedModel, spec: RunSpec, stop: threading.Event, every_s: float, preview: bool):
+        self.model, self.spec, self.stop, self.every_s, self.want_preview = model, spec, stop, every_s, preview
+        self.output = output_for(model, spec)
+        self.kwargs = pipe_kwargs(spec, model, self.output)
+        self.events: queue.Queue = queue.Queue()
+        self.prev_latents = None
+        self.last_preview_at = 0.0
+        self.final_latents = None
+        self.stop_latents = None
+        self.stopped = False
+        self.result = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="speclab-run", daemon=True)
+
+    def _x0_estimate(self, pipe, i, lat):
+        """Flow matching: x0 = x_t - sigma * v, with v from the last Euler step."""
+        sig = pipe.scheduler.sigmas
+        if self.prev_latents is not None and i + 1 < len(sig):
+            ds = float(sig[i + 1] - sig[i])
+            if ds != 0:
+                return lat - float(sig[i + 1]) * (lat - self.prev_latents) / ds
+        return lat
+
+    def _on_step_end(self, pipe, i, t, cb_kwargs):
+        lat = cb_kwargs.get("latents")
+        last = i == self.spec.steps - 1
+        if self.stop.is_set() and not pipe.interrupt and not last:
+            _set_interrupt(pipe, True)
+            self.stopped = True
+            if lat is not None:
+                self.stop_latents = self._x0_estimate(pipe, i, lat).detach()
+        if lat is None:
+            return {}
+        now = time.perf_counter()
+        if self.want_preview and (last or pipe.interrupt or now - self.last_preview_at >= self.every_s):
+            try:
+                self.events.put(("preview", self.output.preview(self._x0_estimate(pipe, i, lat))))
+                self.last_preview_at = now
+            except Exception:  # never let a preview break the run
+                pass
+        self.prev_latents = lat.detach().clone()
+        if last:
+            self.final_latents = lat.detach()
+        return {}
+
+    def _work(self):
+        try:
+            out = self.model.pipe(**self.kwargs, callback_on_step_end=self._on_step_end,
+                                  callback_on_step_end_tensor_inputs=["latents"])
+            self.result = out.frames if hasattr(out, "frames") else out.images
+        except BaseException as e:  # re-raised in the consumer
+            self.error = e
+        finally:
+            self.events.put(("end", None))
+
+    def raise_error(self) -> None:
+        e = self.error
+        if e is None:
+            return
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise RunError(_oom_message(self.spec)) from None
+        raise e
+
+    def rendered(self) -> Rendered:
+        if self.stopped and self.stop_latents is not None:
+            return self.output.finalize(self.result, stop_latents=self.stop_latents)
+        return self.output.finalize(self.result, final_latents=None if self.stopped else self.final_latents)
+
+
 def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event | None = None,
                every_s: float = 0.25, preview: bool = True) -> Iterator[RunUpdate]:
     """Run `config` on `model` for `spec`, yielding a `RunUpdate` at most every `every_s` seconds while it
-    runs, and a final one with `done=True` (also after Stop: `stopped=True`, the image of the steps done).
-    Errors surface as `InputError`/`RuntimeError` with a user-facing message."""
-    stop = stop or threading.Event()
-    pipe = model.pipe
-    kwargs = pipe_kwargs(spec, model)
-    if not model.lock.acquire(timeout=600):
-        raise RuntimeError(f"{model.preset.name} is busy with another run; try again in a moment")
+    runs, and a final one with `done=True` (also after Stop: `stopped=True`, the picture of the steps done).
+    The caller holds the model's turn. Errors the user can act on surface as `RunError`."""
+    run = _Run(model, spec, stop or threading.Event(), every_s, preview)
     handle = None
-    worker = None
-    events: queue.Queue = queue.Queue()
+    cfg = config.to_dict()
     try:
-        handle = accel.apply(pipe, config)
-        handle.on_step = lambda rec: events.put(("step", rec.step))
-        state = {"prev": None, "last_preview": 0.0, "final_latents": None, "interrupted": False, "x0_stop": None}
-        size = (spec.width, spec.height)
-
-        def x0_estimate(p, i, lat):
-            """Flow matching: x0 = x_t - sigma * v, with v from the last Euler step."""
-            sig = p.scheduler.sigmas
-            if state["prev"] is not None and i + 1 < len(sig):
-                ds = float(sig[i + 1] - sig[i])
-                if ds != 0:
-                    return lat - float(sig[i + 1]) * (lat - state["prev"]) / ds
-            return lat
-
-        def on_step_end(p, i, t, cb_kwargs):
-            lat = cb_kwargs.get("latents")
-            if stop.is_set() and not p._interrupt and i < spec.steps - 1:
-                p._interrupt = True
-                state["interrupted"] = True
-                if lat is not None:
-                    state["x0_stop"] = x0_estimate(p, i, lat).detach()
-            if lat is None:
-                return {}
-            now = time.perf_counter()
-            last = i == spec.steps - 1
-            if preview and (last or p._interrupt or now - state["last_preview"] >= every_s):
-                try:
-                    img = _preview_image(model, x0_estimate(p, i, lat), spec)
-                    events.put(("preview", i, img))
-                    state["last_preview"] = now
-                except Exception:  # never let a preview break the run
-                    pass
-            state["prev"] = lat.detach().clone()
-            if last:
-                state["final_latents"] = lat.detach()
-            return {}
-
-        result: dict = {}
-
-        def work():
-            try:
-                out = pipe(**kwargs, callback_on_step_end=on_step_end,
-                           callback_on_step_end_tensor_inputs=["latents"])
-                result["images"] = out.frames if model.is_video else out.images
-            except BaseException as e:  # re-raised in the consumer
-                result["error"] = e
-            finally:
-                events.put(("end", None))
-
+        handle = accel.apply(model.pipe, config)
+        handle.on_step = lambda rec: run.events.put(("step", rec.step))
         start = time.perf_counter()
-        worker = threading.Thread(target=work, name="speclab-run", daemon=True)
-        worker.start()
-        latest_preview, last_step, last_yield, ended = None, -1, 0.0, False
-        cfg_dict = config.to_dict()
-        while not ended:
+        run.thread.start()
+        latest_preview, last_step, last_yield = None, -1, 0.0
+        while True:
             try:
-                kind, *rest = events.get(timeout=0.1)
+                kind, value = run.events.get(timeout=0.1)
             except queue.Empty:
                 continue
             if kind == "end":
-                ended = True
-                continue
+                break
             if kind == "preview":
-                latest_preview = rest[1]
-            elif kind == "step":
-                last_step = max(last_step, rest[0])
+                latest_preview = value
+            else:
+                last_step = max(last_step, value)
             now = time.perf_counter()
             if now - last_yield >= every_s:
                 last_yield = now
                 yield RunUpdate(snapshot(handle.trace), latest_preview, last_step, spec.steps,
-                                elapsed_s=now - start, config=cfg_dict)
-        worker.join()
-        if "error" in result:
-            e = result["error"]
-            if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise RuntimeError(_oom_message(spec)) from None
-            raise e
-        images = result["images"]
-        stopped = state["interrupted"]
-        frames = None
-        if model.is_video:
-            lat = state["x0_stop"] if stopped and state["x0_stop"] is not None else None
-            if kwargs["output_type"] == "latent":
-                frames = latent_frames(model.previewer, lat if lat is not None else images, size)
-            else:
-                frames = decode_video(pipe, lat) if lat is not None else to_pil_frames(images)
-                fl = state["final_latents"]
-                if fl is not None and not stopped and model.previewer is not None:
-                    try:  # the first latent frame is the first video frame alone (causal VAE)
-                        model.previewer.refit(fl[:1, :, 0], frames[0])
-                    except Exception:
-                        pass
-            image = strip(frames)
-        elif stopped and state["x0_stop"] is not None:
-            # Stopped: show the model's estimate of the clean image at the last step done, not the noisy latents.
-            images = state["x0_stop"]
-            if kwargs["output_type"] != "latent":
-                images = [decode(pipe, images, spec.height, spec.width)]
-        if model.is_video:
-            pass
-        elif kwargs["output_type"] == "latent":
-            image = model.previewer.to_image(unpack(pipe, images, spec.height, spec.width), (spec.width, spec.height))
-        else:
-            image = images[0]
-            fl = state["final_latents"]
-            if fl is not None and not stopped and model.previewer is not None:
-                try:
-                    model.previewer.refit(unpack(pipe, fl, spec.height, spec.width), image)
-                except Exception:
-                    pass
+                                elapsed_s=now - start, config=cfg)
+        run.thread.join()
+        run.raise_error()
+        result = run.rendered()
         handle.remove()
-        trace = handle.trace
-        yield RunUpdate(snapshot(trace), latest_preview, last_step, spec.steps, done=True, image=image,
-                        frames=frames, stopped=stopped, elapsed_s=time.perf_counter() - start, config=cfg_dict)
+        yield RunUpdate(snapshot(handle.trace), latest_preview, last_step, spec.steps, done=True, result=result,
+                        stopped=run.stopped, elapsed_s=time.perf_counter() - start, config=cfg)
     finally:
-        if worker is not None and worker.is_alive():  # consumer went away: end the run, then clean up
-            stop.set()
-            worker.join()
+        if run.thread.is_alive():  # the consumer went away: end the run, then clean up
+            run.stop.set()
+            run.thread.join()
         if handle is not None:
             handle.remove()
-        pipe._interrupt = False
-        model.lock.release()
+        _set_interrupt(model.pipe, False)
 
 
 def run_to_end(model: LoadedModel, spec: RunSpec, config, **kw) -> RunUpdate:
@@ -356,16 +322,16 @@ class FullRunCache:
         self._d: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, spec: RunSpec):
+    def get(self, spec: RunSpec) -> tuple[Rendered, Trace] | None:
         with self._lock:
             v = self._d.get(spec.key())
             if v is not None:
                 self._d.move_to_end(spec.key())
             return v
 
-    def put(self, spec: RunSpec, image, trace: Trace, frames: list | None = None) -> None:
+    def put(self, spec: RunSpec, result: Rendered, trace: Trace) -> None:
         with self._lock:
-            self._d[spec.key()] = (image, trace, frames)
+            self._d[spec.key()] = (result, trace)
             self._d.move_to_end(spec.key())
             while len(self._d) > self.capacity:
                 self._d.popitem(last=False)

@@ -16,9 +16,11 @@ import app
 import tiny
 import tiny_video
 from accel.trace import Trace
-from lab import metrics
+from lab import compare as C
+from lab import methods as LM
 from lab import models as M
 from lab import runner as R
+from lab.session import Session
 from scripts.tiny_video import data as tinyvideo_data
 
 BUNDLED = os.path.isfile(os.path.join(M.TINY_FLUX_DIR, "model_index.json"))
@@ -50,12 +52,10 @@ def rlab():
     return app.Lab(M.ModelManager(factory=_random_factory), every_s=0.3)
 
 
-def kw(method=R.SPECA, **over):
+def kw(method=LM.SPECA, **over):
+    """The run's controls; every method's knobs keep their config defaults unless given (`speca_threshold=...`)."""
     d = dict(model=M.TINY, prompt=app.EXAMPLES[0], seed=0, steps=16, width=128, height=128, guidance=3.5,
-             method=method, compare=True, speca_threshold=7.0, speca_decay=0.3, speca_order=2, speca_min_spec=2,
-             speca_max_spec=8, speca_warmup=3, speca_metric="rel_l1", speca_on_reject="recompute",
-             sd_cache_rate=0.85, sd_spec_steps=2, sd_c2_share=0.1, sd_history=3, sd_starvation=0.1, sd_warmup=4,
-             ts_interval=5, ts_warmup=3, ts_order=1, fbc_threshold=0.05)
+             method=method, compare=True)
     d.update(over)
     return d
 
@@ -67,7 +67,7 @@ def _no_speclab_hooks(pipe):
 
 
 def test_generate_end_to_end_with_compare(lab):
-    outs = list(lab.generate(**kw(R.SPECA)))
+    outs = list(lab.generate(**kw(LM.SPECA)))
     assert len(outs) >= 2, "streams at least one update before the final one"
     preview, image, summary, err, tl, maps, slider, full_image, diff, files, video, frame, trace = outs[-1]
     assert video is None and frame["visible"] is False  # an image preset: no video, no frame slider
@@ -97,15 +97,15 @@ def test_full_run_is_cached_across_methods(lab, monkeypatch):
     calls = []
     orig = R.run_to_end
     monkeypatch.setattr(R, "run_to_end", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    list(lab.generate(**kw(R.SPECA)))  # same model/prompt/seed/size/steps as above
-    out = list(lab.generate(**kw(R.TAYLORSEER)))[-1]
+    list(lab.generate(**kw(LM.SPECA)))  # same model/prompt/seed/size/steps as above
+    out = list(lab.generate(**kw(LM.TAYLORSEER)))[-1]
     assert calls == [] and len(lab.full_cache) == 1
     assert out[-1].method == "taylorseer" and "PSNR" in out[2]
-    list(lab.generate(**kw(R.FBCACHE, seed=1)))  # a new seed: one new full run
+    list(lab.generate(**kw(LM.FBCACHE, seed=1)))  # a new seed: one new full run
     assert calls == [1] and len(lab.full_cache) == 2
 
 
-@pytest.mark.parametrize("method", R.METHODS)
+@pytest.mark.parametrize("method", LM.METHODS)
 def test_every_method_streams_a_trace(rlab, method):
     outs = list(rlab.generate(**kw(method, steps=10, width=64, height=64, compare=False)))
     final = outs[-1]
@@ -114,7 +114,7 @@ def test_every_method_streams_a_trace(rlab, method):
     assert len(trace.steps) == 10 and trace.summary()["blocks_plain"] > 0
     for fig in final[3:6]:
         assert isinstance(fig, go.Figure)
-    if method == R.SPECDIFF:
+    if method == LM.SPECDIFF:
         cfg = trace.config
         assert cfg["cache_rate"] == 0.85 and cfg["spec_steps"] == 2 and cfg["share_first_step"] is True
         # the pre-run ran: spec_steps calls, the first shared with step 0
@@ -135,22 +135,28 @@ def test_every_method_streams_a_trace(rlab, method):
     (dict(prompt="  "), "prompt is empty"),
     (dict(model="SDXL"), "unknown model preset 'SDXL'"),
     (dict(method="Magic"), "unknown method 'Magic'"),
-    (dict(speca_min_spec=5, speca_max_spec=3), "max_spec_steps"),
-    (dict(speca_decay=0), "decay"),
-    (dict(method=R.FBCACHE, fbc_threshold=-1), "threshold"),
-    (dict(method=R.TAYLORSEER, ts_interval=0), "cache_interval"),
+    (dict(speca_min_spec_steps=5, speca_max_spec_steps=3),
+     "SpeCa: max_spec_steps=3 is out of range.*controls: min speculative steps, max speculative steps"),
+    (dict(speca_decay=0), "SpeCa, threshold decay: decay=0.0 is out of range: decay must be a finite number in"),
+    (dict(speca_order=2.5), "SpeCa, Taylor order: must be a whole number"),
+    (dict(speca_order=float("nan")), "SpeCa, Taylor order: must be a finite number"),
+    (dict(speca_record_maps=1), "SpeCa, record token maps: .*must be a bool"),
+    (dict(speca_metric="l7"), "SpeCa, error metric: metric='l7' is out of range"),
+    (dict(method=LM.FBCACHE, fbcache_threshold=-1), "FirstBlockCache \\(diffusers\\), threshold: threshold=-1.0"),
+    (dict(method=LM.TAYLORSEER, taylorseer_cache_interval=0), "cache interval: cache_interval=0"),
+    (dict(nonsense=1), "unknown control"),
 ])
 def test_bad_input_is_a_gr_error_naming_the_problem(rlab, over, needle):
-    with pytest.raises(gr.Error, match=needle.replace("(", r"\(")):
+    with pytest.raises(gr.Error, match=needle):
         list(rlab.generate(**kw(**{"steps": 4, "width": 64, "height": 64, **over})))
     pipe = rlab.manager.get(M.TINY).pipe
-    assert _no_speclab_hooks(pipe) and not rlab.manager.get(M.TINY).lock.locked()
+    assert _no_speclab_hooks(pipe) and rlab.manager.get(M.TINY).line.idle()
     list(rlab.generate(**kw(steps=3, width=64, height=64, compare=False)))  # still serving
 
 
 def test_missing_models_give_clear_messages(monkeypatch):
     missing = M.Preset("tiny FLUX (bundled, CPU)", "/nonexistent/tiny-flux", "local")
-    with pytest.raises(M.ModelError, match="tiny FLUX model is missing.*train_tiny_flux"):
+    with pytest.raises(M.ModelError, match="tiny FLUX model is missing.*scripts.tiny_flux.train"):
         M.load_preset(missing)
     monkeypatch.setattr(M.torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
@@ -186,12 +192,11 @@ def slow_steps(rlab):
 
 
 def test_stop_ends_the_run_cleanly_and_the_pipeline_stays_usable(rlab, slow_steps):
-    req = SimpleNamespace(session_hash="alice")
-    other = SimpleNamespace(session_hash="bob")
-    gen = rlab.generate(**kw(steps=60, width=64, height=64, compare=True), request=req)
+    alice, bob = Session(), Session()
+    gen = rlab.generate(alice, **kw(steps=60, width=64, height=64, compare=True))
     first = next(gen)  # a few steps in
-    rlab.stop(other)  # somebody else's Stop does nothing to this run
-    rlab.stop(req)
+    rlab.stop(bob)  # somebody else's Stop does nothing to this run
+    rlab.stop(alice)
     final = list(gen)[-1]
     trace = final[-1]
     assert 0 < len(trace.steps) < 60
@@ -200,8 +205,8 @@ def test_stop_ends_the_run_cleanly_and_the_pipeline_stays_usable(rlab, slow_step
     assert final[7] is None  # no comparison for a stopped run
     assert first[3] is not None
     m = rlab.manager.get(M.TINY)
-    assert _no_speclab_hooks(m.pipe) and not m.lock.locked() and not m.pipe._interrupt
-    again = list(rlab.generate(**kw(steps=6, width=64, height=64, compare=False), request=req))[-1]
+    assert _no_speclab_hooks(m.pipe) and m.line.idle() and not m.pipe.interrupt
+    again = list(rlab.generate(alice, **kw(steps=6, width=64, height=64, compare=False)))[-1]
     assert len(again[-1].steps) == 6
 
 
@@ -210,15 +215,15 @@ def test_abandoned_stream_removes_hooks(rlab, slow_steps):
     next(gen)
     gen.close()  # the browser went away mid-run
     m = rlab.manager.get(M.TINY)
-    assert _no_speclab_hooks(m.pipe) and not m.lock.locked()
+    assert _no_speclab_hooks(m.pipe) and m.line.idle()
 
 
 def test_concurrent_sessions_do_not_share_traces(rlab):
     results = {}
 
     def run(name, seed, steps):
-        results[name] = list(rlab.generate(**kw(seed=seed, steps=steps, width=64, height=64, compare=False),
-                                           request=SimpleNamespace(session_hash=name)))[-1][-1]
+        results[name] = list(rlab.generate(Session(), **kw(seed=seed, steps=steps, width=64, height=64,
+                                                          compare=False)))[-1][-1]
 
     ts = [threading.Thread(target=run, args=("a", 1, 5)), threading.Thread(target=run, args=("b", 2, 7))]
     for t in ts:
@@ -236,11 +241,11 @@ def test_model_is_loaded_once():
 
 
 def test_load_trace_and_scrub(rlab, tmp_path):
-    trace = list(rlab.generate(**kw(R.SPECA, steps=10, width=64, height=64, compare=False,
-                                    speca_min_spec=0, speca_threshold=0.01)))[-1][-1]
+    trace = list(rlab.generate(**kw(LM.SPECA, steps=10, width=64, height=64, compare=False,
+                                    speca_min_spec_steps=0, speca_threshold=0.01)))[-1][-1]
     p = tmp_path / "t.json"
     trace.to_json(str(p))
-    summary, err, tl, maps, slider, frame, state = app.Lab.load_trace(str(p))
+    summary, err, tl, maps, slider, frame, state = rlab.load_trace(str(p))
     assert frame["visible"] is False
     assert "loaded from t.json" in summary and state.summary() == trace.summary()
     assert len(err.data) > 0 and len(tl.data) > 0
@@ -248,52 +253,59 @@ def test_load_trace_and_scrub(rlab, tmp_path):
     assert f"step {step}" in app.Lab.scrub(step, state).layout.title.text
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
-    with pytest.raises(gr.Error, match="not a SpecLab trace"):
-        app.Lab.load_trace(str(bad))
+    with pytest.raises(gr.Error, match="not a trace this lab can show"):
+        rlab.load_trace(str(bad))
 
 
-def test_metrics():
-    import numpy as np
+def test_psnr_ssim_against_hand_computation():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (32, 48, 3)).astype(np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-12, 13, a.shape), 0, 255).astype(np.uint8)
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    assert C.psnr(a, b) == pytest.approx(10 * np.log10(255**2 / mse), rel=1e-6)
+    assert C.psnr(a, a) == float("inf") and C.ssim(a, a) == pytest.approx(1.0)
+    # SSIM by hand on a flat pair: no structure, so only the luminance term: (2 m1 m2 + c1) / (m1^2 + m2^2 + c1)
+    x, y = np.full((16, 16, 3), 100, np.uint8), np.full((16, 16, 3), 120, np.uint8)
+    c1 = (0.01 * 255) ** 2
+    assert C.ssim(x, y) == pytest.approx((2 * 100 * 120 + c1) / (100**2 + 120**2 + c1), rel=1e-6)
+    assert C.ssim(a, b) < 1.0 and C.ssim(a, 255 - a) < 0.1
+    assert C.ssim(a[:6, :6], b[:6, :6]) < 1.0  # smaller than the window: still a number
+    with pytest.raises(ValueError, match="same size"):
+        C.psnr(a, a[:, :10])
 
-    a = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
-    assert metrics.psnr(a, a) == float("inf") and metrics.ssim(a, a) == pytest.approx(1.0)
-    b = np.clip(a.astype(int) + 10, 0, 255).astype(np.uint8)
-    assert 25 < metrics.psnr(a, b) < 30.2
-    assert metrics.ssim(a, b) < 1.0
-    assert metrics.ssim(a, 255 - a) < 0.1
+
+def test_full_run_compared_with_itself_is_infinitely_close(rlab):
+    out = list(rlab.generate(**kw(LM.FULL, steps=4, width=64, height=64, seed=7)))[-1]
+    assert "PSNR **∞ dB**" in out[2] and "SSIM **1.0000**" in out[2]
+    assert isinstance(out[7], Image.Image) and isinstance(out[8], go.Figure)
 
 
-def test_app_wiring_api_and_cli(rlab, monkeypatch):
+def test_controls_come_from_the_configs_knobs(rlab):
+    """Every shown knob is a control and an API parameter: label, range and help from the config's field."""
     demo = app.build_app(rlab)
-    info = demo.get_api_info()
-    eps = info["named_endpoints"]
-    assert "/generate" in eps
-    params = [p["parameter_name"] for p in eps["/generate"]["parameters"]]
-    assert params[:9] == ["model", "prompt", "seed", "steps", "width", "height", "guidance", "method", "compare"]
-    assert "fbc_threshold" in params and "request" not in params
-    assert len(eps["/generate"]["returns"]) == 12  # the gr.State output is not part of the API
-    assert params[-1] == "frames"
-    assert app.GPU(len) is len or hasattr(app, "spaces")
-
-    launched = {}
-
-    class Fake:
-        def queue(self, **k):
-            launched["queue"] = k
-
-        def launch(self, **k):
-            launched.update(k)
-
-    monkeypatch.setattr(app, "build_app", lambda *a, **k: Fake())
-    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
-    app.main([])
-    assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7860 and not launched["share"]
-    assert launched["queue"]["default_concurrency_limit"] == 1
-    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
-    app.main(["--host", "0.0.0.0"])
-    assert launched["server_port"] == 7999 and launched["server_name"] == "0.0.0.0"
-    app.main(["--port", "8123"])
-    assert launched["server_port"] == 8123
+    params = {p["parameter_name"]: p for p in demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]}
+    by_elem = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    for m in LM.TABLE:
+        cls = accel.method(m.name).config_cls
+        assert m.config_cls is cls
+        for k in accel.knobs(cls):
+            key = m.param(k.name)
+            if not LM.showable(k) or k.name in m.fixed:
+                assert key not in params
+                continue
+            control = by_elem[f"speclab-{key}"]
+            assert key in params and control.label == k.label and control.info == app.knob_info(k)
+            assert params[key]["parameter_default"] == k.default
+            if isinstance(control, gr.Slider):
+                assert (control.minimum, control.maximum, control.step) == k.slider()
+    assert "The threshold at step i of n is threshold × decay ^ (i / n)." in app.knob_info(
+        accel.knobs(accel.SpeCaConfig)[0])
+    # SpeCa's main knobs are open, the others folded away
+    speca = LM.by_label(LM.SPECA)
+    assert [k.name for k in speca.knobs() if speca.is_main(k)] == ["threshold", "decay", "order"]
+    # the lab's fixed values reach the config
+    assert LM.by_label(LM.TAYLORSEER).build({}).taylor_factors_dtype == "float32"
+    assert LM.by_label(LM.SPECA).build({"speca_order": 3.0, "speca_threshold": 2}).order == 3
 
 
 def test_accel_exports_the_baselines():
@@ -313,7 +325,7 @@ def test_out_of_memory_gives_the_fix_and_the_app_keeps_serving(rlab, monkeypatch
     with pytest.raises(gr.Error, match="out of memory at 64x64.*lower the size"):
         list(rlab.generate(**kw(steps=4, width=64, height=64, compare=False)))
     monkeypatch.setattr(cls, "__call__", real_call)
-    assert _no_speclab_hooks(pipe) and not rlab.manager.get(M.TINY).lock.locked()
+    assert _no_speclab_hooks(pipe) and rlab.manager.get(M.TINY).line.idle()
     assert len(list(rlab.generate(**kw(steps=4, width=64, height=64, compare=False)))[-1][-1].steps) == 4
 
 
@@ -328,12 +340,12 @@ def vlab():
     return app.Lab(M.ModelManager(factory=_video_factory), every_s=0.2)
 
 
-def vkw(method=R.SPECDIFF, **over):
+def vkw(method=LM.SPECDIFF, **over):
     return kw(method, **{"model": M.TINY_VIDEO, "steps": 8, "width": 64, "height": 64, "frames": 9,
-                         "guidance": 6.0, "sd_warmup": 2, **over})
+                         "guidance": 6.0, "specdiff_warmup_steps": 2, **over})
 
 
-@pytest.mark.parametrize("method", [R.SPECDIFF, R.SPECA])
+@pytest.mark.parametrize("method", [LM.SPECDIFF, LM.SPECA])
 def test_video_preset_end_to_end(vlab, method):
     outs = list(vlab.generate(**vkw(method, compare=True)))
     preview, image, summary, err, tl, maps, slider, full_image, diff, files, video, frame, trace = outs[-1]
@@ -380,15 +392,15 @@ def test_video_bad_frames_are_gr_errors(vlab, over, needle):
 
 
 def test_video_preset_frames_default_and_stop(vlab, slow_video_steps):
-    req = SimpleNamespace(session_hash="vid")
-    gen = vlab.generate(**vkw(R.SPECA, steps=60, compare=True, frames=None), request=req)
+    session = Session()
+    gen = vlab.generate(session, **vkw(LM.SPECA, steps=60, compare=True, frames=None))
     next(gen)
-    vlab.stop(req)
+    vlab.stop(session)
     final = list(gen)[-1]
     assert 0 < len(final[-1].steps) < 60 and "stopped" in final[2]
     assert final[10].endswith(".mp4") and final[7] is None
     m = vlab.manager.get(M.TINY_VIDEO)
-    assert _no_speclab_hooks(m.pipe) and not m.lock.locked() and not m.pipe._interrupt
+    assert _no_speclab_hooks(m.pipe) and m.line.idle() and not m.pipe.interrupt
 
 
 @pytest.fixture
@@ -401,13 +413,13 @@ def slow_video_steps(vlab):
 
 def test_missing_bundled_video_model_and_hub_video_errors(monkeypatch, tmp_path):
     missing = M.Preset(M.TINY_VIDEO, str(tmp_path / "tiny-hunyuanvideo"), "local", frames=9,
-                       family="hunyuan_video", build_script="scripts/train_tiny_video.py")
-    with pytest.raises(M.ModelError, match="bundled video model is not installed.*scripts/train_tiny_video.py"):
+                       build_script="python -m scripts.tiny_video.train")
+    with pytest.raises(M.ModelError, match="bundled video model is not installed.*python -m scripts.tiny_video.train"):
         M.load_preset(missing)
     lab = app.Lab(M.ModelManager(presets={M.TINY_VIDEO: missing}))
-    with pytest.raises(gr.Error, match="not installed.*train_tiny_video"):
+    with pytest.raises(gr.Error, match="not installed.*scripts.tiny_video.train"):
         list(lab.generate(**vkw()))
-    assert "train_tiny_video.py" in M.preset_status(M.TINY_VIDEO) or os.path.isfile(
+    assert "scripts.tiny_video.train" in M.preset_status(M.TINY_VIDEO) or os.path.isfile(
         os.path.join(M.TINY_VIDEO_DIR, "model_index.json"))
     hub = M.PRESETS[M.HUNYUAN]
     assert hub.kind == "hub" and hub.source == "hunyuanvideo-community/HunyuanVideo" and hub.is_video
@@ -437,8 +449,8 @@ def _video_pipe_with_vae():
 
 
 def test_video_preset_with_a_vae_writes_every_frame(slow_video_steps_vae):
-    vlab_vae, req = slow_video_steps_vae
-    out = list(vlab_vae.generate(**vkw(R.SPECA, steps=4, compare=False)))[-1]
+    vlab_vae, session = slow_video_steps_vae
+    out = list(vlab_vae.generate(**vkw(LM.SPECA, steps=4, compare=False)))[-1]
     image, video, trace = out[1], out[10], out[-1]
     import imageio.v2 as imageio
 
@@ -447,9 +459,9 @@ def test_video_preset_with_a_vae_writes_every_frame(slow_video_steps_vae):
     assert image.size == (64 * 8, 64) and len(trace.steps) == 4
     assert vlab_vae.manager.get(M.TINY_VIDEO).previewer.weights is not None  # calibrated on the video VAE
     # stopped mid-run: the frames are the VAE decode of the clean estimate
-    gen = vlab_vae.generate(**vkw(R.SPECA, steps=40, compare=False), request=req)
+    gen = vlab_vae.generate(session, **vkw(LM.SPECA, steps=40, compare=False))
     next(gen)
-    vlab_vae.stop(req)
+    vlab_vae.stop(session)
     final = list(gen)[-1]
     assert "stopped" in final[2] and len(imageio.mimread(final[10])) == 9
 
@@ -459,7 +471,7 @@ def slow_video_steps_vae():
     lab = app.Lab(M.ModelManager(factory=lambda p: _video_pipe_with_vae()), every_s=0.2)
     pipe = lab.manager.get(M.TINY_VIDEO).pipe
     pipe.transformer.register_forward_pre_hook(lambda *a: time.sleep(0.02))
-    return lab, SimpleNamespace(session_hash="vae")
+    return lab, Session()
 
 
 def test_model_switch_shows_the_video_controls_only_for_video_presets(vlab):
@@ -493,8 +505,8 @@ def _bundled_video(lab, method, prompt, **over):
     return tinyvideo_data.analyze_clip(frames), trace
 
 
-@pytest.mark.parametrize("method,prompt", [(R.FULL, app.VIDEO_EXAMPLES[0]), (R.SPECA, app.VIDEO_EXAMPLES[1]),
-                                           (R.SPECDIFF, app.VIDEO_EXAMPLES[2])])
+@pytest.mark.parametrize("method,prompt", [(LM.FULL, app.VIDEO_EXAMPLES[0]), (LM.SPECA, app.VIDEO_EXAMPLES[1]),
+                                           (LM.SPECDIFF, app.VIDEO_EXAMPLES[2])])
 def test_bundled_tiny_video_follows_the_prompt_in_the_lab(bundled_video_lab, method, prompt):
     """The lab passes the bundled model's prompt template (the pipeline's default one would crop the prompt away):
     the mp4 it writes shows the named colour moving in the named direction."""

@@ -53,6 +53,13 @@ METHODS = {
         lambda n: accel.SpeCaConfig(schedule=[True] * n),
         branch_signature=lambda r: r.errors,
     ),
+    "speca_per_block": Method(  # SpeCa's other forecast (the default is the stack)
+        "speca",
+        lambda fam: accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=1, max_spec_steps=4,
+                                      forecast="per_block"),
+        lambda n: accel.SpeCaConfig(schedule=[True] * n, forecast="per_block"),
+        branch_signature=lambda r: r.errors,
+    ),
     "specdiff": Method(
         "specdiff",
         lambda fam: accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3),
@@ -435,7 +442,7 @@ def test_batch_of_two(env, method):
     assert [r.blocks_computed for r in t2.steps] == pytest.approx([r.blocks_computed for r in t1.steps])
     assert mixed.shape[0] == 2 and torch.isfinite(mixed).all() and not torch.equal(mixed[0], mixed[1])
     verified = [r for r in t3.steps if r.errors is not None]
-    if method == "speca":
+    if METHODS[method].name == "speca":
         assert verified and all(len(r.errors) == 2 and r.error == max(r.errors) for r in verified)
         assert all(r.errors[0] != r.errors[1] for r in verified)
         assert all(len(r.errors) == 2 and r.errors[0] == pytest.approx(r.errors[1], rel=1e-4)

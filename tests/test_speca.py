@@ -22,6 +22,7 @@ from accel.metrics import verification_errors
 from accel.taylor import Forecast, TaylorForecaster
 
 STEPS = 12
+FORECASTS = ("stack", "per_block")
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +150,11 @@ def _rows(linear, n_chunks, chunk):
 
 
 # ---- real compute and decision rules --------------------------------------------------------------------
-def test_warmup_and_max_spec_steps_shape_the_run(pipe):
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_warmup_and_max_spec_steps_shape_the_run(pipe, forecast):
     """(Real compute against leaf Linears: tests/test_contract.py.) Warm-up steps are full, never more than
     max_spec_steps speculative steps in a row, and a speculative step computes exactly the verify block."""
-    cfg = accel.SpeCaConfig(threshold=1e9, warmup_steps=3, min_spec_steps=1, max_spec_steps=4)
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=1e9, warmup_steps=3, min_spec_steps=1, max_spec_steps=4)
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         trace = handle.trace
@@ -170,8 +172,9 @@ def test_warmup_and_max_spec_steps_shape_the_run(pipe):
     assert s["ideal_speedup"] > 1.5
 
 
-def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline):
-    cfg = accel.SpeCaConfig(threshold=0.0, warmup_steps=2, min_spec_steps=2, max_spec_steps=8)
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=0.0, warmup_steps=2, min_spec_steps=2, max_spec_steps=8)
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         recs = handle.trace.steps
@@ -185,8 +188,9 @@ def test_tight_threshold_rejects_after_grace_and_recomputes(pipe, baseline):
     assert all(r.error is not None for r in recs if r.decision != "full")
 
 
-def test_defer_policy_makes_next_step_full(pipe):
-    cfg = accel.SpeCaConfig(threshold=0.0, warmup_steps=2, min_spec_steps=0, on_reject="defer")
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_defer_policy_makes_next_step_full(pipe, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=0.0, warmup_steps=2, min_spec_steps=0, on_reject="defer")
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
         recs = handle.trace.steps
@@ -195,14 +199,15 @@ def test_defer_policy_makes_next_step_full(pipe):
     assert recs[3].decision == "full" and recs[3].reason == "after_reject"
 
 
-def test_schedule_replay_reproduces_run(pipe):
-    cfg = accel.SpeCaConfig(threshold=8.0, min_spec_steps=1)
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_schedule_replay_reproduces_run(pipe, forecast):
+    cfg = accel.SpeCaConfig(forecast=forecast, threshold=8.0, min_spec_steps=1)
     with accel.apply(pipe, cfg) as handle:
         first = run(pipe, STEPS)
         trace = handle.trace
     schedule = trace.schedule()
     assert len(schedule) == STEPS and schedule[0]
-    with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule)) as handle:
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, forecast=forecast)) as handle:
         replay = run(pipe, STEPS)
         assert handle.trace.schedule() == schedule
     assert torch.equal(first, replay)
@@ -291,12 +296,13 @@ def _first_verified(cfg, **kw):
         return handle.trace.steps[2]
 
 
-def test_batch_step_is_accepted_only_if_every_sample_passes():
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_batch_step_is_accepted_only_if_every_sample_passes(forecast):
     """Step 2 is the first verified step (2 warm-up steps, no grace): its per-sample errors do not depend on
     the threshold. With a threshold between the two samples' errors the step is rejected; above both, accepted."""
     prompt, x = _two_samples()
     kw = dict(batch=2, latents=x, **prompt)
-    base = dict(decay=1.0, warmup_steps=2, min_spec_steps=0)
+    base = dict(decay=1.0, warmup_steps=2, min_spec_steps=0, forecast=forecast)
     rec = _first_verified(accel.SpeCaConfig(threshold=1e9, **base), **kw)
     lo, hi = sorted(rec.errors)
     assert rec.decision == "accepted" and rec.reason == "verified" and len(rec.errors) == 2
@@ -390,8 +396,9 @@ def test_metrics_in_a_run_are_per_sample():
 
 
 # ---- trace ----------------------------------------------------------------------------------------------
-def test_trace_round_trips_and_has_error_maps(pipe, tmp_path):
-    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9)) as handle:
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_trace_round_trips_and_has_error_maps(pipe, tmp_path, forecast):
+    with accel.apply(pipe, accel.SpeCaConfig(forecast=forecast, threshold=1e9)) as handle:
         run(pipe, STEPS, size=64)
     trace = handle.trace
     spec = [r for r in trace.steps if r.decision == "accepted"]
@@ -444,3 +451,159 @@ def test_bad_pipelines_and_blocks_raise(pipe):
     with accel.apply(pipe, accel.SpeCaConfig()):
         with pytest.raises(ValueError, match="already attached"):
             accel.apply(pipe, accel.SpeCaConfig())
+
+
+# ---- the stack forecast ---------------------------------------------------------------------------------
+def _lagrange(xs, ys, x):
+    """The polynomial through (xs, ys) at x, in float64 (independent of accel.taylor)."""
+    out = 0.0
+    for i, (xi, yi) in enumerate(zip(xs, ys)):
+        w = 1.0
+        for j, xj in enumerate(xs):
+            if j != i:
+                w *= (x - xj) / (xi - xj)
+        out = out + w * yi
+    return out
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_stack_forecast_is_the_polynomial_through_the_recorded_stacks(pipe, order):
+    """On a speculative step the verify block receives the streams entering the first block plus the
+    interpolating polynomial (degree = order) through the full steps' recorded growth of the streams up to the
+    verify block: so a stack whose growth is a polynomial of degree <= order in the step is forecast exactly."""
+    t = pipe.transformer
+    seen: dict[int, dict] = {}
+    step = {"i": -1}
+
+    def first_in(name):
+        def hook(mod, inp, out):
+            seen.setdefault(step["i"], {})[name] = out.double()
+        return hook
+
+    def verify_in(mod, args, kwargs):
+        seen.setdefault(step["i"], {}).update(v_img=kwargs["hidden_states"].double(),
+                                              v_txt=kwargs["encoder_hidden_states"].double())
+
+    def count(mod, args, kwargs):
+        step["i"] += 1
+
+    handles = [t.register_forward_pre_hook(count, with_kwargs=True),
+               t.x_embedder.register_forward_hook(first_in("img")),
+               t.context_embedder.register_forward_hook(first_in("txt")),
+               t.single_transformer_blocks[-1].register_forward_pre_hook(verify_in, with_kwargs=True)]
+    schedule = [True, True, True, False, False, True, False, False, False, True, False, False]
+    try:
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, order=order, forecast="stack")):
+            run(pipe, STEPS)
+    finally:
+        for h in handles:
+            h.remove()
+    full = [i for i, f in enumerate(schedule) if f]
+    for k in (i for i, f in enumerate(schedule) if not f):
+        nodes = [i for i in full if i < k][-(order + 1):]
+        for s in ("img", "txt"):
+            growth = [seen[i][f"v_{s}"] - seen[i][s] for i in nodes]
+            expected = seen[k][s] + _lagrange(nodes, growth, float(k))
+            torch.testing.assert_close(seen[k][f"v_{s}"], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_verify_block_in_the_middle(pipe, baseline, forecast):
+    """A verify block that is not the last: the blocks after it are forecast too; one block computed per
+    speculative step, and an all-full run stays bit-identical."""
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * STEPS, verify_block=1, forecast=forecast)):
+        assert torch.equal(run(pipe, STEPS), baseline)
+    calls = []
+    linears = [m for n, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear) and "transformer_blocks" in n]
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in linears]
+    cfg = accel.SpeCaConfig(threshold=1e9, min_spec_steps=1, verify_block=1, forecast=forecast)
+    try:
+        with accel.apply(pipe, cfg) as handle:
+            out = run(pipe, STEPS)
+    finally:
+        for h in hooks:
+            h.remove()
+    s = handle.trace.summary()
+    per_double = sum(1 for m in pipe.transformer.transformer_blocks[1].modules() if isinstance(m, nn.Linear))
+    assert s["accepted_steps"] > 0
+    assert len(calls) == s["full_steps"] * len(linears) + s["accepted_steps"] * per_double
+    assert all(r.error is not None and r.error > 0 for r in handle.trace.steps if r.decision != "full")
+    rel = ((out - baseline).norm() / baseline.norm()).item()
+    assert 0 < rel < 0.5
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_cache_bytes_count_what_is_kept(pipe, forecast):
+    order = 1
+    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, order=order, forecast=forecast)) as handle:
+        run(pipe, STEPS)
+    meta = handle.trace.meta
+    t = pipe.transformer
+    C, n_img, n_txt, f32 = t.inner_dim, 16, 8, 4  # 64 x 64 -> 4 x 4 image tokens
+    n_double, n_single = len(t.transformer_blocks), len(t.single_transformer_blocks)
+    if forecast == "stack":
+        # streams' growth up to the verify block (image + text rows) and the verify block's proj_out (joint rows)
+        terms = (order + 1) * ((n_img + n_txt) + (n_img + n_txt)) * C * f32
+        gates = 0
+    else:
+        rows = n_double * 2 * (n_img + n_txt) + n_single * (n_img + n_txt)  # attn, ff (+ ctx); proj_out
+        terms = (order + 1) * rows * C * f32
+        gates = (4 * n_double + n_single) * (C * C + C) * f32  # stacked gate rows of the modulation linears
+    assert meta["cache_bytes_terms"] == terms
+    assert meta["cache_bytes"] == terms + gates
+
+
+def test_errors_read_at_the_end_of_an_unsynchronised_run(pipe):
+    """sync_timing=False: an error that no decision needs stays on the device until the run ends (no host sync
+    on a speculative step), then fills its record and the trace's series; an `on_step` viewer gets it at once."""
+    seen = []
+    cfg = accel.SpeCaConfig(schedule=[True, True, True, False, False, True] * 2, sync_timing=False)
+    with accel.apply(pipe, cfg) as handle:
+        handle.on_step = lambda r: seen.append(r.error)
+        run(pipe, STEPS)
+        handle.on_step = None
+        run(pipe, STEPS)
+    spec = [i for i, f in enumerate(cfg.schedule) if not f]
+    assert all(seen[i] is not None for i in spec)
+    first, second = handle.traces
+    assert [r.error for r in second.steps] == [r.error for r in first.steps] == seen
+    series = second.series().error
+    assert np.isfinite(series[spec]).all() and series[spec] == pytest.approx([seen[i] for i in spec])
+    assert all(second.steps[i].maps["error"].shape == (4, 4) for i in spec)
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_unverified_steps_keep_the_forecast_of_every_block(pipe, baseline, forecast):
+    """verify_in_grace=False: a grace step computes no block (the verify block's output is forecast too) and
+    traces no error; a judged step computes the verify block. verify_output="forecast" keeps the forecast on a
+    verified step too, so its output does not depend on whether the step verified."""
+    cfg = dict(forecast=forecast, threshold=1e9, warmup_steps=2, min_spec_steps=2, max_spec_steps=4)
+    with accel.apply(pipe, accel.SpeCaConfig(verify_in_grace=False, **cfg)) as handle:
+        out = run(pipe, STEPS)
+    spec = [r for r in handle.trace.steps if r.decision != "full"]
+    assert [r.reason for r in spec][:3] == ["grace", "grace", "verified"]
+    assert all((r.blocks_computed, r.error is None) == ((0, True) if r.reason == "grace" else (1, False))
+               for r in spec)
+    assert 0 < ((out - baseline).norm() / baseline.norm()).item() < 0.5
+    with accel.apply(pipe, accel.SpeCaConfig(verify_in_grace=False, verify_output="forecast", **cfg)):
+        unverified_output = run(pipe, STEPS)
+    with accel.apply(pipe, accel.SpeCaConfig(verify_in_grace=True, verify_output="forecast", **cfg)) as handle:
+        verified_output = run(pipe, STEPS)
+    assert all(r.error is not None for r in handle.trace.steps if r.decision != "full")
+    torch.testing.assert_close(verified_output, unverified_output, rtol=0, atol=0)
+
+
+def test_controlnet_residuals_are_refused_on_a_speculative_step(pipe):
+    t = pipe.transformer
+    samples = [torch.zeros(1, 16, t.inner_dim)]
+
+    def with_controlnet(mod, args, kwargs):
+        return args, {**kwargs, "controlnet_block_samples": samples}
+
+    hook = t.register_forward_pre_hook(with_controlnet, with_kwargs=True, prepend=True)
+    try:
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=[True] * 3 + [False] * (STEPS - 3))):
+            with pytest.raises(NotImplementedError, match="ControlNet"):
+                run(pipe, STEPS)
+    finally:
+        hook.remove()

@@ -4,7 +4,7 @@ The released code (Shenyi-Z/Cache4Diffusion, flux/speca-flux) is transcribed her
 state machine: `ReleasedSchedule` (its `cal_type`: which steps run full, which are verified) and
 `derivative_approximation` / `taylor_formula` (its Taylor terms). `ReleasedRun` drives the diffusers FLUX blocks
 with them, without accel, as the released model's blocks do. accel runs with the preset are compared with it:
-- decisions step by step, with verification errors injected (accel's `verification_errors` is replaced by one
+- decisions step by step, with verification errors injected (accel's `forecast_error` is replaced by one
   that returns a given error for the step), over several error sequences, step counts and overrides;
 - on the bundled tiny FLUX: decisions against the transcription fed the errors accel measured, errors against
   the ones the transcription measures, and final latents against the transcription's run;
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import accel
+from accel.kernels import forecast_error, torch_forecast
 from accel.metrics import verification_errors
 from accel.taylor import TaylorForecaster
 from tiny import run, tiny_flux_pipe
@@ -376,13 +377,13 @@ def run_injected(pipe, monkeypatch, cfg, steps, errors):
     verify block runs as it would). Returns the trace and the steps where a verification ran."""
     verified = []
 
-    def injected(pred, real, metric, eps, image_rows=None, whole_batch=False):
-        _, tok = verification_errors(pred, real, metric, eps, image_rows, whole_batch)
+    def injected(terms, coefs, real, metric, eps, image_rows=None, whole_batch=False):
+        _, tok = forecast_error(terms, coefs, real, metric, eps, image_rows, whole_batch)
         step = pipe.scheduler.step_index
         verified.append(step)
         return torch.tensor([errors[step]], dtype=torch.float32), tok
 
-    monkeypatch.setattr(accel.speca, "verification_errors", injected)
+    monkeypatch.setattr(accel.speca, "forecast_error", injected)
     with accel.apply(pipe, cfg) as handle:
         run(pipe, steps)
     monkeypatch.undo()
@@ -483,11 +484,12 @@ def test_tiny_flux_preset_matches_transcription(tiny_flux, monkeypatch):
     cfg = accel.SpeCaConfig.reference()
     pairs = {}  # step -> (accel's forecast of the verify block's feature, its real value)
 
-    def recording(pred, real, *a, **kw):
+    def recording(terms, coefs, real, *a, **kw):
+        pred = torch_forecast(terms, coefs)
         pairs[tiny_flux.scheduler.step_index] = (pred.detach().clone(), real.detach().clone())
         return verification_errors(pred, real, *a, **kw)
 
-    monkeypatch.setattr(accel.speca, "verification_errors", recording)
+    monkeypatch.setattr(accel.speca, "forecast_error", recording)
     with accel.apply(tiny_flux, cfg) as handle:
         ours = _call(tiny_flux, steps)
     monkeypatch.undo()

@@ -149,6 +149,12 @@ class Adapter:
     def blocks(self) -> list[BlockSpec]:
         raise NotImplementedError
 
+    def block_containers(self) -> list[tuple[nn.Module, str]]:
+        """The `nn.ModuleList`s whose blocks the transformer's forward iterates, as (owner, attribute name), in
+        execution order; `blocks()` lists their blocks in the same order. SpeCa gives a step its own view of the
+        model by putting other lists there for the duration of one call (accel/speca.py)."""
+        raise NotImplementedError
+
     def token_layout(self, args: tuple, kwargs: dict) -> TokenLayout:
         """Image-token grid and text length of a transformer call."""
         raise NotImplementedError
@@ -178,6 +184,10 @@ class Adapter:
 
     def block_output(self, block: BlockSpec, streams: dict[str, torch.Tensor]):
         """The block's return value built from streams (argument order, output order)."""
+        raise NotImplementedError
+
+    def output_streams(self, block: BlockSpec, output) -> dict[str, torch.Tensor]:
+        """The residual streams a block call returned, by name (the inverse of `block_output`)."""
         raise NotImplementedError
 
     def with_block_streams(self, args: tuple, kwargs: dict, streams: dict[str, torch.Tensor]) -> tuple[tuple, dict]:

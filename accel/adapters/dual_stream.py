@@ -42,6 +42,10 @@ class DualStreamAdapter(Adapter):
         ]
         return specs
 
+    def block_containers(self):
+        t = self.transformer
+        return [(t, "transformer_blocks"), (t, "single_transformer_blocks")]
+
     # ---- SpeCa -------------------------------------------------------------------------------
     def feature_sites(self, block: BlockSpec) -> list[FeatureSite]:
         m = block.module
@@ -87,6 +91,9 @@ class DualStreamAdapter(Adapter):
         if self.clip_fp16 and streams["img"].dtype == torch.float16:  # as the blocks do
             streams = {k: v.clip(-65504, 65504) for k, v in streams.items()}
         return tuple(streams[s] for s in self.output_order)
+
+    def output_streams(self, block: BlockSpec, output):
+        return dict(zip(self.output_order, output))
 
     def with_block_streams(self, args, kwargs, streams):
         return self.block_args.replace(args, kwargs, **{name: streams[s] for s, name in BLOCK_STREAMS.items()})

@@ -8,8 +8,6 @@ import time
 import numpy as np
 import torch
 
-from lab import metrics
-
 
 def sync(device) -> None:
     """Wait for the device's queued work (CUDA), so that a wall clock read after it counts that work."""
@@ -47,15 +45,20 @@ def best_of(repeats: int, call, handle=None):
     return best
 
 
-def _array(x) -> np.ndarray:
-    return x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+def _float64(x) -> torch.Tensor:
+    return x.detach().double().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float64))
 
 
 def psnr(x, ref, peak: float) -> float:
     """Peak signal-to-noise ratio in dB of `x` against `ref` (tensors or arrays of one shape: latents, decoded
-    images, 8-bit pixels) with `peak` as the data range; `inf` when they are equal. The lab's image metric
-    (`lab.metrics.psnr`) computes it, in float64."""
-    return metrics.psnr(_array(x), _array(ref), data_range=peak)
+    images, 8-bit pixels) with `peak` as the data range; `inf` when they are equal. torchmetrics' PSNR, the lab's
+    image metric (lab/compare.py), in float64 (imported here, not through `lab`, which pulls in the app's
+    plotting: the benchmarks run where only torch, diffusers and torchmetrics are)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    if x.shape != ref.shape:
+        raise ValueError(f"PSNR needs inputs of one shape, got {tuple(x.shape)} and {tuple(ref.shape)}")
+    return float(peak_signal_noise_ratio(_float64(x), _float64(ref), data_range=float(peak)))
 
 
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:

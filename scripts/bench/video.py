@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--text-valid", type=int, default=None, help="unpadded text tokens (default 3/8 of --text-len)")
     ap.add_argument("--schedules", default="every:5,every:8", help="comma list of SpeCa fixed schedules every:N")
     ap.add_argument("--order", type=int, default=1, help="SpeCa Taylor order (HunyuanVideo default 1)")
+    ap.add_argument("--forecast", default="stack", choices=("stack", "per_block"), help="SpeCa's forecast")
     ap.add_argument("--adaptive", action="store_true",
                     help="also run SpeCa adaptively (HunyuanVideo defaults) and replay its schedule")
     ap.add_argument("--cache-rates", default="0.85,0.95", help="comma list of SpecDiff cache rates")
@@ -111,14 +112,15 @@ def main():
             raise SystemExit(f"--schedules: {spec!r} is not every:N")
         schedules.append((f"speca {spec} O{args.order}", fixed_schedule(args.steps, int(n))))
     if args.adaptive:
-        cfg = accel.SpeCaConfig(threshold=1.0, decay=0.1, order=args.order, min_spec_steps=4, max_spec_steps=12)
+        cfg = accel.SpeCaConfig(threshold=1.0, decay=0.1, order=args.order, min_spec_steps=4, max_spec_steps=12,
+                                forecast=args.forecast)
         with accel.apply(pipe, cfg) as h:
             out, wall, peak = call(pipe, kw, args, device)
             trace = h.trace
         record(f"speca adaptive O{args.order}", out, wall, peak, trace)
         schedules.append((f"speca adaptive replay O{args.order}", trace.schedule()))
     for name, sched in schedules:
-        with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, order=args.order)) as h:
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, order=args.order, forecast=args.forecast)) as h:
             out, wall, peak, trace = best_of(args.repeats, lambda: call(pipe, kw, args, device), h)
         record(name, out, wall, peak, trace)
 

@@ -1,0 +1,116 @@
+"""The lab's method table: display name -> accel method, and which of its config's knobs the lab shows.
+
+Controls are built from the config's knobs (`accel.knobs`): label, range, step and help come from the field's
+declaration, so a new knob is one edit in the config, and a new method is its accel module plus one line here.
+Control values travel as a dict keyed by `LabMethod.param(field)` (e.g. `speca_threshold`); `build` turns the
+chosen method's values into its config, and a bad value becomes an `InputError` naming the control's label.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import accel
+from accel.config import Knob
+
+from .errors import InputError, shorten
+
+
+@dataclass(frozen=True)
+class LabMethod:
+    label: str
+    """Shown in the UI; also the API's `method` value."""
+    name: str
+    """The accel method (`accel.method(name)`)."""
+    main: tuple[str, ...] = ()
+    """Knobs shown open; every other knob the lab can show goes into the "advanced" accordion."""
+    fixed: dict = field(default_factory=dict)
+    """Fields the lab sets itself (not shown)."""
+    linked: dict = field(default_factory=dict)
+    """{knob: (other knob, {value: other's value})}: choosing `value` for `knob` sets `other` (a sensible
+    starting point, e.g. SpeCa's threshold scale differs per error metric)."""
+
+    @property
+    def config_cls(self) -> type:
+        return accel.method(self.name).config_cls
+
+    def param(self, name: str) -> str:
+        """The control's key in the value dict and the API: `<method>_<field>`."""
+        return f"{self.name}_{name}"
+
+    def knobs(self) -> list[Knob]:
+        """The knobs the lab shows, main ones first, in declaration order otherwise."""
+        shown = [k for k in accel.knobs(self.config_cls) if k.name not in self.fixed and showable(k)]
+        return sorted(shown, key=lambda k: (k.name not in self.main, self.main.index(k.name)
+                                            if k.name in self.main else 0))
+
+    def is_main(self, knob: Knob) -> bool:
+        return knob.name in self.main
+
+    def build(self, values: dict):
+        """The config from control values keyed by `param(field)`; missing ones take the field's default."""
+        by_name = {}
+        for k in self.knobs():
+            key = self.param(k.name)
+            if key in values and values[key] is not None:
+                by_name[k.name] = coerce(self, k, values[key])
+        try:
+            return self.config_cls(**by_name, **self.fixed)
+        except ValueError as e:  # a rule between fields (check_relations): name the controls it mentions
+            raise InputError(f"{self.label}: {self._labelled(str(e))}") from None
+
+    def _labelled(self, message: str) -> str:
+        named = [k.label for k in self.knobs() if re.search(rf"\b{k.name}\b", message)]
+        return f"{message} (controls: {', '.join(named)})" if named else message
+
+
+def showable(k: Knob) -> bool:
+    """Whether a knob maps to one plain control: a bounded slider, a number box, a checkbox or a dropdown."""
+    if k.optional:
+        return False
+    return k.kind in ("float", "int", "bool", "choice")
+
+
+def coerce(method: LabMethod, k: Knob, value):
+    """A control value as the field's type, checked against the knob; errors name the control's label."""
+    where = f"{method.label}, {k.label}"
+    if k.kind in ("float", "int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: must be a number, got {shorten(value)}")
+        if not math.isfinite(value):
+            raise InputError(f"{where}: must be a finite number, got {value}")
+        if k.kind == "int":
+            if value != int(value):
+                raise InputError(f"{where}: must be a whole number, got {value}")
+            value = int(value)
+        else:
+            value = float(value)
+    try:
+        k.check(value)
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
+    return value
+
+
+FULL, SPECA, SPECDIFF, TAYLORSEER, FBCACHE = (
+    "Full", "SpeCa", "SpecDiff", "TaylorSeerCache (diffusers)", "FirstBlockCache (diffusers)",
+)
+
+TABLE: list[LabMethod] = [
+    LabMethod(FULL, "full"),
+    LabMethod(SPECA, "speca", ("threshold", "decay", "order"),
+              linked={"metric": ("threshold", {"rel_l1": 7.0, "rel_l2": 0.15, "cosine": 0.05})}),
+    LabMethod(SPECDIFF, "specdiff", ("cache_rate", "starvation_scale")),
+    LabMethod(TAYLORSEER, "taylorseer", ("cache_interval", "max_order"), fixed={"taylor_factors_dtype": "float32"}),
+    LabMethod(FBCACHE, "fbcache", ("threshold",)),
+]
+METHODS = [m.label for m in TABLE]
+
+
+def by_label(label) -> LabMethod:
+    for m in TABLE:
+        if m.label == label:
+            return m
+    raise InputError(f"unknown method {shorten(label)}: choose one of {METHODS}")
