@@ -36,23 +36,34 @@ MUTMUT_VERSION = "3.8.1"
 # The decision / maths functions, as mutmut mutant-name globs (module.x_function or module.xǁClassǁmethod).
 _S = "ǁ"
 SCOPE = [
-    # Taylor forecast (the whole file) and its CPU maths in kernels.py (the Triton paths need a GPU:
-    # scripts/gpu_kernel_tests.sh)
+    # Taylor forecast (the whole file) and the CPU maths of kernels.py (the Triton paths need a GPU:
+    # scripts/gpu_kernel_tests.sh), the verification error's forecast, and its sums-to-errors step
     "accel.taylor.*",
     "accel.kernels.x_torch_accumulate__mutmut_*",
+    "accel.kernels.x_add_terms__mutmut_*",
     "accel.kernels.x_torch_taylor_update__mutmut_*",
-    # verification metrics, the lab's image metrics (whole files)
+    "accel.kernels.x_torch_forecast__mutmut_*",
+    "accel.kernels.x_errors_from_sums__mutmut_*",
+    "accel.kernels.x_forecast_error__mutmut_*",
+    # verification metrics (the whole file), the lab's image metrics
     "accel.metrics.*",
-    "lab.metrics.*",
-    # SpeCa: threshold schedule, step plan and verdict, verification, forecast rebuild (gates, queued sums)
+    "lab.compare.x__batch__mutmut_*",
+    "lab.compare.x__same_shape__mutmut_*",
+    "lab.compare.x_psnr__mutmut_*",
+    "lab.compare.x_ssim__mutmut_*",
+    # SpeCa: threshold schedule, step plan and verdict, the errors read into the trace, verification, the
+    # forecasts (stack: recorded streams and their differences; per block: gates, contributions)
     f"accel.speca.x{_S}SpeCaConfig{_S}threshold_at__mutmut_*",
+    "accel.speca.x__read_errors__mutmut_*",
     f"accel.speca.x{_S}SpeCaModelHook{_S}_plan__mutmut_*",
     f"accel.speca.x{_S}SpeCaModelHook{_S}_full__mutmut_*",
     f"accel.speca.x{_S}SpeCaModelHook{_S}run_step__mutmut_*",
+    f"accel.speca.x{_S}SpeCaModelHook{_S}_spec_block__mutmut_*",
+    f"accel.speca.x{_S}SpeCaModelHook{_S}_full_per_block__mutmut_*",
+    f"accel.speca.x{_S}SpeCaModelHook{_S}_full_stack_block__mutmut_*",
+    f"accel.speca.x{_S}SpeCaModelHook{_S}_update_stack__mutmut_*",
+    f"accel.speca.x{_S}SpeCaModelHook{_S}_entries__mutmut_*",
     f"accel.speca.x{_S}SpeCaModelHook{_S}all_gates__mutmut_*",
-    f"accel.speca.x{_S}SpeCaModelHook{_S}flush__mutmut_*",
-    f"accel.speca.x{_S}SpeCaBlockHook{_S}new_forward__mutmut_*",
-    f"accel.speca.x{_S}SpeCaBlockHook{_S}_forecast__mutmut_*",
     # SpecDiff: C1 size, levels, scores, C3 weights, schedule, full / partial steps, the speculative pre-run
     f"accel.specdiff.x{_S}SpecDiffConfig{_S}n_computed__mutmut_*",
     "accel.specdiff.x_history_weights__mutmut_*",
@@ -92,8 +103,8 @@ def ensure_mutmut(python: str) -> Path:
     return exe
 
 
-def run_mutmut(exe: Path, names: list[str], budget_s: float, max_children: int, log: Path) -> bool:
-    """mutmut run on `names`; True if it finished within the budget (else interrupted, then killed)."""
+def run_mutmut(exe: Path, names: list[str], budget_s: float, max_children: int, log: Path) -> str:
+    """mutmut run on `names`: "finished", "budget" (stopped at the budget) or "interrupted" (this script was)."""
     cmd = [str(exe), "run", "--max-children", str(max_children), *names]
     print(f"$ {' '.join(cmd[:4])} <{len(names)} names/globs>   (log: {log.relative_to(ROOT)})", flush=True)
     # One torch thread per worker: on a loaded CPU, OpenMP threads spin-wait and a test run takes 5x the CPU time
@@ -101,22 +112,26 @@ def run_mutmut(exe: Path, names: list[str], budget_s: float, max_children: int, 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        outcome = "budget"
         try:
             deadline = time.monotonic() + budget_s
             while proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(2)
             if proc.poll() is not None:
-                return True
+                return "finished"
             print(f"budget of {budget_s / 60:g} min reached: stopping mutmut", flush=True)
-            return False
-        finally:  # the budget, or this script stopped (Ctrl-C, SIGTERM): mutmut keeps the results so far
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop mutmut, then report what it did
+            outcome = "interrupted"
+            print("interrupted: stopping mutmut", flush=True)
+        # Every result is saved to mutants/ as soon as it is known: the mutants still running are lost, the others
+        # count as not checked.
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return outcome
 
 
 def load_results(globs: list[str]) -> dict[str, str]:
@@ -165,7 +180,8 @@ def main(argv=None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # results of an older tree would be stale
     t0 = time.monotonic()
-    finished = run_mutmut(exe, globs, args.budget_minutes * 60, args.max_children, OUT / "mutmut.log")
+    outcome = run_mutmut(exe, globs, args.budget_minutes * 60, args.max_children, OUT / "mutmut.log")
+    finished = outcome == "finished"
     minutes = (time.monotonic() - t0) / 60
 
     res = load_results(globs)
@@ -188,7 +204,7 @@ def main(argv=None) -> int:
     adj = checked - len(equivalent)
     score_eq = 100.0 * (killed + timeout) / adj if adj else 0.0
     summary = {
-        "finished": finished, "minutes": round(minutes, 1), "budget_minutes": args.budget_minutes,
+        "outcome": outcome, "minutes": round(minutes, 1), "budget_minutes": args.budget_minutes,
         "total": total, "killed": killed, "survived": counts["survived"], "equivalent": len(equivalent),
         "timeout": timeout, "no_tests": counts["no tests"], "suspicious": counts["suspicious"],
         "not_checked": counts["not checked"], "score": round(score, 2), "score_without_equivalent": round(score_eq, 2),
@@ -198,7 +214,8 @@ def main(argv=None) -> int:
     per_function = Counter(re.sub(r"__mutmut_\d+$", "", n) for n in survivors if n not in equivalent)
     for fn, k in sorted(per_function.items()):
         print(f"  survived {k:3d}  {fn}")
-    print(f"mutation testing {'finished' if finished else 'STOPPED AT THE BUDGET'} in {minutes:.1f} min "
+    stopped = {"finished": "finished", "budget": "STOPPED AT THE BUDGET", "interrupted": "INTERRUPTED"}[outcome]
+    print(f"mutation testing {stopped} in {minutes:.1f} min "
           f"(budget {args.budget_minutes:g} min)")
     print(f"mutants total {total}  killed {killed}  survived {counts['survived']} (equivalent {len(equivalent)})  "
           f"timeout {timeout}  no tests {counts['no tests']}  suspicious {counts['suspicious']}  "
