@@ -218,7 +218,8 @@ def test_prerun_calls_are_traced_like_steps():
     scheduler's timestep for it, a full dense call's cost, its own wall time."""
     p = tiny_flux_pipe()
     p.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=500)  # timestep = 500 * sigma
-    cfg = accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3, share_first_step=False, score_every=1)
+    cfg = accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3, share_first_step=False, score_every=1,
+                                 score_query_stride=1)
     start = time.perf_counter()
     with accel.apply(p, cfg) as h:
         run(p, 9, size=SIZE)
