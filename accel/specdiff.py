@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,9 @@ class SpecDiffConfig(ConfigBase):
     the bottom `c2_share` of the total importance: their last output is reused) and C3 (the rest: a weighted
     average of their last `history_window` computed outputs). See docs/specdiff.md.
     """
+
+    SPEED_KNOB: ClassVar[str] = "cache_rate"
+    """The field that trades quality for speed: a larger value skips more work (`accel.calibrate`)."""
 
     cache_rate: float = knob(
         0.85, """Share of the image tokens NOT computed on a partial step. C1 holds

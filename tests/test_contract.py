@@ -20,6 +20,7 @@ Only the public API (`accel.apply`, configs, `Handle`, `Trace`) and diffusers ar
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -510,7 +511,14 @@ def per_sample_mean_one(scores: torch.Tensor) -> torch.Tensor:
 SPECDIFF_REF = dict(cache_rate=0.75, warmup_steps=2, spec_steps=2, score_every=2, starvation_scale=0.5)
 
 
-@pytest.fixture(scope="module")
+def _replay_scope(fixture_name, config) -> str:
+    """Module scope (one replay for the two tests below), except under mutmut (scripts/mutation.py): mutmut runs,
+    for a mutant, only the tests it saw reach the mutated function, and a module fixture runs inside the first test
+    that asks for it; per test, both tests reach SpecDiff and both run on every SpecDiff mutant."""
+    return "function" if "MUTANT_UNDER_TEST" in os.environ else "module"
+
+
+@pytest.fixture(scope=_replay_scope)
 def specdiff_replay(env):
     """A SpecDiff run (inputs and outputs of every main step captured with a torch hook), then the same steps
     rebuilt with the plain transformer: full steps as they are; partial steps as dense calls whose attention layers

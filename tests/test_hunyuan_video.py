@@ -145,6 +145,19 @@ def test_speca_tight_threshold_rejects_and_recomputes(pipe):
     assert recs[3].reason == "recomputed" and recs[3].blocks_computed == recs[3].blocks_total + 1
 
 
+def test_speca_reference_preset_keeps_the_forecast_of_verified_steps(pipe):
+    """The released code's preset (verify output "forecast") on blocks called with positional arguments: a verified
+    step keeps its forecast, so replaying the run's schedule (every speculative step verified) gives the same
+    latents bit for bit."""
+    with accel.apply(pipe, accel.SpeCaConfig.reference()) as handle:
+        out = run(pipe, STEPS)
+        trace = handle.trace
+    assert sum(r.reason == "verified" for r in trace.steps) > 0
+    with accel.apply(pipe, accel.SpeCaConfig.reference(schedule=trace.schedule())) as handle:
+        replay = run(pipe, STEPS)
+    assert handle.trace.schedule() == trace.schedule() and torch.equal(out, replay)
+
+
 # ---- SpecDiff: real token savings, maps, K/V mechanics ----------------------------------------------------
 def test_specdiff_maps_and_the_final_projection_follow_c1(pipe):
     """(Rows entering the blocks' Linears: tests/test_contract.py.) The output norm and projection see only C1

@@ -76,6 +76,14 @@ def test_torch_accumulate_is_the_documented_sum(blocks, n_terms):
     assert K.accumulate(x, [], gates, coefs) is x
 
 
+def test_torch_accumulate_scales_the_first_term():
+    """A first coefficient other than 1 (Taylor forecasts always start with 1) still multiplies the first term."""
+    x, entries, gates, _ = accumulate_inputs(2, 5, 4, 2, 3, torch.float64, "cpu", seed=3)
+    coefs = [0.5, 2.0, -1.5]
+    torch.testing.assert_close(K.torch_accumulate(x, entries, gates, coefs), naive_accumulate(x, entries, gates, coefs),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("n_higher", [0, 1, 2, 4])
 def test_torch_taylor_update_is_newtons_recurrence(n_higher):
     g = torch.Generator().manual_seed(n_higher)

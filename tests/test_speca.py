@@ -19,7 +19,7 @@ from tiny import run, tiny_flux_pipe
 from accel.adapters import TokenLayout, adapter_for
 from accel.kernels import accumulate
 from accel.metrics import verification_errors
-from accel.taylor import TaylorForecaster
+from accel.taylor import Forecast, TaylorForecaster
 
 STEPS = 12
 FORECASTS = ("stack", "per_block")
@@ -68,6 +68,30 @@ def test_forecaster_order_grows_with_history():
     assert f.active_order == 0 and f.predict(5.0)["a"].item() == 0.0
     f.update(1.0, {"a": torch.ones(1)})
     assert f.active_order == 1 and f.predict(5.0)["a"].item() == pytest.approx(5.0)
+
+
+def test_forecast_coefficients_by_hand():
+    newton = TaylorForecaster(2, "newton")
+    reference = TaylorForecaster(2, "reference")
+    for f in (newton, reference):
+        with pytest.raises(RuntimeError, match=r"^TaylorForecaster\.predict before any full step$"):
+            f.predict(1.0)
+        for x in (0.0, 1.0, 3.0):
+            f.update(x, {"a": torch.zeros(1)})
+    # nodes newest first (3, 1, 0): 1, (x - 3), (x - 3)(x - 1)
+    assert newton.coefficients(5.0) == [1.0, 2.0, 8.0]
+    # k = x - 3: k^i / i!, as many as the terms (order 2 -> 3)
+    assert reference.coefficients(5.0) == [1.0, 2.0, 2.0] and len(reference.terms["a"]) == 3
+    one = TaylorForecaster(3, "reference")
+    one.update(2.0, {"a": torch.zeros(1)})
+    assert one.coefficients(6.0) == [1.0] and one.active_order == 0
+
+
+def test_forecast_is_the_coefficients_times_the_terms():
+    t0, t1 = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 4.0])
+    assert Forecast({"a": [t0, t1]}, [0.5, 2.0])["a"].tolist() == [1.5, 7.0]
+    assert Forecast({"a": [t0, t1]}, [1.0, -1.0])["a"].tolist() == [0.5, -6.0]
+    assert Forecast({"a": [t0, t1]}, [3.0])["a"].tolist() == [3.0, -6.0]  # fewer coefficients: fewer terms
 
 
 def test_threshold_schedule():
@@ -189,6 +213,35 @@ def test_schedule_replay_reproduces_run(pipe, forecast):
     assert torch.equal(first, replay)
 
 
+def test_schedule_shorter_than_the_run_ends_with_full_steps(pipe):
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=[True, True, False, False])) as handle:
+        run(pipe, 6)
+    recs = handle.trace.steps
+    assert [r.decision for r in recs] == ["full", "full", "accepted", "accepted", "full", "full"]
+    assert all(r.reason == "schedule" for r in recs)
+
+
+def test_without_maps_the_run_is_the_same(pipe):
+    runs = []
+    for maps in (True, False):
+        with accel.apply(pipe, accel.SpeCaConfig(threshold=8.0, min_spec_steps=1, record_maps=maps)) as handle:
+            runs.append((run(pipe, STEPS), handle.trace))
+    (out, trace), (out_nomaps, trace_nomaps) = runs
+    assert torch.equal(out, out_nomaps)
+    assert [(r.decision, r.errors) for r in trace_nomaps.steps] == [(r.decision, r.errors) for r in trace.steps]
+    assert all(r.maps == {} for r in trace_nomaps.steps)
+    assert sum("error" in r.maps for r in trace.steps) == sum(r.errors is not None for r in trace.steps) > 0
+
+
+def test_verify_block_in_the_double_stream(pipe):
+    """verify_block=0, a double block: its MLP feature holds the image tokens only; the error map covers them."""
+    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, min_spec_steps=0, verify_block=0)) as handle:
+        run(pipe, 6)
+    spec = [r for r in handle.trace.steps if r.decision == "accepted"]
+    assert spec and all(r.error > 0 and r.maps["error"].shape == (4, 4) and (r.maps["error"] > 0).all()
+                        for r in spec)
+
+
 def test_reference_form_runs(pipe, baseline):
     with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, taylor_form="reference")) as handle:
         out = run(pipe, STEPS)
@@ -299,6 +352,38 @@ def test_every_metric_matches_a_hand_computation(dtype):
     _, tok = verification_errors(pred, real, "rel_l1", eps, image_rows=rows)
     d = (p - r)[:, rows].abs().mean(-1) / (r[:, rows].abs().mean(-1) + eps)
     torch.testing.assert_close(tok.double(), d.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_eps_where_the_real_features_vanish():
+    """eps keeps every metric finite where the real features are (near) zero; the values by hand."""
+    eps = 1e-6
+    real = torch.tensor([[[0.0, 0.0], [1.0, -1.0]], [[2.0, 0.0], [0.0, 0.0]]])  # sample 1, row 1: zero
+    pred = torch.tensor([[[0.5, 0.0], [1.0, -1.0]], [[2.0, 0.0], [0.25, 0.25]]])
+    err, tok = verification_errors(pred, real, "rel_l2", eps, image_rows=slice(1, 2))
+    torch.testing.assert_close(err, torch.tensor([0.5 / (2**0.5 + eps), (0.125**0.5) / (2.0 + eps)]))
+    # token map of row 1: sample 0 exact (0), sample 1 mean|d| 0.25 over mean|r| 0 + eps; averaged over the batch
+    torch.testing.assert_close(tok, torch.tensor([0.25 / eps / 2]))
+    zero = torch.zeros(1, 4)
+    assert verification_errors(zero + 1.0, zero, "rel_l2", eps)[0].item() == pytest.approx(2.0 / eps)
+    # cosine: each norm counts as at least eps (torch's cosine_similarity with eps=eps)
+    tiny = torch.tensor([[1e-7, 0.0], [3e-7, 4e-7]])
+    other = torch.tensor([[1e-7, 0.0], [3e-7, -4e-7]])
+    err, _ = verification_errors(other, tiny, "cosine", eps)
+    torch.testing.assert_close(err, torch.tensor([1 - 1e-14 / eps**2, 1 - (9e-14 - 16e-14) / eps**2]))
+    with pytest.raises(ValueError, match=r"^metric='l3' is unknown: use one of rel_l1, rel_rms, rel_l2, cosine$"):
+        verification_errors(pred, real, "l3", eps)
+
+
+def test_whole_batch_error_in_a_run():
+    """batch_error="whole_batch": one error for the batch, the elementwise metric over both samples, between the
+    two samples' own errors."""
+    prompt, x = _two_samples()
+    base = dict(threshold=1e9, warmup_steps=2, min_spec_steps=0)
+    per = _first_verified(accel.SpeCaConfig(**base), batch=2, latents=x, **prompt)
+    whole = _first_verified(accel.SpeCaConfig(batch_error="whole_batch", **base), batch=2, latents=x, **prompt)
+    assert len(per.errors) == 2 and len(whole.errors) == 1 and whole.error == whole.errors[0]
+    # rel_l1 is a mean over elements, the samples have as many: the whole batch's error is the samples' mean
+    assert whole.error == pytest.approx(sum(per.errors) / 2, rel=1e-4)
 
 
 def test_metrics_in_a_run_are_per_sample():
@@ -522,3 +607,43 @@ def test_controlnet_residuals_are_refused_on_a_speculative_step(pipe):
                 run(pipe, STEPS)
     finally:
         hook.remove()
+
+
+class _CountedReads(torch.Tensor):
+    """A tensor that counts the reads that would wait for a device (float(), item(), cpu(), tolist())."""
+
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__float__, torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist):
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_locating_a_step_reads_the_schedule_once_per_run(pipe):
+    """The scheduler's sigmas (and timesteps) live on the device during a run: a step's location reads a host copy
+    taken once per schedule, never the device tensor each step (that would stall every speculative step)."""
+    from types import SimpleNamespace
+
+    from diffusers.hooks import HookRegistry
+
+    with accel.apply(pipe, accel.SpeCaConfig()):
+        driver = HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook("speclab_speca")
+        sigmas = torch.linspace(1.0, 0.0, STEPS + 1).as_subclass(_CountedReads)
+        timesteps = (torch.linspace(1.0, 0.0, STEPS + 1)[:-1] * 1000).as_subclass(_CountedReads)
+        real = driver.pipe
+        driver.pipe = SimpleNamespace(scheduler=SimpleNamespace(timesteps=timesteps, sigmas=sigmas, step_index=0))
+        state = accel.speca.SpeCaState()
+        reads = []
+        try:
+            with pipe.transformer.cache_context("cond"):
+                for i in range(STEPS):
+                    driver.pipe.scheduler.step_index = i
+                    info = driver._locate(state, (), {})
+                    reads.append(_CountedReads.reads)
+                    state.last_step = i
+                    assert info.sigma == pytest.approx(1.0 - i / STEPS) and info.step == i
+        finally:
+            driver.pipe = real
+    assert reads[0] > 0 and reads[-1] == reads[0]  # the first step copies the schedule; later steps read nothing

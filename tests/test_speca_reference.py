@@ -441,6 +441,28 @@ def test_preset_warmup_is_F_s_F(random_pipe):
     assert [r.decision for r in handle.trace.steps[:3]] == ["full"] * 3
 
 
+def test_warmup_restarts_match_transcription(random_pipe):
+    """warmup_steps=5 (F s F s F): the full steps 0 and 2 restart the Taylor terms, step 4 builds on step 2 only.
+    accel's run equals the transcription's run fed accel's errors; without the restarts it does not."""
+    steps = 14
+    cfg = accel.SpeCaConfig.reference(warmup_steps=5)
+    outs = {}
+    for restarts in (True, False):
+        with accel.apply(random_pipe, accel.SpeCaConfig.reference(warmup_steps=5, warmup_restarts_taylor=restarts)) as h:
+            outs[restarts] = run(random_pipe, steps)
+        if restarts:
+            recs = h.trace.steps
+    errors = {r.step: r.error for r in recs if r.error is not None}
+    sched = ReleasedSchedule(steps, **schedule_kwargs(cfg))
+    with ReleasedRun(random_pipe, sched, forced_errors=errors):
+        theirs = run(random_pipe, steps)
+    assert [r.decision == "full" for r in recs] == [k == "full" for k in sched.types]
+    assert "".join("F" if r.decision == "full" else "s" for r in recs[:6]) == "FsFsFs"
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(outs[True], theirs) < 1e-5
+    assert rel(outs[False], theirs) > 1e-3
+
+
 # ---- the bundled tiny FLUX -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_flux():

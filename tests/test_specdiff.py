@@ -4,9 +4,11 @@ branch, configs. (Exactness, remove(), token rows, isolation, and partial steps 
 built from diffusers' attention run for every family in tests/test_contract.py.)"""
 
 import math
+import time
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline
 
 import accel
 from tiny import TXT_LEN, embeds, run, tiny_flux_pipe
@@ -14,7 +16,7 @@ from tiny import TXT_LEN, embeds, run, tiny_flux_pipe
 # accel internals these tests reach, imported in this one place (a moved module is a one-line change here)
 from accel.adapters import TokenLayout, adapter_for
 from accel.adapters.kv_attention import AttnControl, attention_received
-from accel.specdiff import assign_levels, history_weights, taylor_weights
+from accel.specdiff import assign_levels, history_weights, normalise_scores, taylor_weights
 
 STEPS = 12
 SIZE = 128  # 8 x 8 = 64 image tokens
@@ -112,6 +114,75 @@ def test_partial_call_with_fresh_cache_reproduces_full_outputs(pipe):
             m.set_processor(p)
 
 
+# ---- the step plan --------------------------------------------------------------------------------------
+def test_cache_rate_zero_runs_plain_and_scores_nothing(pipe):
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.0, warmup_steps=2)) as h:
+        run(pipe, 6, size=SIZE)
+        trace = h.trace
+    assert [r.reason for r in trace.steps] == ["no_cache"] * 6 and trace.overhead == []
+    assert all(r.extra["score_layers"] == 0 and r.extra["score_pairs"] == 0 for r in trace.steps)
+
+
+def test_no_prerun_when_no_step_can_be_partial(pipe):
+    """The pre-run is only paid for when a partial step can follow: 4 steps with 4 warm-up steps have none."""
+    for warmup, partial in ((4, 0), (3, 1)):
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=warmup)) as h:
+            run(pipe, 4, size=SIZE)
+            trace = h.trace
+        assert sum(r.decision == "partial" for r in trace.steps) == partial
+        assert len(trace.overhead) == partial and ("prerun" in trace.meta) == bool(partial)
+
+
+def test_without_a_prerun_no_step_is_partial(pipe, monkeypatch):
+    """A partial step needs the pre-run's "future" scores: without them every scheduled partial step falls back
+    to a full one (reason no_history), and the run is the plain pipeline's."""
+    plain = run(pipe, 6, size=SIZE)
+    monkeypatch.setattr(accel.specdiff.SpecDiffModelHook, "_prerun", lambda self, module, state: None)
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2)) as h:
+        out = run(pipe, 6, size=SIZE)
+        trace = h.trace
+    assert [r.reason for r in trace.steps] == ["warmup"] * 2 + ["no_history"] * 4
+    assert all(r.decision == "full" for r in trace.steps) and torch.equal(out, plain)
+
+
+def test_run_starting_mid_schedule():
+    """img2img (strength 0.75 of 12 steps): the run's first step is step 3. Warm-up, refresh and the pre-run
+    count from there; the pre-run's sigmas are picked from the rest of the schedule."""
+    p = FluxImg2ImgPipeline(**tiny_flux_pipe().components)
+    p.set_progress_bar_config(disable=True)
+    pe, pooled = embeds()
+    x = torch.randn(1, N_IMG, 16, generator=torch.Generator().manual_seed(3))
+    cfg = accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=2, refresh_every=3)
+    with accel.apply(p, cfg) as h:
+        p(prompt_embeds=pe, pooled_prompt_embeds=pooled, image=torch.zeros(1, 3, SIZE, SIZE), latents=x,
+          height=SIZE, width=SIZE, num_inference_steps=12, strength=0.75, output_type="latent")
+        trace = h.trace
+    steps = trace.steps
+    assert [r.step for r in steps] == list(range(3, 12))
+    assert "".join("F" if r.decision == "full" else "p" for r in steps) == "FFpppFppp"
+    assert [r.reason for r in steps[:6]] == ["warmup", "warmup", "partial", "partial", "partial", "refresh"]
+    # 9 steps left + the terminal sigma: picks round(j * 9 / 2) = 0, 4 -> the sigmas of steps 3 and 7
+    (prerun,) = trace.meta["prerun"].values()
+    assert prerun["sigmas"] == [steps[0].sigma, steps[4].sigma] and steps[0].sigma == 0.75
+
+
+def test_bfloat16_run():
+    """A bf16 pipeline: the pre-run's Euler steps keep the latents' dtype (the model takes nothing else), the C3
+    average and the output are bf16."""
+    p = tiny_flux_pipe().to(torch.bfloat16)
+    pe, pooled = embeds()
+    kw = dict(prompt_embeds=pe.bfloat16(), pooled_prompt_embeds=pooled.bfloat16(), height=SIZE, width=SIZE,
+              num_inference_steps=8, generator=torch.Generator().manual_seed(0), output_type="latent")
+    plain = p(**kw).images
+    kw["generator"] = torch.Generator().manual_seed(0)
+    with accel.apply(p, accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3)) as h:
+        out = p(**kw).images
+        trace = h.trace
+    assert out.dtype == torch.bfloat16 and len(trace.overhead) == 2
+    assert sum(r.decision == "partial" for r in trace.steps) == 6
+    assert 0 < rel(out.float(), plain.float()) < 0.5
+
+
 # ---- real savings ---------------------------------------------------------------------------------------
 def test_partial_step_cost_accounting(pipe):
     """(Token rows entering every leaf Linear, call by call: tests/test_contract.py.) What the trace charges a
@@ -124,6 +195,11 @@ def test_partial_step_cost_accounting(pipe):
     assert len(trace.overhead) == 2
     n1 = round(0.1 * N_IMG)
     assert [r.tokens_computed for r in trace.steps] == [N_IMG] * 4 + [n1] * (STEPS - 4)
+    # warm-up steps score attention only for the pre-run (step 0) and for the partial step after them (step 3)
+    dense = 5 * 2 * (TXT_LEN + N_IMG) ** 2
+    assert [r.extra for r in trace.steps[:4]] == [
+        {"c1": N_IMG, "c2": 0, "c3": 0, "score_pairs": sp, "score_layers": sl, "attn_pairs": dense}
+        for sp, sl in ((dense, 5), (0, 0), (0, 0), (dense, 5))]
     # cost accounting: partial blocks = n_blocks * (text + C1) / (text + all), the pre-run counted in
     part = [r for r in trace.steps if r.decision == "partial"]
     assert all(math.isclose(r.blocks_computed, 5 * (TXT_LEN + n1) / (TXT_LEN + N_IMG)) for r in part)
@@ -137,6 +213,33 @@ def test_partial_step_cost_accounting(pipe):
     assert s["ideal_speedup"] == round(STEPS * 5 / done, 4) and s["overhead_calls"] == 2
 
 
+def test_prerun_calls_are_traced_like_steps():
+    """Every pre-run call is an overhead record: its sigma picked evenly (by index) across the schedule, the
+    scheduler's timestep for it, a full dense call's cost, its own wall time."""
+    p = tiny_flux_pipe()
+    p.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=500)  # timestep = 500 * sigma
+    cfg = accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3, share_first_step=False, score_every=1,
+                                 score_query_stride=1)
+    start = time.perf_counter()
+    with accel.apply(p, cfg) as h:
+        run(p, 9, size=SIZE)
+        trace = h.trace
+    wall_ms = (time.perf_counter() - start) * 1000.0
+    steps, over = trace.steps, trace.overhead
+    # 9 steps + the terminal sigma: picks round(j * 9 / 3) = 0, 3, 6
+    assert [r.sigma for r in over] == [steps[0].sigma, steps[3].sigma, steps[6].sigma]
+    assert trace.meta["prerun"] == {"cond": {"sigmas": [r.sigma for r in over], "calls": 3,
+                                             "shared_first_step": False}}
+    pairs = 5 * 2 * (TXT_LEN + N_IMG) ** 2  # 5 layers x 2 heads, every query against every key, all scored
+    fastest_step = min(r.time_ms for r in steps)
+    for j, r in enumerate(over):
+        assert (r.step, r.num_steps, r.context, r.decision, r.reason) == (j, 3, "cond", "full", "prerun")
+        assert r.timestep == pytest.approx(500 * r.sigma) and r.timestep == pytest.approx(steps[3 * j].timestep)
+        assert (r.blocks_computed, r.blocks_total, r.tokens_computed, r.tokens_total) == (5, 5, N_IMG, N_IMG)
+        assert r.extra == {"score_pairs": pairs, "score_layers": 5, "attn_pairs": pairs}
+        assert 1e-3 * fastest_step < r.time_ms < wall_ms
+
+
 def test_share_first_step_only_saves_a_call(pipe):
     outs, traces = [], []
     for share in (True, False):
@@ -145,6 +248,8 @@ def test_share_first_step_only_saves_a_call(pipe):
             traces.append(h.trace)
     assert torch.equal(outs[0], outs[1])
     assert [len(t.overhead) for t in traces] == [1, 2]
+    assert [(t.meta["prerun"]["cond"]["calls"], t.meta["prerun"]["cond"]["shared_first_step"]) for t in traces] == [
+        (1, True), (2, False)]
     assert traces[1].overhead[0].sigma == traces[1].steps[0].sigma
     assert traces[0].meta["prerun"]["cond"]["sigmas"] == traces[1].meta["prerun"]["cond"]["sigmas"]
 
@@ -210,6 +315,69 @@ def test_history_weights_are_normalised_exponential():
     torch.testing.assert_close(w[:, 1], torch.cat([e[:2] / e[:2].sum(), torch.zeros(1)]))
     torch.testing.assert_close(w[:, 2], torch.tensor([1.0, 0.0, 0.0]))
     assert w[:, 3].sum() == 0  # no history: nothing (never used: warm-up fills every token)
+
+
+def test_assign_levels_c2_boundary_is_inclusive():
+    # ascending 0.5 (3), 1.5 (1), 2.5 (2), 3.5 (0), total 8: the cumulative sum 2.0 equals 0.25 * 8 exactly
+    c1, level = assign_levels(torch.tensor([3.5, 1.5, 2.5, 0.5]), 1, 0.25)
+    assert c1.tolist() == [0] and level.tolist() == [1, 2, 3, 2]
+
+
+def test_n_computed_by_hand():
+    cfg = lambda r: accel.SpecDiffConfig(cache_rate=r)  # noqa: E731
+    assert cfg(0.85).n_computed(64) == 10  # round(9.6)
+    assert cfg(0.99).n_computed(64) == 1 and cfg(0.999).n_computed(64) == 1  # never fewer than one token
+    assert cfg(0.0).n_computed(64) == 64 and cfg(0.5).n_computed(1) == 1 and cfg(0.5).n_computed(5) == 2
+
+
+def test_history_weights_stay_on_the_device_in_float32():
+    available = torch.tensor([3, 1])
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        w = history_weights(3, available)
+    finally:
+        torch.set_default_dtype(prev)
+    assert w.dtype == torch.float32 and w[:, 1].tolist() == [1.0, 0.0, 0.0]
+    # made where the history is (no host tensor in the step): on the meta device, nothing touches the CPU
+    assert history_weights(3, available.to("meta")).device.type == "meta"
+
+
+def test_normalise_scores_by_hand():
+    """Each sample scaled to mean 1, then the samples averaged (not pooled: sample 1's scale must not dominate)."""
+    s = torch.tensor([[1.0, 3.0, 0.0, 4.0], [10.0, 10.0, 10.0, 10.0]], dtype=torch.float64)  # means 2 and 10
+    got = normalise_scores(s)
+    assert got.dtype == torch.float32 and got.tolist() == [0.75, 1.25, 0.5, 1.5]
+    assert normalise_scores(s[:1]).tolist() == [0.5, 1.5, 0.0, 2.0]
+    assert normalise_scores(torch.zeros(1, 3)).tolist() == [0.0, 0.0, 0.0]  # no attention at all: no NaN
+
+
+def test_nearest_speculative_sigma_and_a_step_at_sigma_zero(pipe):
+    """Each partial step takes the "future" of the pre-run sigma nearest its own, also a last step at sigma 0."""
+    sigmas = [1.0 - i / 7 for i in range(8)]
+    sigmas[-1] = 0.0
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3)) as h:
+        run(pipe, 8, size=SIZE, sigmas=sigmas)
+        trace = h.trace
+    pre = trace.meta["prerun"]["cond"]["sigmas"]
+    assert len(pre) == 3 and pre[0] == 1.0
+    part = [r for r in trace.steps if r.decision == "partial"]
+    assert len(part) == 6 and part[-1].sigma == 0.0
+    assert [r.extra["spec_sigma"] for r in part] == [min(pre, key=lambda p: abs(p - r.sigma)) for r in part]
+    assert part[0].extra["spec_sigma"] == pre[1] and part[-1].extra["spec_sigma"] == pre[2]
+
+
+def test_without_maps_the_run_is_the_same(pipe):
+    """record_maps=False only leaves the maps out: same output, decisions and level counts."""
+    runs = []
+    for maps in (True, False):
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, record_maps=maps)) as h:
+            runs.append((run(pipe, 8, size=SIZE), h.trace))
+    (out, trace), (out_nomaps, trace_nomaps) = runs
+    assert torch.equal(out, out_nomaps)
+    assert all(r.maps == {} for r in trace_nomaps.steps) and all("level" in r.maps for r in trace.steps)
+    key = lambda t: [(r.decision, r.extra["c1"], r.extra["c2"], r.extra["c3"]) for r in t.steps]  # noqa: E731
+    assert key(trace_nomaps) == key(trace) and trace.steps[-1].extra["c2"] > 0
 
 
 def _run_keeping_outputs(pipe, cfg, steps, **kw):
