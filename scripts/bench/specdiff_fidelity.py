@@ -4,6 +4,7 @@ where SpecDiff's error comes from.
     python -m scripts.bench.specdiff_fidelity --family flux -n 16            # assets/models/tiny-flux, 128², 28 steps
     python -m scripts.bench.specdiff_fidelity --family video -n 16           # assets/models/tiny-hunyuanvideo, 20 steps
     python -m scripts.bench.specdiff_fidelity --family flux -n 4 --why       # per-level error analysis only
+    python -m scripts.bench.specdiff_fidelity --family flux -n 8 --refresh   # periodic full refreshes
 
 Prompts are drawn from the tiny models' caption grammar (held-out scenes, `--seed`), encoded once; each method
 runs every prompt with the same generator seed as the plain run. Methods are interleaved prompt by prompt, so
@@ -94,8 +95,12 @@ class Family:
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
-def methods(family: str, strides: bool) -> list[tuple[str, object]]:
-    """(label, config or ("taylorseer", lite)) in run order."""
+def methods(family: str, strides: bool, refresh: bool = False) -> list[tuple[str, object]]:
+    """(label, config or ("taylorseer", lite, interval)) in run order."""
+    if refresh:  # periodic full refreshes (RAS), each C3 mode, against TaylorSeer lite at a similar ideal speedup
+        out = [(f"specdiff {rate:.2f} {c3} refresh/4", accel.SpecDiffConfig(cache_rate=rate, c3_mode=c3, refresh_every=4))
+               for rate in (0.85, 0.95) for c3 in ("history", "taylor")]
+        return out + [("TaylorSeer N3O1 lite", ("taylorseer", True, 3)), ("TaylorSeer N5O1 lite", ("taylorseer", True, 5))]
     out = []
     for rate in (0.85, 0.95):
         for c3 in ("history", "taylor"):
@@ -105,7 +110,7 @@ def methods(family: str, strides: bool) -> list[tuple[str, object]]:
             out.append((f"specdiff 0.85 history q/{st}", accel.SpecDiffConfig(cache_rate=0.85, score_query_stride=st)))
         out.append(("specdiff 0.85 history score/1", accel.SpecDiffConfig(cache_rate=0.85, score_every=1)))
     out.append(("speca (defaults)", accel.SpeCaConfig()))
-    out.append(("TaylorSeer N5O1 lite", ("taylorseer", True)))
+    out.append(("TaylorSeer N5O1 lite", ("taylorseer", True, 5)))
     return out
 
 
@@ -114,7 +119,8 @@ def run_method(fam: Family, cfg, emb, seed):
     if isinstance(cfg, tuple):
         from diffusers import TaylorSeerCacheConfig
 
-        fam.pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=5, max_order=1, use_lite_mode=cfg[1]))
+        fam.pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=cfg[2], max_order=1,
+                                                                use_lite_mode=cfg[1]))
         try:
             lat, wall = fam.run(emb, seed)
         finally:
@@ -127,7 +133,7 @@ def run_method(fam: Family, cfg, emb, seed):
 
 def compare(args, fam: Family) -> dict:
     prompts = fam.prompts(args.n, args.seed)
-    meths = methods(fam.name, args.strides)
+    meths = methods(fam.name, args.strides, args.refresh)
     stats = {label: dict(walls=[], psnr=[], ideal=None) for label, _ in [("full", None)] + meths}
     for i, prompt in enumerate(prompts):
         emb = fam.encode(prompt)
@@ -146,9 +152,12 @@ def compare(args, fam: Family) -> dict:
                 st["ideal"] = trace.summary()["ideal_speedup"]
         print(f"prompt {i + 1}/{len(prompts)}: {prompt}", flush=True)
     # diffusers' TaylorSeerCache: the ideal from its traced twin (counts real Linear work)
-    with accel.apply(fam.pipe, accel.TaylorSeerConfig(cache_interval=5, max_order=1, use_lite_mode=True)) as h:
-        fam.run(fam.encode(prompts[0]), args.seed)
-        stats["TaylorSeer N5O1 lite"]["ideal"] = h.trace.summary()["ideal_speedup"]
+    for label, cfg in meths:
+        if isinstance(cfg, tuple):
+            with accel.apply(fam.pipe, accel.TaylorSeerConfig(cache_interval=cfg[2], max_order=1,
+                                                              use_lite_mode=cfg[1])) as h:
+                fam.run(fam.encode(prompts[0]), args.seed)
+                stats[label]["ideal"] = h.trace.summary()["ideal_speedup"]
     t_plain = sum(stats["full"]["walls"])
     rows = []
     for label, st in stats.items():
@@ -193,7 +202,7 @@ def why(args, fam: Family) -> dict:
     t = fam.pipe.transformer
     res = {}
     cfgs = [(f"specdiff {r:.2f} {c3}", accel.SpecDiffConfig(cache_rate=r, c3_mode=c3))
-            for r in (0.85, 0.95) for c3 in ("history", "taylor")] + [("TaylorSeer N5O1 lite", ("taylorseer", True))]
+            for r in (0.85, 0.95) for c3 in ("history", "taylor")] + [("TaylorSeer N5O1 lite", ("taylorseer", True, 5))]
     for label, cfg in cfgs:
         per_step, per_level = [], {1: [], 2: [], 3: []}
         shares = {1: [], 2: [], 3: []}
@@ -246,6 +255,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="default 28 (flux) / 20 (video)")
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--strides", action="store_true", help="also SpecDiff 0.85 with score_query_stride 2, 4 and every layer")
+    ap.add_argument("--refresh", action="store_true",
+                    help="instead: SpecDiff with a full refresh every 5th step (each C3 mode) vs TaylorSeer lite N3 / N5")
     ap.add_argument("--why", action="store_true", help="the teacher-forced error analysis (instead of the comparison)")
     ap.add_argument("--why-n", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)
