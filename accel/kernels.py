@@ -115,10 +115,17 @@ def accumulate(x: torch.Tensor, entries, gates: torch.Tensor, coefs: list[float]
 
 
 # ---- add_terms: x + sum_i coef_i * terms[i] (the stack forecast added to a stream) ---------------------------
-def add_terms(x: torch.Tensor, terms: list[torch.Tensor], coefs: list[float]) -> torch.Tensor:
+def add_terms(x: torch.Tensor, terms: list[torch.Tensor], coefs) -> torch.Tensor:
     """A new tensor x + sum_i coefs[i] * terms[i], in x's dtype (terms may be kept in another dtype).
     One torch op per term: at order 1 this is two passes over a stream, a few tens of microseconds at FLUX size
-    on an H100, against milliseconds for the block that runs next (no fused kernel needed)."""
+    on an H100, against milliseconds for the block that runs next (no fused kernel needed).
+    `coefs`: floats, or a float32 tensor on x's device holding at least len(terms) of them (a CUDA graph reads
+    the step's coefficients from such a buffer); only the first len(coefs) terms count."""
+    if isinstance(coefs, torch.Tensor):
+        out = x.clone()
+        for i, t in enumerate(terms[:len(coefs)]):
+            out.addcmul_(t if t.dtype == x.dtype else t.to(x.dtype), coefs[i].to(x.dtype))
+        return out
     out = torch.add(x, terms[0], alpha=coefs[0]) if terms[0].dtype == x.dtype else x + coefs[0] * terms[0].to(x.dtype)
     for t, c in zip(terms[1:len(coefs)], coefs[1:]):
         out.add_(t if t.dtype == x.dtype else t.to(x.dtype), alpha=c)
@@ -176,8 +183,13 @@ def taylor_update(f: torch.Tensor, old: list[torch.Tensor], inv: list[float]) ->
 N_SUMS = 8  # per row: sum |d|/(|r|+eps), sum |d|, sum |r|, sum d^2, sum r^2, sum p*r, sum p^2, sum (|d|/(|r|+eps))^2
 
 
-def torch_forecast(terms: list[torch.Tensor], coefs: list[float]) -> torch.Tensor:
-    """sum_i coefs[i] * terms[i], in the terms' dtype."""
+def torch_forecast(terms: list[torch.Tensor], coefs) -> torch.Tensor:
+    """sum_i coefs[i] * terms[i], in the terms' dtype (`coefs`: floats, or a float32 tensor of them)."""
+    if isinstance(coefs, torch.Tensor):
+        p = terms[0] * coefs[0].to(terms[0].dtype)
+        for i, t in enumerate(terms[1:len(coefs)], start=1):
+            p = p.addcmul(t, coefs[i].to(t.dtype))
+        return p
     p = terms[0] if coefs[0] == 1.0 else terms[0] * coefs[0]
     for t, c in zip(terms[1:len(coefs)], coefs[1:]):
         p = torch.add(p, t, alpha=c)
@@ -187,9 +199,19 @@ def torch_forecast(terms: list[torch.Tensor], coefs: list[float]) -> torch.Tenso
 if triton is not None:
 
     @triton.jit
-    def _forecast_error_kernel(T0, T1, T2, T3, T4, R, OUT, c0, c1, c2, c3, c4, C, eps,
-                               I: tl.constexpr, BLOCK: tl.constexpr):
+    def _forecast_error_kernel(T0, T1, T2, T3, T4, R, OUT, CP, c0, c1, c2, c3, c4, C, eps,
+                               I: tl.constexpr, BLOCK: tl.constexpr, COEF_PTR: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        if COEF_PTR:  # the coefficients from a device buffer (a CUDA graph replays with new ones)
+            c0 = tl.load(CP)
+            if I > 1:
+                c1 = tl.load(CP + 1)
+            if I > 2:
+                c2 = tl.load(CP + 2)
+            if I > 3:
+                c3 = tl.load(CP + 3)
+            if I > 4:
+                c4 = tl.load(CP + 4)
         base = row * C
         rel = tl.zeros([BLOCK], dtype=tl.float32)
         rel2 = tl.zeros([BLOCK], dtype=tl.float32)
@@ -235,16 +257,19 @@ if triton is not None:
         tl.store(out + 7, tl.sum(rel2, axis=0))
 
 
-def row_sums(terms: list[torch.Tensor], coefs: list[float], real: torch.Tensor, eps: float) -> torch.Tensor:
+def row_sums(terms: list[torch.Tensor], coefs, real: torch.Tensor, eps: float) -> torch.Tensor:
     """Per row of `real` ([B, N, C], contiguous): the sums `forecast_error` needs, float32 [B, N, N_SUMS], from
-    one Triton pass (the caller checks that Triton can run on these tensors)."""
+    one Triton pass (the caller checks that Triton can run on these tensors). `coefs`: floats, or a float32
+    tensor on the device (read by the kernel)."""
     I = len(coefs)
     B, N, C = real.shape
     out = torch.empty(B, N, N_SUMS, device=real.device, dtype=torch.float32)
     ts = list(terms[:I]) + [terms[0]] * (MAX_TERMS - I)
-    cs = [float(c) for c in coefs] + [0.0] * (MAX_TERMS - I)
+    on_device = isinstance(coefs, torch.Tensor)
+    cs = [0.0] * MAX_TERMS if on_device else [float(c) for c in coefs] + [0.0] * (MAX_TERMS - I)
+    cp = coefs.float().contiguous() if on_device else out
     block = min(1024, triton.next_power_of_2(C))
-    _forecast_error_kernel[(B * N,)](*ts, real, out, *cs, C, float(eps), I=I, BLOCK=block)
+    _forecast_error_kernel[(B * N,)](*ts, real, out, cp, *cs, C, float(eps), I=I, BLOCK=block, COEF_PTR=on_device)
     return out
 
 
@@ -276,13 +301,13 @@ def errors_from_sums(sums: torch.Tensor, n_channels: int, metric: str, eps: floa
     return err, tok
 
 
-def forecast_error(terms: list[torch.Tensor], coefs: list[float], real: torch.Tensor, metric: str, eps: float,
+def forecast_error(terms: list[torch.Tensor], coefs, real: torch.Tensor, metric: str, eps: float,
                    image_rows: slice | None = None,
                    whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Verification of the forecast sum_i coefs[i] * terms[i] against `real` ([B, N, C]): (per-sample error
     [B] ([1] with whole_batch), per-token map of `image_rows` or None), as `metrics.verification_errors`
     defines them. Fused on CUDA (the forecast is formed in float32 inside the kernel, never stored); the torch
-    path builds the forecast."""
+    path builds the forecast. `coefs`: floats, or a float32 tensor on the device (CUDA graphs)."""
     I = len(coefs)
     if real.dim() == 3 and I <= MAX_TERMS and _fusable([real, *terms[:I]]):
         return errors_from_sums(row_sums(terms, coefs, real, eps), real.shape[-1], metric, eps, image_rows,

@@ -35,17 +35,19 @@ that only go to the trace are read at the end of the run (`Trace.refresh` then r
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .adapters import Adapter, BlockSpec, FeatureSite
 from .api import register_method
 from .config import ConfigBase, check, knob
-from .kernels import accumulate, add_terms, forecast_error
+from .kernels import MAX_TERMS, accumulate, add_terms, forecast_error
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
 from .taylor import TaylorForecaster
 from .trace import ACCEPTED, FULL, REJECTED, StepRecord
@@ -185,6 +187,12 @@ class SpeCaConfig(ConfigBase):
     sync_timing: bool = knob(
         True, "Synchronise CUDA around each step so traced times are real (costs a little overlap).",
         label="synchronised timing", advanced=True)
+    cuda_graphs: bool = knob(
+        True, """On CUDA with the stack forecast, replay each speculative step's transformer call as a CUDA graph
+        (captured the second time a call of that shape is seen; its inputs, the step's Taylor coefficients and the
+        Taylor terms live in fixed buffers). A speculative step is a block's work and many small launches: the
+        graph removes the launches' host time, which would otherwise bound the step.""",
+        label="CUDA graphs for speculative steps", advanced=True)
 
     def check_relations(self) -> None:
         check(self.max_spec_steps >= max(1, self.min_spec_steps), "max_spec_steps",
@@ -238,6 +246,9 @@ class SpeCaState(RunState):
         self.deferred: list[tuple] = []
         """(trace, record, errors, map, grid) of verification errors still on the device, read into their records
         at the end of the run (`sync_timing=False`, when no decision needs them)."""
+        self.graphs: bool | None = None  # speculative steps replay CUDA graphs (decided at the run's first step)
+        self.coef_dev: torch.Tensor | None = None
+        """This speculative step's Taylor coefficients in a device buffer, when a CUDA graph reads them."""
 
 
 def _read_errors(entries, appended: bool = True) -> None:
@@ -298,6 +309,60 @@ class _BlockCall(nn.Module):
         return self.run(self.block, args, kwargs)
 
 
+def _hashable(x):
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+class _PinnedRing:
+    """Rows of pinned host memory handed out in turn, for host-to-device copies that do not wait: a row is
+    reused only once the copy that read it has run (an event per row)."""
+
+    def __init__(self, rows: int, width: int):
+        self.buf = torch.zeros(rows, width, dtype=torch.float32, pin_memory=True)
+        self.events: list = [None] * rows
+        self.i = 0
+
+    def copy_to(self, dst: torch.Tensor, values) -> None:
+        """dst[:] = values (zero-padded), queued on the current stream without waiting for the device."""
+        i = self.i = (self.i + 1) % len(self.events)
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # long done in practice: the copy that read this row was queued 64 ago
+        row = self.buf[i]
+        row.zero_()
+        row[:len(values)] = torch.tensor(values, dtype=torch.float32)
+        dst.copy_(row, non_blocking=True)
+        ev = self.events[i] = torch.cuda.Event()
+        ev.record()
+
+
+class _SpecGraph:
+    """One captured speculative-step call: its static inputs (the call's tensor leaves), its output and the
+    verification error (and map) it writes."""
+
+    @classmethod
+    def capture(cls, forward, leaves, spec, state: SpeCaState, pool) -> "_SpecGraph":
+        self = cls()
+        self.leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        args, kwargs = tree_unflatten(self.leaves, spec)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = forward(*args, **kwargs)
+        self.errors, self.emap = state.verify_errors, state.verify_map
+        self.graph.replay()  # capturing records the kernels without running them
+        return self
+
+    def replay(self, leaves) -> None:
+        for dst, src in zip(self.leaves, leaves):
+            if isinstance(dst, torch.Tensor) and dst is not src:
+                dst.copy_(src)
+        self.graph.replay()
+
+
 class SpeCaModelHook(StepDriverHook):
     method = "speca"
 
@@ -325,6 +390,14 @@ class SpeCaModelHook(StepDriverHook):
         self.gate_index = {(bi, g.feature): i for i, (bi, g) in enumerate(self.gate_sites)}
         self.containers = self.adapter.block_containers()
         self.full_view, self.spec_view = self._views()
+        # CUDA graphs of speculative steps (stack forecast): kept across runs, like the buffers they read
+        self._graphable = True
+        self._graphs: dict = {}  # key -> _SpecGraph
+        self._seen: set = set()  # keys called once (eagerly): the next call of a key is captured
+        self._term_store: dict[str, dict] = {}  # cache context -> the stack forecaster's persistent terms
+        self._coef_dev: dict[str, torch.Tensor] = {}  # cache context -> [MAX_TERMS] float32 on the device
+        self._coef_ring: _PinnedRing | None = None
+        self._pool = None
 
     # ---- views ---------------------------------------------------------------------------------
     def _views(self) -> tuple[list[nn.ModuleList], list[nn.ModuleList]]:
@@ -376,7 +449,9 @@ class SpeCaModelHook(StepDriverHook):
         f = state.forecasters.get(key)
         if f is None:
             cfg = self.config
-            f = state.forecasters[key] = TaylorForecaster(cfg.order, cfg.taylor_form, _DTYPES.get(cfg.cache_dtype))
+            store = self._term_store.setdefault(self.states.context.name, {}) if state.graphs else None
+            f = state.forecasters[key] = TaylorForecaster(cfg.order, cfg.taylor_form, _DTYPES.get(cfg.cache_dtype),
+                                                          store=store)
         return f
 
     def _full_per_block(self, block: BlockSpec, args, kwargs):
@@ -428,7 +503,8 @@ class SpeCaModelHook(StepDriverHook):
         streams = adapter.block_streams(args, kwargs)
         if self.stack:
             forecaster = state.forecasters[STACK]
-            coefs, terms = forecaster.coefficients(state.x), forecaster.terms
+            coefs = state.coef_dev if state.coef_dev is not None else forecaster.coefficients(state.x)
+            terms = forecaster.terms
 
             def add(streams, segment):
                 return {s: add_terms(x, terms[f"{segment}.{s}"], coefs) for s, x in streams.items()}
@@ -521,6 +597,8 @@ class SpeCaModelHook(StepDriverHook):
 
     def run_step(self, module, args, kwargs, info: StepInfo, state: SpeCaState, rec: StepRecord):
         cfg: SpeCaConfig = self.config
+        if state.graphs is None:  # decided before the first full step: its forecaster keeps persistent terms
+            state.graphs = self._graphs_on(module)
         state.x = float(info.step) if cfg.distance == "step" or info.sigma is None else info.sigma
         rec.threshold = cfg.threshold_at(info.step + (cfg.threshold_step == "next"), info.num_steps)
         state.restart_taylor = cfg.warmup_restarts_taylor and info.step < cfg.warmup_steps - 1
@@ -540,11 +618,15 @@ class SpeCaModelHook(StepDriverHook):
         state.last_full = False
         state.verify_now = cfg.schedule is not None or judged or cfg.verify_in_grace
         state.verify_errors = state.verify_map = None
-        with self._view(self.spec_view):
-            out = self.fn_ref.original_forward(*args, **kwargs)
+        if state.graphs and self._graphable:
+            out = self._graph_spec(args, kwargs, state, info)
+        else:
+            with self._view(self.spec_view):
+                out = self.fn_ref.original_forward(*args, **kwargs)
         if state.verify_errors is not None:
             entry = (self.handle.running_trace, rec, state.verify_errors, state.verify_map, state.layout.grid)
-            if judged or cfg.sync_timing or self.handle.on_step is not None:
+            decides = judged and cfg.schedule is None  # a fixed schedule decides without the error
+            if decides or cfg.sync_timing or self.handle.on_step is not None:
                 _read_errors([entry], appended=False)  # the decision (or a viewer) needs it now: one host sync
             else:  # no per-step sync asked for: read at the end of the run, so that the device never waits
                 state.deferred.append(entry)
@@ -566,6 +648,69 @@ class SpeCaModelHook(StepDriverHook):
         state.consecutive_spec = n_spec
         state.force_full_next = True
         return out
+
+    # ---- CUDA graphs of speculative steps ---------------------------------------------------------------
+    def _graphs_on(self, module) -> bool:
+        return bool(self.config.cuda_graphs) and self.stack and self._graphable and self._device(module).type == "cuda"
+
+    def _graph_spec(self, args, kwargs, state: SpeCaState, info: StepInfo):
+        """A speculative step's transformer call as a CUDA graph replay. What the recorded kernels read lives in
+        fixed buffers: the call's tensor arguments (copied into the graph's own), the step's Taylor coefficients
+        (`_coef_dev`, filled from pinned host memory without waiting) and the Taylor terms (the forecaster's
+        persistent store). The graph is keyed by everything else they depend on: the cache context, whether the
+        step verifies, the number of terms and their addresses, and the call's structure (non-tensor arguments,
+        tensor shapes and dtypes). A key's first call runs eagerly (warming up kernels and compilation), its
+        second is captured, later ones replay. Outputs are copied out of the graph's buffers."""
+        forecaster = state.forecasters[STACK]
+        coefs = forecaster.coefficients(state.x)
+        I = len(coefs)
+        context = info.context
+        leaves, spec = tree_flatten((args, kwargs))
+        device = next(x.device for x in leaves if isinstance(x, torch.Tensor))
+        dev = self._coef_dev.get(context)
+        if dev is None or dev.device != device:
+            dev = self._coef_dev[context] = torch.zeros(MAX_TERMS, device=device, dtype=torch.float32)
+        if self._coef_ring is None:
+            self._coef_ring = _PinnedRing(64, MAX_TERMS)
+        self._coef_ring.copy_to(dev, coefs)
+        state.coef_dev = dev[:I]
+        terms = tuple(t.data_ptr() for name in sorted(forecaster.terms) for t in forecaster.terms[name][:I])
+        desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else _hashable(x)
+                     for x in leaves)
+        key = (context, state.verify_now, bool(self.config.record_maps), I, terms, str(spec), desc)
+        blocks = state.blocks_computed + (1 if state.verify_now else 0)
+        try:
+            g = self._graphs.get(key)
+            if g is not None:
+                g.replay(leaves)
+            elif key not in self._seen:
+                self._seen.add(key)
+                with self._view(self.spec_view):
+                    return self.fn_ref.original_forward(*args, **kwargs)
+            else:
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                try:
+                    g = _SpecGraph.capture(self._spec_forward, leaves, spec, state, self._pool)
+                except RuntimeError as e:  # e.g. a host sync inside the model's forward: run eagerly from now on
+                    self._graphable = False
+                    warnings.warn(f"SpeCa: CUDA graph capture failed, speculative steps run eagerly ({e})",
+                                  stacklevel=2)
+                    state.verify_errors = state.verify_map = None
+                    state.blocks_computed = blocks - (1 if state.verify_now else 0)
+                    with self._view(self.spec_view):
+                        return self.fn_ref.original_forward(*args, **kwargs)
+                self._graphs[key] = g
+        finally:
+            state.coef_dev = None
+        state.blocks_computed = blocks
+        state.verify_errors = g.errors.clone() if g.errors is not None else None
+        state.verify_map = g.emap.clone() if g.emap is not None else None
+        return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, g.out)
+
+    def _spec_forward(self, *args, **kwargs):
+        with self._view(self.spec_view):
+            return self.fn_ref.original_forward(*args, **kwargs)
 
     def reset_state(self, module):
         # The run is over: read the errors left on the device, and note what SpeCa held between steps (the

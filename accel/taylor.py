@@ -22,12 +22,17 @@ Features = dict[str, torch.Tensor]
 
 
 class TaylorForecaster:
-    def __init__(self, order: int, form: str = "newton", dtype: torch.dtype | None = None):
+    def __init__(self, order: int, form: str = "newton", dtype: torch.dtype | None = None,
+                 store: dict | None = None):
         self.order = order
         self.form = form
         self.dtype = dtype
         self.terms: dict[str, list[torch.Tensor]] = {}
         self.nodes: list[float] = []  # positions of the full steps, newest first
+        self.store = store
+        """Optional persistent buffers, (feature name, term index) -> tensor: each update copies its new terms
+        into them, so the terms keep their addresses from one full step to the next (a CUDA graph reads them);
+        a buffer is made anew only for a new feature, shape, dtype or device."""
 
     @property
     def ready(self) -> bool:
@@ -56,8 +61,19 @@ class TaylorForecaster:
                 inv = [1.0 / (x - old_nodes[i]) for i in range(m)]
             else:
                 inv = [1.0 / (x - old_nodes[0])] * m if m else []
-            self.terms[name] = taylor_update(f, old, inv)
+            new = taylor_update(f, old, inv)
+            if self.store is not None:
+                new = [self._persist(name, i, t) for i, t in enumerate(new)]
+            self.terms[name] = new
         self.nodes = ([x] + old_nodes)[: self.order + 1]
+
+    def _persist(self, name: str, i: int, t: torch.Tensor) -> torch.Tensor:
+        buf = self.store.get((name, i))
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
+            buf = self.store[(name, i)] = t.clone()
+        elif buf is not t:
+            buf.copy_(t)
+        return buf
 
     def coefficients(self, x: float) -> list[float]:
         """The forecast at x is sum_i c_i * terms[i]; these are the c_i."""

@@ -167,3 +167,47 @@ def test_triton_taylor_update_matches_fallback(numel, n_higher, dtype, monkeypat
         torch.testing.assert_close(a, b, rtol=tol["rtol"], atol=tol["atol"] * scale)
         one_rounding = 4e-6 if dtype == torch.float32 else 2 ** -8
         torch.testing.assert_close(a.double().cpu(), r, rtol=one_rounding, atol=one_rounding * scale)
+
+
+# ---- coefficients as a device tensor (SpeCa's CUDA graphs read them from a buffer) ---------------------------
+@pytest.mark.parametrize("n_terms", [1, 2, 3])
+def test_add_terms_and_forecast_take_a_coefficient_tensor(n_terms):
+    from accel.kernels import add_terms, forecast_error, torch_forecast
+
+    g = torch.Generator().manual_seed(n_terms)
+    x = torch.randn(2, 10, 12, generator=g)
+    terms = [torch.randn(2, 10, 12, generator=g) for _ in range(3)]
+    coefs = [1.0, 2.5, -0.5][:n_terms]
+    buf = torch.tensor(coefs)
+    want = x.double() + sum(c * t.double() for c, t in zip(coefs, terms))
+    torch.testing.assert_close(add_terms(x, terms, buf).double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(add_terms(x, terms, coefs).double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch_forecast(terms, buf), torch_forecast(terms, coefs), rtol=1e-6, atol=1e-6)
+    real = torch.randn(2, 10, 12, generator=g)
+    for metric in ("rel_l1", "rel_l2"):
+        e_buf, m_buf = forecast_error(terms, buf, real, metric, 1e-6, slice(2, None))
+        e, m = forecast_error(terms, coefs, real, metric, 1e-6, slice(2, None))
+        torch.testing.assert_close(e_buf, e)
+        torch.testing.assert_close(m_buf, m)
+
+
+def test_taylor_store_keeps_the_terms_addresses():
+    """With a persistent store the forecaster's terms keep their addresses from one full step to the next (a CUDA
+    graph reads them) and hold exactly the values of a forecaster without one."""
+    from accel.taylor import TaylorForecaster
+
+    store = {}
+    a, b = TaylorForecaster(2, store=store), TaylorForecaster(2)
+    g = torch.Generator().manual_seed(0)
+    ptrs = []
+    for x in (0.0, 1.0, 3.0, 4.5, 6.0):
+        f = torch.randn(3, 5, generator=g)
+        a.update(x, {"h": f})
+        b.update(x, {"h": f})
+        ptrs.append([t.data_ptr() for t in a.terms["h"]])
+        for ta, tb in zip(a.terms["h"], b.terms["h"]):
+            assert torch.equal(ta, tb)
+        assert all(t is store[("h", i)] for i, t in enumerate(a.terms["h"]))
+    assert ptrs[2] == ptrs[3] == ptrs[4]  # order 2 reached: the same three buffers from then on
+    a.update(7.0, {"h": torch.randn(3, 5, generator=g)}, restart=True)
+    assert a.terms["h"][0].data_ptr() == ptrs[-1][0]

@@ -35,3 +35,16 @@ def test_forecast_error_matches_the_definition(n_terms, channels):
         got, got_map = kernels.errors_from_sums(sums, channels, metric, 1e-6, rows, whole_batch)
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got_map.double(), want_map.double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_terms", [1, 2, 3])
+def test_coefficients_from_a_device_buffer_match_the_scalars(n_terms):
+    """The kernel reads the coefficients from a tensor (what a CUDA graph replays with) exactly as when they are
+    passed as numbers."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device).manual_seed(n_terms)
+    terms = [torch.randn(2, 16, 300, generator=g, device=device) for _ in range(n_terms)]
+    real = torch.randn(2, 16, 300, generator=g, device=device)
+    coefs = [1.0, -0.75, 0.3125][:n_terms]
+    buf = torch.tensor(coefs + [9.0, 9.0], device=device)[:n_terms]  # entries past the terms are never read
+    torch.testing.assert_close(kernels.row_sums(terms, buf, real, 1e-6), kernels.row_sums(terms, coefs, real, 1e-6))

@@ -1,6 +1,7 @@
 """Where a speculative step's time goes: torch.profiler over SpeCa steps on the FLUX.1-dev-sized random model.
 
-    python -m scripts.bench.profile_speca      # CUDA; prints top ops by device and host time
+    python -m scripts.bench.profile_speca             # CUDA, eager; prints top ops by device and host time
+    python -m scripts.bench.profile_speca --compile   # after pipe.transformer.compile_repeated_blocks()
 """
 
 from __future__ import annotations
@@ -35,15 +36,42 @@ def kernel_bandwidth(device):
         print(f"{name} accumulate, 76 blocks x 3 terms: {dt * 1e3:.2f} ms, {nbytes / dt / 1e12:.2f} TB/s")
 
 
+def block_ms(pipe, embeds, device, reps=20):
+    """One single-stream block's time on FLUX.1-dev-sized inputs (4096 + 512 tokens): the unit of the target."""
+    blk = pipe.transformer.single_transformer_blocks[-1]
+    g = torch.Generator(device).manual_seed(0)
+    h = torch.randn(1, 4096, 3072, generator=g, device=device, dtype=torch.bfloat16)
+    c = torch.randn(1, 512, 3072, generator=g, device=device, dtype=torch.bfloat16)
+    temb = torch.randn(1, 3072, generator=g, device=device, dtype=torch.bfloat16)
+    rope = pipe.transformer.pos_embed(torch.zeros(4608, 3, device=device))
+    for _ in range(3):
+        blk(hidden_states=h, encoder_hidden_states=c, temb=temb, image_rotary_emb=rope)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        blk(hidden_states=h, encoder_hidden_states=c, temb=temb, image_rotary_emb=rope)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
     device = torch.device("cuda")
     kernel_bandwidth(device)
     pipe, embeds = random_flux("dev", device, torch.bfloat16), flux_embeds("dev", device, torch.bfloat16)
+    if args.compile:
+        pipe.transformer.compile_repeated_blocks()
+    print(f"one single block: {block_ms(pipe, embeds, device):.2f} ms" + (" (compiled)" if args.compile else ""))
     steps = 12
     sched = [True, True, True] + [False] * 4 + [True] + [False] * 4
     kw = dict(**embeds, height=1024, width=1024, num_inference_steps=steps, output_type="latent")
-    with accel.apply(pipe, accel.SpeCaConfig(schedule=sched)) as h:
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=sched, sync_timing=True)) as h:
         pipe(**kw, generator=torch.Generator(device).manual_seed(0))  # warm-up, Triton compile
+        pipe(**kw, generator=torch.Generator(device).manual_seed(0))
         for r in h.trace.steps:
             print(r.step, r.decision, f"{r.time_ms:.1f} ms", r.blocks_computed)
         state = {}
@@ -63,6 +91,8 @@ def main():
         for r in h.trace.steps:
             print(r.step, r.decision, f"{r.time_ms:.1f} ms")
     ka = state["prof"].key_averages()
+    dev = sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e3
+    print(f"profiled 2 speculative steps: device time {dev / 2:.2f} ms per step")
     print(ka.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
 
