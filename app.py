@@ -162,7 +162,9 @@ def summary_markdown(trace: Trace | None, extra: dict | None = None) -> str:
         f"partial {s['partial_steps']}" + (f" · pre-run calls {s['overhead_calls']}" if s["overhead_calls"] else ""),
         f"ideal speedup (compute, not time) **{_fmt_speedup(s['ideal_speedup'])}** "
         f"({s['blocks_computed']:g}/{s['blocks_plain']} block computations) · denoiser time "
-        f"{s['measured_ms'] / 1000:.2f} s",
+        f"{s['measured_ms'] / 1000:.2f} s"
+        + (f" · peak GPU memory {trace.meta['peak_gpu_bytes'] / 2**30:.1f} GiB"
+           if isinstance(trace.meta.get("peak_gpu_bytes"), int) else ""),
     ]
     if extra.get("measured_speedup") is not None:
         pairs = extra.get("pairs") or []

@@ -285,6 +285,9 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
     try:
         handle = accel.apply(model.pipe, config)
         handle.on_step = lambda rec: run.events.put(("step", rec.step))
+        cuda = torch.cuda.is_available() and model.on_gpu
+        if cuda:  # the run's peak (one run at a time per model; other models' runs on this GPU would count too)
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         run.thread.start()
         pending, latest_preview, last_step, last_yield = None, None, -1, 0.0
@@ -311,6 +314,8 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
             latest_preview = run.draw(pending)
         result = run.rendered()
         handle.remove()
+        if cuda:
+            handle.trace.meta["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
         yield RunUpdate(snapshot(handle.trace), latest_preview, last_step, spec.steps, done=True, result=result,
                         stopped=run.stopped, elapsed_s=time.perf_counter() - start, config=cfg)
     finally:
