@@ -2,6 +2,8 @@
 
     python app.py                      # http://127.0.0.1:7860, bundled tiny FLUX on the CPU
     python app.py --port 7861 --host 0.0.0.0 --max-work 100
+    python app.py --model /path/to/FLUX.1-dev      # adds a preset for a local diffusers pipeline folder
+    SPECLAB_MODEL=/path/a:/path/b python app.py     # the same from the environment (Spaces)
 
 Thin by design: controls -> the method's `accel` config (lab.methods, controls built from the configs' knobs)
 -> one streamed pipeline call (lab.runner.stream_run) -> `accel.Trace` -> `visualizers` figures; the
@@ -37,6 +39,7 @@ import accel
 import visualizers as V
 from accel.trace import Trace
 from lab import compare as C
+from lab import gpu as G
 from lab import methods as LM
 from lab import models as M
 from lab import runner as R
@@ -48,10 +51,22 @@ from lab.traces import TraceError, read_trace
 log = logging.getLogger("speclab")
 EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples")
 
-try:  # Hugging Face Spaces (ZeroGPU): run each generation on a GPU slice
+def zero_gpu_duration(model, spec, method=None, config=None, compare=False, *_, **__) -> int:
+    """Seconds of GPU a run asks ZeroGPU for (`spaces.GPU(duration=...)` calls it with the run's arguments): an
+    upper estimate from the run's tokens, steps, compare mode, calibration and a first compilation
+    (`lab.gpu.zero_gpu_duration`)."""
+    shape = G.run_shape(model.pipe.transformer.config, spec.width, spec.height, model.size_multiple, spec.frames,
+                        text_tokens=model.preset.max_sequence_length)
+    warmup = bool(getattr(spec, "compile", False)) and not (model.compiler is not None and model.compiler.compiled)
+    return G.zero_gpu_duration(shape, spec.steps, compare=bool(compare), compile_warmup=warmup,
+                               calibrate=bool(getattr(spec, "target_speedup", 0)))
+
+
+try:  # Hugging Face Spaces (ZeroGPU): run each generation on a GPU slice as long as the run needs
     import spaces
 
-    GPU = spaces.GPU(duration=240)
+    def GPU(fn):
+        return spaces.GPU(duration=zero_gpu_duration)(fn)
 except ImportError:  # anywhere else: a no-op
 
     def GPU(fn):
@@ -71,7 +86,7 @@ VIDEO_EXAMPLES = [  # captions of the bundled tiny HunyuanVideo's training clips
     "a small blue circle moving down, on a gray background",
 ]
 RUN_CONTROLS = ("model", "prompt", "seed", "steps", "width", "height", "guidance", "frames", "method", "compare",
-                "target_speedup")
+                "target_speedup", "compile")
 SIZE_CONTROLS = ("steps", "width", "height", "guidance", "frames")
 """Left out of an API call (None), these take the chosen model's own defaults."""
 OUTPUTS = ("preview", "image", "summary", "error_plot", "timeline_plot", "maps_plot", "step", "full_image",
@@ -103,6 +118,12 @@ def user_error(e: BaseException) -> gr.Error:
         return e
     if isinstance(e, LabError) and str(e):
         return gr.Error(str(e))
+    if isinstance(e, M.torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(e):
+        if M.torch.cuda.is_available():
+            M.torch.cuda.empty_cache()
+        log.warning("out of GPU memory: %s", str(e)[:200])
+        return gr.Error("out of GPU memory: lower the size, the steps or the frames, untick compare or compile, "
+                        "or wait for other runs on this GPU to end; the app goes on serving")
     error_id = uuid.uuid4().hex[:8]
     log.error("internal error %s", error_id, exc_info=e)
     return gr.Error(f"internal error (id {error_id}): the server's log has the details")
@@ -141,7 +162,9 @@ def summary_markdown(trace: Trace | None, extra: dict | None = None) -> str:
         f"partial {s['partial_steps']}" + (f" · pre-run calls {s['overhead_calls']}" if s["overhead_calls"] else ""),
         f"ideal speedup (compute, not time) **{_fmt_speedup(s['ideal_speedup'])}** "
         f"({s['blocks_computed']:g}/{s['blocks_plain']} block computations) · denoiser time "
-        f"{s['measured_ms'] / 1000:.2f} s",
+        f"{s['measured_ms'] / 1000:.2f} s"
+        + (f" · peak GPU memory {trace.meta['peak_gpu_bytes'] / 2**30:.1f} GiB"
+           if isinstance(trace.meta.get("peak_gpu_bytes"), int) else ""),
     ]
     if extra.get("measured_speedup") is not None:
         pairs = extra.get("pairs") or []
@@ -156,6 +179,8 @@ def summary_markdown(trace: Trace | None, extra: dict | None = None) -> str:
                      f"SSIM **{extra['ssim']:.4f}**")
     if extra.get("calibrated"):
         lines.append(extra["calibrated"])
+    if extra.get("compiled"):
+        lines.append(md_text(extra["compiled"], 300))
     if extra.get("note"):
         lines.append(extra["note"])
     return "  \n".join(lines) + "\n\n<details><summary>exact config</summary>\n\n" + md_text(
@@ -281,8 +306,14 @@ class Lab:
         spec.target_speedup = target
         if not isinstance(c["compare"], (bool, type(None))):
             raise InputError("compare must be true or false")
+        if not isinstance(c["compile"], (bool, type(None))):
+            raise InputError("compile must be true or false")
         config = method.build(controls)
         model = self.manager.get(preset.name)
+        spec.compile = bool(c["compile"])
+        if spec.compile and not model.on_gpu:
+            raise InputError(f"compile needs a GPU preset: {preset.name} runs on the CPU here, where compiling would "
+                             "take longer than the run. Untick compile.")
         R.validate_spec(spec, model, lim, compare=bool(c["compare"]))
         return spec, method, config, bool(c["compare"]), model
 
@@ -321,6 +352,7 @@ class Lab:
     def _run_turn(self, model, spec, method, config, compare, stop, ticket, session):
         """The run and, in compare mode, the full reference run, on the model's turn."""
         final, calibrated = None, None
+        compiled_note = yield from self._compile_turn(model, spec, method, config, compare, ticket)
         if getattr(spec, "target_speedup", 0):
             knob = method.speed_knob
             ticket.progress = "calibrating"
@@ -340,7 +372,7 @@ class Lab:
                 yield panels(preview=up.preview if up.preview is not None else gr.skip(),
                              summary=summary_markdown(up.trace, {"running": True}), **trace_panels(up.trace))
         trace, result = final.trace, final.result
-        extra, ref, pairs = {"stopped": final.stopped, "calibrated": calibrated}, None, []
+        extra, ref, pairs = {"stopped": final.stopped, "calibrated": calibrated, "compiled": compiled_note}, None, []
         diff_note = "tick 'compare with the full run' to see it"
         if final.stopped:
             extra["note"] = ("stopped: the image is the model's estimate of the clean image at the last step done; "
@@ -374,6 +406,35 @@ class Lab:
                      diff_plot=comparison.difference if comparison else V.empty_figure(diff_note, title="difference"),
                      files=files, video=next((f for f in files if f.endswith(".mp4")), None),
                      frame=_frame_update(trace), trace=trace)
+
+    def _compile_turn(self, model, spec, method, config, compare, ticket):
+        """Compiled or eager, as the run asks (`spec.compile`): the first compiled run of a method at a size
+        compiles the transformer's blocks with warm-up runs first (shown as such, not timed); eager runs put the
+        blocks back to eager. Returns the line the summary shows (None for eager runs of a never-compiled model)."""
+        if model.compiler is None:
+            if not spec.compile:
+                return None
+            model.compiler = G.Compiled(model.pipe.transformer)
+        model.compiler.set(spec.compile)
+        if not spec.compile:
+            return "eager (the compiled blocks are kept for runs that ask for compile)"
+        key = (method.label, spec.width, spec.height, spec.frames)
+        if key in model.compiler.warmed:
+            return "compiled blocks (compile_repeated_blocks), warmed up by an earlier run"
+        warm = R.RunSpec(spec.preset, spec.prompt, spec.seed, min(spec.steps, 8), spec.width, spec.height,
+                         spec.guidance, spec.frames)
+        ticket.progress = "compiling (warm-up)"
+        yield panels(summary=f"**Compiling** the transformer's blocks for {md_text(method.label)} at "
+                             f"{spec.width}x{spec.height}: warm-up runs of {warm.steps} steps (the first compile "
+                             "takes tens of seconds; not counted in any timing)…")
+        start = time.perf_counter()
+        configs = [config] + ([LM.by_label(LM.FULL).build({})] if compare and method.label != LM.FULL else [])
+        for cfg in configs:
+            R.run_to_end(model, warm, cfg)
+        seconds = time.perf_counter() - start
+        model.compiler.warmed.add(key)
+        self.last_compile_s = seconds
+        return f"compiled blocks (compile_repeated_blocks); compile warm-up {seconds:.1f} s before this run, not timed"
 
     def _timed_pairs(self, model, spec, method, config, trace, stop):
         """The full run timed right after this one (its picture cached per settings), then, while it is cheap
@@ -430,7 +491,10 @@ class Lab:
                    steps="denoising steps", width="image width in pixels", height="image height in pixels",
                    guidance="guidance scale (models with guidance embeds, HunyuanVideo)",
                    frames="video presets only: number of frames (4k + 1)", method=f"one of {LM.METHODS}",
-                   compare="also run (or reuse) the full run: PSNR/SSIM, measured speedup, difference map")
+                   compare="also run (or reuse) the full run: PSNR/SSIM, measured speedup, difference map",
+                   target_speedup="0: off; else the speed knob giving this ideal speedup on this prompt",
+                   compile="GPU presets only: run the transformer's blocks compiled (regional compilation; the "
+                           "first run per method and size compiles first, shown as a warm-up)")
         lines += [f"    {k}: {v}." for k, v in run.items()]
         for m in LM.TABLE:
             lines += [f"    {m.param(k.name)}: {m.label}, {k.label} ({k.allowed()}): {k.help}" for k in m.knobs()]
@@ -780,9 +844,20 @@ def _on_model(presets: dict):
                 gr.update(value=p.guidance),
                 gr.update(visible=p.is_video, maximum=p.max_frames, value=p.frames or 1),
                 gr.update(visible=p.is_video),
-                gr.update(visible=False, value=0))
+                gr.update(visible=False, value=0),
+                gr.update(value=False, **_compile_control(p)))
 
     return on_model
+
+
+def _compile_control(p: M.Preset) -> dict:
+    """The compile checkbox for preset `p`: usable on a GPU preset, greyed out with the reason otherwise."""
+    if M.runs_on_gpu(p):
+        return dict(interactive=True, label="compile (GPU)",
+                    info="regional compilation of the transformer's blocks: the first run per method and size "
+                         "compiles first (a warm-up shown as such), later runs are faster")
+    return dict(interactive=False, label="compile (GPU only)",
+                info=f"{p.name} runs on the CPU here: compiling would take longer than the run")
 
 
 def _how(label: str) -> str:
@@ -824,6 +899,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                 run["compare"] = gr.Checkbox(True, label="compare with the full run",
                                              info="also runs the full pipeline right after: PSNR, SSIM, and the "
                                                   "measured speedup from both timed back to back")
+                run["compile"] = gr.Checkbox(False, **_compile_control(P), elem_id="speclab-compile")
                 with gr.Accordion("size, steps, seed", open=True):
                     run.update(_size_controls(lab, P))
             with gr.Column(scale=3, elem_id="speclab-results"):
@@ -873,7 +949,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         run["method"].change(lambda m: [gr.update(visible=m == label) for label in groups] + [_how(m)],
                              run["method"], list(groups.values()) + [how], api_visibility="private", queue=False)
         model_outputs = [status, run["prompt"], run["steps"], run["width"], run["height"], run["guidance"],
-                         run["frames"], view["video"], view["frame"]]
+                         run["frames"], view["video"], view["frame"], run["compile"]]
         run["model"].change(_on_model(presets), [run["model"], run["prompt"]], model_outputs,
                             api_visibility="private", queue=False)
         on_model = _on_model(presets)
@@ -945,11 +1021,20 @@ def main(argv=None) -> None:
                          "default: SPECLAB_MAX_WORK or 400")
     ap.add_argument("--max-upload-mb", type=float, default=None,
                     help="largest trace upload in MB; default: SPECLAB_MAX_UPLOAD_MB or 20")
+    ap.add_argument("--model", action="append", default=[], metavar="PATH",
+                    help="add a preset for a local diffusers FLUX or HunyuanVideo pipeline folder (repeatable; the "
+                         f"first becomes the default); also {M.MODEL_ENV}=PATH[{os.pathsep}PATH...]")
     ap.add_argument("--trace-ttl", type=float, default=None, dest="trace_ttl_s",
                     help="seconds a session keeps its trace and Gradio its cached files; default: "
                          "SPECLAB_TRACE_TTL_S or 3600")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    try:
+        added = M.add_folder_presets(list(args.model) + M.folders_from_env())
+    except M.ModelError as e:
+        ap.error(str(e))
+    for name in added:
+        log.info("model preset %r from %s", name, M.PRESETS[name].source)
     release_large_blocks_at_once()
     limits = Limits.from_env(max_work=args.max_work, max_upload_mb=args.max_upload_mb, trace_ttl_s=args.trace_ttl_s)
     demo = build_app(Lab(limits=limits, gpu=GPU))

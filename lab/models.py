@@ -32,7 +32,7 @@ class Preset:
     """Label shown in the UI (and the API's `model` value)."""
     source: str
     """Local folder or Hugging Face hub id."""
-    kind: str = "local"  # "local" | "hub" | "planned"
+    kind: str = "local"  # "local" (bundled) | "folder" (`--model PATH`) | "hub" | "planned"
     width: int = 128
     height: int = 128
     steps: int = 28
@@ -92,6 +92,11 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() or bool(os.environ.get("SPACES_ZERO_GPU"))
 
 
+def runs_on_gpu(preset: Preset) -> bool:
+    """Whether `preset` runs on a CUDA GPU here (hub presets, folders loaded in bfloat16 on a GPU machine)."""
+    return gpu_available() and (preset.needs_gpu or (preset.kind == "folder" and preset.dtype != "float32"))
+
+
 def preset_status(name: str) -> str:
     """One line (Markdown) on whether `name` can run here."""
     p = PRESETS.get(name)
@@ -104,6 +109,8 @@ def preset_status(name: str) -> str:
             return (f"**{p.name}**: the model folder `{os.path.relpath(p.source, ROOT)}` is missing "
                     f"(it is produced by `{p.build_script}`).")
         return f"**{p.name}**: {p.note}."
+    if p.kind == "folder":
+        return f"**{p.name}** (`{p.source}`): {p.note}. Loaded on first use."
     if p.needs_gpu and not gpu_available():
         return (f"**{p.name}**: needs a CUDA GPU and this machine has none: use the bundled tiny "
                 f"{'HunyuanVideo' if p.is_video else 'FLUX'} here.")
@@ -122,6 +129,11 @@ def explain_load_error(preset: Preset, e: BaseException) -> str:
     """Turn a loading exception into a message with the fix."""
     names = {type(x).__name__ for x in _chain(e)}
     text = " ".join(str(x) for x in _chain(e))
+    if preset.kind == "folder" and not (isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower()):
+        log.error("loading %s from %s failed", preset.name, preset.source, exc_info=e)
+        return (f"could not load {preset.name} from {preset.source}: {type(e).__name__}: {shorten(str(e), 160)}. "
+                "The folder may be incomplete, or saved by a diffusers/transformers version this lab cannot read; "
+                "the server's log has the details")
     hub_page = f"https://huggingface.co/{preset.source}"
     if "GatedRepoError" in names or "gated" in text.lower() or "401" in text and "Unauthorized" in text:
         return (f"{preset.source} is a gated repository: accept its licence at {hub_page} while logged in, then "
@@ -153,7 +165,7 @@ def pipeline_class(preset: Preset) -> type:
     import diffusers
 
     name = preset.pipeline
-    if name is None and preset.kind == "local":
+    if name is None and preset.kind in ("local", "folder"):
         index = os.path.join(preset.source, "model_index.json")
         try:
             with open(index) as f:
@@ -165,6 +177,178 @@ def pipeline_class(preset: Preset) -> type:
         raise ModelError(f"{preset.name}: the lab cannot run a {name or 'pipeline of unknown class'}; it runs "
                          f"{' and '.join(PIPELINES)}")
     return getattr(diffusers, name)
+
+
+# ---- a local pipeline folder (`python app.py --model PATH`, SPECLAB_MODEL) -----------------------------------------
+MODEL_ENV = "SPECLAB_MODEL"
+"""Environment variable with pipeline folders to add as presets (separated by the OS path separator, ':'), for
+Spaces where the command line is fixed."""
+
+
+def _read_json(path: str, what: str, folder: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError:
+        raise ModelError(f"{folder}: {what} is missing ({os.path.relpath(path, folder)}); a diffusers pipeline folder "
+                         "has one (save one with pipe.save_pretrained(PATH))") from None
+    except ValueError:
+        raise ModelError(f"{folder}: {os.path.relpath(path, folder)} is not valid JSON; the folder is damaged or "
+                         "half-written: save or download it again") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{folder}: {os.path.relpath(path, folder)} is not a JSON object")
+    return data
+
+
+def _has_llama3_template_tokens(folder: str) -> bool:
+    """Whether the text tokenizer knows Llama 3's header tokens, which HunyuanVideo's default prompt template (cut
+    at 95 tokens) is written in."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        try:
+            with open(os.path.join(folder, "tokenizer", name)) as f:
+                if "<|start_header_id|>" in f.read():
+                    return True
+        except OSError:
+            pass
+    return False
+
+
+def folder_preset(path: str, gpu: bool | None = None, name: str | None = None) -> Preset:
+    """A preset for the diffusers FLUX or HunyuanVideo pipeline saved in folder `path`, its defaults read from
+    the folder's configs; a `ModelError` saying what is wrong with a folder that is not one.
+
+    Image (FluxPipeline): the size is the VAE's `sample_size` (FLUX.1: 1024; else the pipeline's default,
+    128 latent pixels x the VAE's scale factor), sizes multiples of the VAE's scale factor x 2; a transformer
+    with guidance embeds (FLUX.1-dev) takes 28 steps at guidance 3.5; one without and a scheduler without
+    dynamic shifting (FLUX.1-schnell) 4 steps, no guidance, 256 text tokens. Text tokens: the T5 tokenizer's
+    `model_max_length`, at most 512. Video (HunyuanVideoPipeline): sizes multiples of the VAE's spatial
+    compression x the patch size, frames 4k + 1 (the VAE's temporal compression), guidance 6.0 with guidance
+    embeds, 256 text tokens. `gpu` (default: whether this machine has one) picks bfloat16 and GPU-sized defaults
+    and limits, else float32 and sizes a CPU runs (at most 256 pixels by default)."""
+    gpu = gpu_available() if gpu is None else gpu
+    folder = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.exists(folder):
+        raise ModelError(f"--model {path}: no such folder. Pass a diffusers pipeline folder (the one holding "
+                         "model_index.json), e.g. one saved with pipe.save_pretrained(PATH) or downloaded with "
+                         "`hf download REPO --local-dir PATH`.")
+    if not os.path.isdir(folder):
+        raise ModelError(f"--model {path} is a file: pass the pipeline's folder (the one holding model_index.json)")
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        inside = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "model_index.json")))
+        hint = f" The folder(s) {', '.join(inside[:3])} inside it are: pass one of them." if inside else (
+            " Save a pipeline with pipe.save_pretrained(PATH) or download one with "
+            "`hf download REPO --local-dir PATH`.")
+        raise ModelError(f"--model {path}: not a diffusers pipeline folder (no model_index.json).{hint}")
+    meta = _read_json(index, "model_index.json", folder)
+    cls = meta.get("_class_name")
+    if cls not in PIPELINES:
+        raise ModelError(f"--model {path}: a {cls or 'pipeline of unknown class'}; the lab runs "
+                         f"{' and '.join(PIPELINES)} folders (their transformers are the ones accel has adapters "
+                         "for)")
+    for comp, spec in meta.items():
+        if comp.startswith("_") or not isinstance(spec, list) or spec[:1] == [None] or not spec:
+            continue
+        if not os.path.isdir(os.path.join(folder, comp)):
+            raise ModelError(f"--model {path}: model_index.json names a {comp} ({spec[-1]}) but the folder {comp}/ "
+                             "is missing; the download or the save was incomplete")
+    tcfg = _read_json(os.path.join(folder, "transformer", "config.json"), "the transformer's config", folder)
+    vae_path = os.path.join(folder, "vae", "config.json")
+    vcfg = _read_json(vae_path, "the VAE's config", folder) if os.path.isfile(vae_path) else {}
+    base = name or os.path.basename(folder.rstrip(os.sep)) or folder
+    where = "GPU" if gpu else "CPU"
+    common = dict(kind="folder", needs_gpu=False, dtype="bfloat16" if gpu else "float32", pipeline=cls,
+                  build_script="")
+    if cls == "FluxPipeline":
+        scale = 2 ** (len(vcfg["block_out_channels"]) - 1) if vcfg.get("block_out_channels") else 8
+        multiple = scale * 2
+        side = int(vcfg.get("sample_size") or 128 * scale)
+        sched = {}
+        sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+        if os.path.isfile(sched_path):
+            sched = _read_json(sched_path, "the scheduler's config", folder)
+        guided = bool(tcfg.get("guidance_embeds", False))
+        distilled = not guided and not sched.get("use_dynamic_shifting", True)
+        tok_path = os.path.join(folder, "tokenizer_2", "tokenizer_config.json")
+        tok_max = _read_json(tok_path, "the T5 tokenizer's config", folder).get("model_max_length", 512) \
+            if os.path.isfile(tok_path) else 512
+        text_len = int(min(256 if distilled else 512, tok_max if isinstance(tok_max, int) else 512))
+        if not gpu:
+            side = min(side, 256)
+        side = max(multiple, side // multiple * multiple)
+        steps, guidance = (4, 0.0) if distilled else (28, 3.5 if guided else 1.0)
+        kind_note = "distilled (schnell-like): 4 steps" if distilled else (
+            "guidance-distilled (dev-like)" if guided else "no guidance embeds")
+        return Preset(f"{base} (folder, {where})", folder, width=side, height=side, steps=steps, guidance=guidance,
+                      max_sequence_length=text_len, size_multiple=multiple,
+                      min_size=min(256, side) if gpu else multiple, max_size=2048 if gpu else 512, max_steps=100,
+                      note=f"FLUX pipeline folder, {kind_note}, {side}x{side} by default", **common)
+    spatial = int(vcfg.get("spatial_compression_ratio", 8))
+    temporal = int(vcfg.get("temporal_compression_ratio", 4))
+    multiple = spatial * int(tcfg.get("patch_size", 2) or 1)
+    guided = bool(tcfg.get("guidance_embeds", False))
+    if gpu:
+        width, height, frames, max_frames, max_size, steps, fps = 512, 320, 33, 129, 1280, 30, 15
+    else:
+        width, height, frames, max_frames, max_size, steps, fps = 64, 64, 9, 33, 256, 20, 8
+    width, height = (max(multiple, v // multiple * multiple) for v in (width, height))
+    template = None if _has_llama3_template_tokens(folder) else {"template": "{}", "crop_start": 0}
+    return Preset(f"{base} (folder, {where})", folder, width=width, height=height, steps=steps,
+                  guidance=6.0 if guided else 1.0, max_sequence_length=256, size_multiple=multiple,
+                  min_size=multiple, max_size=max_size, max_steps=100, frames=frames, max_frames=max_frames, fps=fps,
+                  prompt_template=template,
+                  note=(f"HunyuanVideo pipeline folder, {width}x{height}, {frames} frames (4k + 1: the VAE packs "
+                        f"{temporal} frames in one latent frame) by default"
+                        + ("" if template is None else "; a plain prompt template (its tokenizer has no Llama 3 "
+                           "header tokens)")), **common)
+
+
+def add_folder_presets(paths, presets: dict[str, Preset] | None = None, gpu: bool | None = None) -> list[str]:
+    """Add a preset for each folder of `paths` to `presets` (default `PRESETS`); returns their names. The first
+    folder given becomes the default preset."""
+    global DEFAULT_PRESET
+    presets = PRESETS if presets is None else presets
+    names = []
+    for path in paths:
+        p = folder_preset(path, gpu=gpu)
+        if p.name in presets and presets[p.name].source != p.source:
+            p = folder_preset(path, gpu=gpu, name=p.source)
+        presets[p.name] = p
+        names.append(p.name)
+    if names and presets is PRESETS:
+        DEFAULT_PRESET = names[0]
+    return names
+
+
+def folders_from_env(environ=os.environ) -> list[str]:
+    return [p for p in environ.get(MODEL_ENV, "").split(os.pathsep) if p.strip()]
+
+
+def _place(preset: Preset, pipe):
+    """Put a folder's pipeline on the GPU, or offload it, or refuse (`lab.gpu.plan_placement`)."""
+    from . import gpu as G
+
+    comps = G.component_bytes(pipe)
+    cfg = pipe.transformer.config
+    multiple = preset.size_multiple or 16
+    shape = G.run_shape(cfg, preset.width, preset.height, multiple, preset.frames,
+                        text_tokens=preset.max_sequence_length)
+    # the method that holds the most between steps (SpecDiff's K/V) at the preset's default size
+    work = G.activation_bytes(shape) + G.method_cache_bytes("specdiff", shape)
+    if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU: a whole large GPU per call, memory not readable here
+        pipe.to("cuda")
+        return pipe
+    free, total = G.free_memory()
+    plan = G.plan_placement(comps, work, free, total, name=preset.name)
+    log.info("%s", plan.message)
+    if plan.mode == "refuse":
+        raise ModelError(plan.message)
+    if plan.mode == "offload":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to("cuda")
+    pipe._speclab_placement = plan
+    return pipe
 
 
 def load_preset(preset: Preset):
@@ -183,6 +367,20 @@ def load_preset(preset: Preset):
         try:
             pipe = cls.from_pretrained(preset.source)
         except Exception as e:  # a half-written folder, a version mismatch...
+            raise ModelError(explain_load_error(preset, e)) from None
+    elif preset.kind == "folder":
+        if not os.path.isfile(os.path.join(preset.source, "model_index.json")):
+            raise ModelError(f"{preset.name}: the folder {preset.source} has no model_index.json any more")
+        cls = pipeline_class(preset)
+        try:
+            pipe = cls.from_pretrained(preset.source, torch_dtype=getattr(torch, preset.dtype))
+            if torch.cuda.is_available():
+                pipe = _place(preset, pipe)
+                if preset.is_video and hasattr(pipe, "vae") and hasattr(pipe.vae, "enable_tiling"):
+                    pipe.vae.enable_tiling()
+        except ModelError:
+            raise
+        except Exception as e:
             raise ModelError(explain_load_error(preset, e)) from None
     else:
         if preset.needs_gpu and not gpu_available():
@@ -210,6 +408,14 @@ class LoadedModel:
     line: Line = field(default_factory=Line)
     """One run at a time per pipeline (a pipeline carries one run's hooks): runs wait here for their turn."""
     previewer: Previewer | None = None
+    compiler: object = None
+    """`lab.gpu.Compiled` once a run asked for compilation; None before."""
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the pipeline runs on a CUDA device (also with model CPU offload)."""
+        dev = getattr(self.pipe, "_execution_device", None)
+        return getattr(dev, "type", None) == "cuda"
 
     @property
     def size_multiple(self) -> int:
@@ -293,7 +499,7 @@ class ModelManager:
                 except Exception:  # a preview is a nicety: fall back to raw channels
                     previewer.weights = None
                 m = LoadedModel(preset, pipe, previewer=previewer)
-                if preset.kind == "local":
+                if preset.kind in ("local", "folder"):
                     _warm_up(m)
                 self._models[name] = m
             return m

@@ -20,6 +20,17 @@ from .preview import decode, unpack
 from .video import decode_video, latent_frames, strip, to_pil_frames, write_mp4
 
 
+PREVIEW_MAX = 512
+"""Longest side of a live preview in pixels: it is drawn from the latents (1/8 of the size) and shown ~230 pixels
+high, so a 1024² preview would cost its encoding at every update and show nothing more."""
+
+
+def preview_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of a preview: the run's size, scaled down to at most `PREVIEW_MAX` on its longest side."""
+    scale = min(1.0, PREVIEW_MAX / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 @dataclass
 class Rendered:
     """A finished run's pictures."""
@@ -68,16 +79,20 @@ class ImageOutput:
         return unpack(self.model.pipe, latents, self.height, self.width)
 
     def preview(self, latents):
+        return self.model.previewer.to_image(self._unpack(latents), preview_size(self.width, self.height))
+
+    def _drawn(self, latents):
+        """A pipeline without a VAE: the result drawn from its latents at the run's size."""
         return self.model.previewer.to_image(self._unpack(latents), (self.width, self.height))
 
     def finalize(self, result, stop_latents=None, final_latents=None) -> Rendered:
         """`result`: the pipeline's `.images`. After Stop, `stop_latents` (the clean-image estimate) is drawn."""
         if stop_latents is not None:
             if self.output_type == "latent":
-                return Rendered(self.preview(stop_latents))
+                return Rendered(self._drawn(stop_latents))
             return Rendered(decode(self.model.pipe, stop_latents, self.height, self.width))
         if self.output_type == "latent":
-            return Rendered(self.preview(result))
+            return Rendered(self._drawn(result))
         image = result[0]
         if final_latents is not None:
             _refit(self.model.previewer, lambda: self._unpack(final_latents), image)
@@ -95,7 +110,7 @@ class VideoOutput:
         return {"output_type": self.output_type, "num_frames": int(self.frames)}
 
     def preview(self, latents):
-        return strip(latent_frames(self.model.previewer, latents, self.size))
+        return strip(latent_frames(self.model.previewer, latents, preview_size(*self.size)))
 
     def finalize(self, result, stop_latents=None, final_latents=None) -> Rendered:
         """`result`: the pipeline's `.frames`. After Stop, the frames of `stop_latents` are drawn."""

@@ -82,6 +82,8 @@ class RunSpec:
     """Video presets: number of frames; None for image presets."""
     target_speedup: float = 0.0
     """> 0: the method's speed knob is calibrated to this ideal speedup first (`accel.calibrate`); not in `key`."""
+    compile: bool = False
+    """GPU presets: run the transformer's blocks compiled (`lab.gpu.Compiled`); not in `key`."""
 
     def key(self) -> tuple:
         return (self.preset, self.prompt, self.seed, self.steps, self.width, self.height, round(self.guidance, 4),
@@ -228,8 +230,8 @@ class _Run:
             return {}
         now = time.perf_counter()
         if self.want_preview and (last or pipe.interrupt or now - self.last_preview_at >= self.every_s):
-            try:
-                self.events.put(("preview", self.output.preview(self._x0_estimate(pipe, i, lat))))
+            try:  # the estimate stays on the device: the consumer draws it (no host sync in the denoising loop)
+                self.events.put(("preview", self._x0_estimate(pipe, i, lat).detach()))
                 self.last_preview_at = now
             except Exception:  # never let a preview break the run
                 pass
@@ -247,6 +249,14 @@ class _Run:
             self.error = e
         finally:
             self.events.put(("end", None))
+
+    def draw(self, estimate):
+        """The preview image of a clean-image estimate (a device tensor), drawn in the consumer's thread: the one
+        copy to the host happens here, not in the pipeline's loop. None if it cannot be drawn."""
+        try:
+            return self.output.preview(estimate)
+        except Exception:  # never let a preview break the run
+            return None
 
     def raise_error(self) -> None:
         e = self.error
@@ -275,9 +285,12 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
     try:
         handle = accel.apply(model.pipe, config)
         handle.on_step = lambda rec: run.events.put(("step", rec.step))
+        cuda = torch.cuda.is_available() and model.on_gpu
+        if cuda:  # the run's peak (one run at a time per model; other models' runs on this GPU would count too)
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         run.thread.start()
-        latest_preview, last_step, last_yield = None, -1, 0.0
+        pending, latest_preview, last_step, last_yield = None, None, -1, 0.0
         while True:
             try:
                 kind, value = run.events.get(timeout=0.1)
@@ -286,18 +299,23 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
             if kind == "end":
                 break
             if kind == "preview":
-                latest_preview = value
+                pending = value
             else:
                 last_step = max(last_step, value)
             now = time.perf_counter()
             if now - last_yield >= every_s:
                 last_yield = now
+                pending, latest_preview = None, run.draw(pending) if pending is not None else latest_preview
                 yield RunUpdate(snapshot(handle.trace), latest_preview, last_step, spec.steps,
                                 elapsed_s=now - start, config=cfg)
         run.thread.join()
         run.raise_error()
+        if pending is not None:
+            latest_preview = run.draw(pending)
         result = run.rendered()
         handle.remove()
+        if cuda:
+            handle.trace.meta["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
         yield RunUpdate(snapshot(handle.trace), latest_preview, last_step, spec.steps, done=True, result=result,
                         stopped=run.stopped, elapsed_s=time.perf_counter() - start, config=cfg)
     finally:

@@ -491,11 +491,13 @@ def slow_video_steps_vae():
 def test_model_switch_shows_the_video_controls_only_for_video_presets(vlab):
     demo = app.build_app(vlab)
     on_model = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_model")
-    status, prompt, steps, width, height, guidance, frames, video, frame = on_model(M.TINY_VIDEO, app.EXAMPLES[0])
+    status, prompt, steps, width, height, guidance, frames, video, frame, compile_ = on_model(M.TINY_VIDEO,
+                                                                                             app.EXAMPLES[0])
     assert frames["visible"] is True and frames["value"] == 9 and video["visible"] is True
     assert frame["visible"] is False  # until a video trace is there
     assert prompt["value"] == app.VIDEO_EXAMPLES[0] and width["value"] == 64
-    status, prompt, steps, width, height, guidance, frames, video, frame = on_model(M.TINY, app.VIDEO_EXAMPLES[1])
+    assert compile_["interactive"] is False and "CPU" in compile_["info"]  # the tiny presets run on the CPU
+    status, prompt, steps, width, height, guidance, frames, video, frame, _ = on_model(M.TINY, app.VIDEO_EXAMPLES[1])
     assert frames["visible"] is False and video["visible"] is False and prompt["value"] == app.EXAMPLES[1]
     assert "value" not in on_model(M.TINY, "my own prompt")[1]  # a prompt of the user's own stays
 

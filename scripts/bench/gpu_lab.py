@@ -1,0 +1,465 @@
+"""The lab at full size, in one device call: FLUX.1-dev- and HunyuanVideo-shaped pipeline folders with random
+weights, served by `app.py --model FOLDER` and driven through `gradio_client`, against the bare pipeline call.
+
+    python -m scripts.bench.gpu_lab all --out $OUT            # the GPU run (scripts/bench/gpu_lab.sh)
+    python -m scripts.bench.gpu_lab all --tiny --out /tmp/lab  # the same code path on a CPU in a few minutes
+
+Per family (`flux`, then `video`):
+1. `build` (a subprocess, so that its GPU memory is free afterwards): a pipeline of the real shapes with random
+   weights: the transformer (scripts.bench.pipes: FLUX.1-dev 19 + 38 blocks, HunyuanVideo 20 + 40) and the VAE
+   in their real configs, text encoders with the real output widths (T5 4096 / CLIP 768, Llama 4096 / CLIP 768)
+   and 2 layers, the bundled tiny models' tokenizers; saved with `save_pretrained` in bfloat16. Then the bare
+   pipeline calls, timed as scripts/bench does (`timed_call`: one call between device syncs): each lab method
+   with the lab's default config (`lab.methods`), latents out from given prompt embeddings (the bench's
+   speedup), and the plain call with the prompt and the decode (what the lab's run adds to the bare call).
+2. `drive`: `python app.py --model FOLDER` in a subprocess, then `/generate` through `gradio_client` per method
+   and step count (compare on: the lab's shown speedup is timed back to back inside the request), after one
+   short untimed request per method (the server's own first-call costs: Triton kernels, CUDA graphs). Recorded
+   per request: time to the first streamed preview, time to the method's image (the accelerated run, streamed
+   and rendered), total time, the summary's measured speedup, the trace's denoiser time and peak GPU memory.
+   FLUX also runs once with `compile` (regional compilation; its warm-up is reported apart).
+Rows are printed as JSON lines as they finish and written to OUT/gpu_lab.json; a table is printed last. Every
+stage has a deadline (`--budget-s`, default 530 s for the whole call): what does not fit is skipped and listed.
+
+Lab overhead = (time to the image - bare wall) / bare wall, where bare wall = the method's latent-out call +
+(plain call with prompt and decode - plain latent-out call): the text encoders and the decode are the same
+for every method. Bench speedup = plain latent-out wall / the method's latent-out wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_FLUX = os.path.join(ROOT, "assets", "models", "tiny-flux")
+TINY_VIDEO = os.path.join(ROOT, "assets", "models", "tiny-hunyuanvideo")
+PROMPT = "a large red circle on the left and a small blue square on the right, on a gray background"
+VIDEO_PROMPT = "a large red circle moving left, on a gray background"
+METHODS = ("Full", "SpeCa", "SpecDiff", "TaylorSeerCache (diffusers)")
+"""Lab labels (lab.methods): the four the issue asks for."""
+
+# what each family runs at: (GPU, --tiny)
+PLANS = {
+    "flux": {
+        "gpu": dict(width=1024, height=1024, frames=None, steps=(28, 50), warm_steps=8, compile_steps=28),
+        "tiny": dict(width=128, height=128, frames=None, steps=(6, 10), warm_steps=4, compile_steps=None),
+    },
+    "video": {
+        # 10 steps, not 50: a 544x960x33 step costs ~1.4 s, and the whole call has 9 minutes
+        "gpu": dict(width=960, height=544, frames=33, steps=(10,), warm_steps=4, compile_steps=None),
+        "tiny": dict(width=64, height=64, frames=9, steps=(8,), warm_steps=4, compile_steps=None),
+    },
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ---- 1. build and time the bare pipeline ---------------------------------------------------------------------
+def _tokenizers(src: str, dest: str, clip_dir: str, clip_len: int = 77) -> None:
+    """Copy the bundled tiny model's tokenizers; the CLIP one reads `clip_len` tokens, as the real one does."""
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(os.path.join(src, name), os.path.join(dest, name), dirs_exist_ok=True)
+    cfg_path = os.path.join(dest, clip_dir, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["model_max_length"] = clip_len
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
+def _clip(src_dir: str, hidden: int, layers: int, dtype, max_pos: int = 77):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig.from_pretrained(src_dir)
+    heads = max(1, hidden // 64)
+    cfg.update(dict(hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=heads,
+                    num_hidden_layers=layers, max_position_embeddings=max_pos, projection_dim=hidden))
+    return CLIPTextModel(cfg).to(dtype).eval()
+
+
+def build_flux(folder: str, tiny: bool, device, dtype):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    from scripts.bench.pipes import FLUX_DEV_SCHEDULER, random_flux
+
+    over = dict(joint_attention_dim=64, pooled_projection_dim=32) if tiny else {}
+    transformer = random_flux("small" if tiny else "dev", device, dtype, **over).transformer
+    width = transformer.config.joint_attention_dim
+    pooled = transformer.config.pooled_projection_dim
+    t5_cfg = T5Config.from_pretrained(os.path.join(TINY_FLUX, "text_encoder_2"))
+    t5_cfg.update(dict(d_model=width, d_kv=64 if not tiny else 16, num_heads=64 if not tiny else 4,
+                       d_ff=10240 if not tiny else 128, num_layers=2, relative_attention_num_buckets=32,
+                       relative_attention_max_distance=128))
+    torch.manual_seed(1)
+    t5 = T5EncoderModel(t5_cfg).to(dtype).eval()
+    clip = _clip(os.path.join(TINY_FLUX, "text_encoder"), pooled, 2, dtype)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32) if tiny else (128, 256, 512, 512),
+        layers_per_block=1 if tiny else 2, norm_num_groups=32, sample_size=128 if tiny else 1024,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+        force_upcast=True).to(dtype).eval()
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae,
+                        text_encoder=clip, tokenizer=CLIPTokenizer.from_pretrained(os.path.join(TINY_FLUX, "tokenizer")),
+                        text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(
+                            os.path.join(TINY_FLUX, "tokenizer_2")), transformer=transformer)
+    pipe.save_pretrained(folder)
+    _tokenizers(TINY_FLUX, folder, "tokenizer")
+    return pipe
+
+
+def build_video(folder: str, tiny: bool, device, dtype):
+    import torch
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline
+    from transformers import CLIPTokenizer, LlamaConfig, LlamaModel, LlamaTokenizerFast
+
+    from scripts.bench.pipes import random_hunyuan_video
+
+    pipe0, _ = random_hunyuan_video("small" if tiny else "full", device, dtype, text_len=8, text_valid=8)
+    transformer = pipe0.transformer
+    width = transformer.config.text_embed_dim
+    pooled = transformer.config.pooled_projection_dim
+    llama_cfg = LlamaConfig.from_pretrained(os.path.join(TINY_VIDEO, "text_encoder"))
+    llama_cfg.update(dict(hidden_size=width, intermediate_size=14336 if not tiny else 4 * width,
+                          num_attention_heads=32 if not tiny else 4, num_key_value_heads=8 if not tiny else 4,
+                          head_dim=width // (32 if not tiny else 4), num_hidden_layers=2))
+    torch.manual_seed(1)
+    llama = LlamaModel(llama_cfg).to(dtype).eval()
+    clip = _clip(os.path.join(TINY_VIDEO, "text_encoder_2"), pooled, 2, dtype)
+    vae = (AutoencoderKLHunyuanVideo(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32)
+           if tiny else AutoencoderKLHunyuanVideo()).to(dtype).eval()
+    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=LlamaTokenizerFast.from_pretrained(
+        os.path.join(TINY_VIDEO, "tokenizer")), transformer=transformer, vae=vae, scheduler=pipe0.scheduler,
+        text_encoder_2=clip, tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(TINY_VIDEO, "tokenizer_2")))
+    pipe.save_pretrained(folder)
+    _tokenizers(TINY_VIDEO, folder, "tokenizer_2")
+    return pipe
+
+
+def bare(pipe, folder: str, family: str, tiny: bool, out_json: str) -> None:
+    """Time the bare calls of the pipeline just built (the same weights the lab loads from `folder`), with the
+    arguments the lab passes for the folder's preset (`lab.runner.pipe_kwargs`)."""
+    import torch
+
+    import accel
+    from lab import methods as LM
+    from lab import models as M
+    from lab import runner as R
+    from lab.preview import Previewer
+    from scripts.bench.utils import timed_call
+
+    plan = PLANS[family]["tiny" if tiny else "gpu"]
+    gpu = torch.cuda.is_available() and not tiny
+    preset = M.folder_preset(folder, gpu=gpu)
+    t0 = time.perf_counter()
+    if gpu:
+        pipe.to("cuda")
+        if preset.is_video:
+            pipe.vae.enable_tiling()  # as the lab loads a video folder (lab.models.load_preset)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    device = pipe._execution_device
+    model = M.LoadedModel(preset, pipe, previewer=Previewer(pipe))
+    weights = sum(p.numel() * p.element_size() for c in pipe.components.values()
+                  if isinstance(c, torch.nn.Module) for p in c.parameters())
+    rows = dict(family=family, folder=folder, load_s=load_s, weights_gib=weights / 2**30, preset=preset.name,
+                device=torch.cuda.get_device_name() if gpu else "cpu", rows=[])
+    log(f"[bare] {preset.name}: {weights / 2**30:.1f} GiB of weights, on {rows['device']} in {load_s:.1f} s")
+    prompt = VIDEO_PROMPT if family == "video" else PROMPT
+    for steps in plan["steps"]:
+        spec = R.RunSpec(preset.name, prompt, 0, steps, plan["width"], plan["height"], preset.guidance,
+                         plan["frames"])
+        kw_pil = R.pipe_kwargs(spec, model)
+        kw_pil.pop("generator")
+        text = {k: v for k, v in kw_pil.items() if k in ("prompt", "max_sequence_length", "prompt_template")}
+        with torch.no_grad():
+            if family == "video":
+                pe, pooled, mask = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                                      max_sequence_length=text["max_sequence_length"],
+                                                      prompt_template=text.get("prompt_template") or
+                                                      {"template": "{}", "crop_start": 0})
+                embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, prompt_attention_mask=mask)
+            else:
+                pe, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                                   max_sequence_length=text["max_sequence_length"])
+                embeds = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled)
+        kw_lat = {k: v for k, v in kw_pil.items() if k not in text}
+        kw_lat.update(embeds, output_type="latent")
+        for label in METHODS:
+            cfg = LM.by_label(label).build({})
+            handle = accel.apply(pipe, cfg)
+            try:
+                if steps == plan["steps"][0]:  # first-call costs (kernels, CUDA graphs), a short call
+                    timed_call(pipe, dict(kw_lat, num_inference_steps=plan["warm_steps"]), device, seed=0,
+                               generator_device="cpu")
+                _, wall, peak = timed_call(pipe, kw_lat, device, seed=0, generator_device="cpu")
+                summary = handle.trace.summary()
+            finally:
+                handle.remove()
+            row = dict(kind="bare", family=family, method=label, steps=steps, latent_wall_s=wall,
+                       peak_gib=peak / 2**30, ideal=summary["ideal_speedup"], denoiser_s=summary["measured_ms"] / 1e3)
+            rows["rows"].append(row)
+            log(json.dumps(row))
+        if steps == plan["steps"][0]:
+            timed_call(pipe, dict(kw_pil, num_inference_steps=2), device, seed=0, generator_device="cpu")
+        _, pil_wall, pil_peak = timed_call(pipe, kw_pil, device, seed=0, generator_device="cpu")
+        row = dict(kind="bare", family=family, method="Full+text+decode", steps=steps, wall_s=pil_wall,
+                   peak_gib=pil_peak / 2**30)
+        rows["rows"].append(row)
+        log(json.dumps(row))
+    with open(out_json, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def cmd_build(args) -> None:
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.tiny
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    t0 = time.perf_counter()
+    if os.path.isdir(args.folder):
+        shutil.rmtree(args.folder)
+    with torch.no_grad():
+        pipe = (build_flux if args.family == "flux" else build_video)(args.folder, args.tiny, device, dtype)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.folder) for f in fs)
+    log(f"[build] {args.family}: {args.folder} ({size / 2**30:.1f} GiB) in {time.perf_counter() - t0:.1f} s")
+    bare(pipe, args.folder, args.family, args.tiny, args.json)
+
+
+# ---- 2. serve and drive the lab ------------------------------------------------------------------------------------
+def _summary_number(summary: str, pattern: str):
+    m = re.search(pattern, summary or "")
+    return float(m.group(1)) if m else None
+
+
+def _is_file(value) -> bool:
+    """An image output that carries a picture (gradio_client gives a file path; a skipped output is an update
+    dict without one)."""
+    if isinstance(value, dict):
+        value = value.get("path") or value.get("value")
+    return isinstance(value, str) and os.path.isfile(value)
+
+
+def _request(client, outputs, deadline, **controls) -> dict:
+    """One `/generate` request, its updates timed as they arrive."""
+    import app  # noqa: F401  (OUTPUTS)
+
+    i_preview, i_image, i_summary, i_files = (outputs.index(k) for k in ("preview", "image", "summary", "files"))
+    t0 = time.perf_counter()
+    job = client.submit(api_name="/generate", **controls)
+    first_preview = image_at = None
+    last = None
+    n = 0
+    for up in job:
+        now = time.perf_counter() - t0
+        n += 1
+        last = up
+        if first_preview is None and _is_file(up[i_preview]):
+            first_preview = now
+        if image_at is None and _is_file(up[i_image]):
+            image_at = now
+        if time.perf_counter() > deadline:
+            job.cancel()
+            raise TimeoutError("request past the deadline")
+    total = time.perf_counter() - t0
+    summary = last[i_summary] if last else ""
+    trace = {}
+    for path in (last[i_files] or []) if last else []:
+        path = path if isinstance(path, str) else getattr(path, "path", None) or path.get("path")
+        if path and path.endswith("_trace.json"):
+            with open(path) as f:
+                trace = json.load(f)
+    meta = trace.get("meta", {})
+    steps = [r for r in trace.get("steps", [])]
+    return dict(first_preview_s=first_preview, image_s=image_at, total_s=total, updates=n,
+                shown_speedup=_summary_number(summary, r"measured speedup \(time\)[^*]*\*\*([0-9.]+)x"),
+                compile_warmup_s=_summary_number(summary, r"compile warm-up ([0-9.]+) s"),
+                denoiser_s=sum(r.get("time_ms") or 0 for r in steps) / 1e3 if steps else None,
+                peak_gib=(meta.get("peak_gpu_bytes") or 0) / 2**30 or None,
+                summary_head=(summary or "").split("\n")[0][:160])
+
+
+def _serve(folder: str, port: int, log_path: str, max_work: float):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
+    cmd = [sys.executable, os.path.join(ROOT, "app.py"), "--model", folder, "--host", "127.0.0.1", "--port",
+           str(port), "--max-work", str(max_work)]
+    f = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, f
+
+
+def _connect(url: str, proc, timeout_s: float):
+    from gradio_client import Client
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode} before serving")
+        try:
+            return Client(url, verbose=False)
+        except Exception:
+            time.sleep(1.0)
+    raise TimeoutError("app.py did not serve in time")
+
+
+def drive(folder: str, family: str, tiny: bool, out_dir: str, deadline: float, port: int) -> list[dict]:
+    import app
+
+    plan = PLANS[family]["tiny" if tiny else "gpu"]
+    proc, logf = _serve(folder, port, os.path.join(out_dir, f"app-{family}.log"), max_work=100000)
+    rows, skipped = [], []
+    base = dict(prompt=VIDEO_PROMPT if family == "video" else PROMPT, seed=0, width=plan["width"],
+                height=plan["height"])
+    if plan["frames"]:
+        base["frames"] = plan["frames"]
+    try:
+        t0 = time.perf_counter()
+        client = _connect(f"http://127.0.0.1:{port}/", proc, max(10.0, deadline - time.time()))
+        up_s = time.perf_counter() - t0
+        # the first request loads the folder (the server loads presets on first use)
+        first = _request(client, app.OUTPUTS, deadline, method="Full", steps=2, compare=False, **base)
+        rows.append(dict(kind="lab", family=family, method="Full", steps=2, what="first request: load + run",
+                         server_up_s=up_s, **first))
+        log(json.dumps(rows[-1]))
+        for label in METHODS:  # the server's own first-call costs (Triton, CUDA graphs), untimed
+            _request(client, app.OUTPUTS, deadline, method=label, steps=plan["warm_steps"], compare=False, **base)
+        for steps in plan["steps"]:
+            for label in METHODS:
+                if time.time() > deadline - 5:
+                    skipped.append(f"{family} {label} {steps} steps")
+                    continue
+                r = _request(client, app.OUTPUTS, deadline, method=label, steps=steps, compare=label != "Full",
+                             **base)
+                rows.append(dict(kind="lab", family=family, method=label, steps=steps, **r))
+                log(json.dumps(rows[-1]))
+        if plan["compile_steps"]:
+            if time.time() < deadline - 60:
+                r = _request(client, app.OUTPUTS, deadline, method="SpeCa", steps=plan["compile_steps"],
+                             compare=True, compile=True, **base)
+                rows.append(dict(kind="lab", family=family, method="SpeCa compiled", steps=plan["compile_steps"],
+                                 **r))
+                log(json.dumps(rows[-1]))
+            else:
+                skipped.append(f"{family} SpeCa compiled")
+    except Exception as e:  # a stage cut short still reports what it finished
+        log(f"[drive] {family} stopped: {type(e).__name__}: {e}")
+        skipped.append(f"{family}: the rest ({type(e).__name__})")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        logf.close()
+    for s in skipped:
+        log(f"[drive] skipped: {s}")
+    return rows + [dict(kind="skipped", what=s) for s in skipped]
+
+
+# ---- 3. the table ------------------------------------------------------------------------------------------------
+def table(bare_rows: dict, lab_rows: list[dict]) -> list[str]:
+    """Lab vs bare per (family, method, steps)."""
+    lines = [f"{'family':6s} {'method':28s} {'steps':>5s} {'preview s':>9s} {'image s':>8s} {'bare s':>7s} "
+             f"{'overhead':>8s} {'total s':>8s} {'lab x':>6s} {'bench x':>7s} {'lab/bench':>9s} {'peak GiB':>8s} "
+             f"{'bare peak':>9s}"]
+    for r in lab_rows:
+        if r.get("kind") != "lab" or r["steps"] == 2:
+            continue
+        fam = r["family"]
+        b = {(x["method"], x["steps"]): x for x in bare_rows.get(fam, {}).get("rows", [])}
+        method = r["method"].replace(" compiled", "")
+        mine, plain = b.get((method, r["steps"])), b.get(("Full", r["steps"]))
+        full_pil = b.get(("Full+text+decode", r["steps"]))
+        bare_s = bench = None
+        if mine and plain and full_pil:
+            bare_s = mine["latent_wall_s"] + full_pil["wall_s"] - plain["latent_wall_s"]
+            bench = plain["latent_wall_s"] / mine["latent_wall_s"]
+        over = (r["image_s"] - bare_s) / bare_s if bare_s and r.get("image_s") else None
+        lab_x = r.get("shown_speedup")
+        ratio = lab_x / bench if lab_x and bench and "compiled" not in r["method"] else None
+        f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
+        lines.append(f"{fam:6s} {r['method']:28s} {r['steps']:>5} {f(r.get('first_preview_s'), '9.2f')} "
+                     f"{f(r.get('image_s'), '8.2f')} {f(bare_s, '7.2f')} {f(over and over * 100, '7.1f')}% "
+                     f"{f(r.get('total_s'), '8.2f')} {f(lab_x, '6.2f')} {f(bench, '7.2f')} {f(ratio, '9.3f')} "
+                     f"{f(r.get('peak_gib'), '8.1f')} {f(mine and mine['peak_gib'], '9.1f')}")
+    return lines
+
+
+def cmd_all(args) -> None:
+    start = time.time()
+    deadline_all = start + args.budget_s
+    os.makedirs(args.out, exist_ok=True)
+    work = args.work or ("/tmp/speclab-lab" if not args.tiny else os.path.join(args.out, "work"))
+    os.makedirs(work, exist_ok=True)
+    bare_rows, lab_rows = {}, []
+    families = args.families.split(",")
+    # the share of the budget each family may use (video's calls are longer per step)
+    share = {"flux": 0.5, "video": 0.5} if len(families) == 2 else {families[0]: 1.0}
+    for fam in families:
+        fam_deadline = min(deadline_all, time.time() + share[fam] * (deadline_all - time.time()) / sum(
+            share[f] for f in families[families.index(fam):]) * 1.0)
+        folder = os.path.join(work, f"{fam}-random")
+        bare_json = os.path.join(args.out, f"bare-{fam}.json")
+        cmd = [sys.executable, "-m", "scripts.bench.gpu_lab", "build", "--family", fam, "--folder", folder,
+               "--json", bare_json] + (["--tiny"] if args.tiny else [])
+        log(f"[all] {fam}: build + bare ({fam_deadline - time.time():.0f} s left for {fam})")
+        try:
+            subprocess.run(cmd, cwd=ROOT, check=True, timeout=max(30, fam_deadline - time.time() - 60))
+            with open(bare_json) as f:
+                bare_rows[fam] = json.load(f)
+        except Exception as e:  # noqa: BLE001
+            log(f"[all] {fam}: build failed: {type(e).__name__}: {e}")
+            lab_rows.append(dict(kind="skipped", what=f"{fam}: build ({type(e).__name__})"))
+            continue
+        lab_rows += drive(folder, fam, args.tiny, args.out, fam_deadline, args.port)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)  # the disk holds one full-size folder at a time
+        with open(os.path.join(args.out, "gpu_lab.json"), "w") as f:
+            json.dump(dict(bare=bare_rows, lab=lab_rows, tiny=args.tiny, seconds=time.time() - start), f, indent=1)
+    log("")
+    log(f"lab vs bare pipeline ({'tiny, CPU' if args.tiny else 'random weights, GPU'}); wall {time.time() - start:.0f} s")
+    for line in table(bare_rows, lab_rows):
+        log(line)
+    for r in lab_rows:
+        if r.get("kind") == "skipped":
+            log(f"skipped: {r['what']}")
+        if r.get("compile_warmup_s") is not None:
+            log(f"{r['family']} {r['method']}: compile warm-up {r['compile_warmup_s']:.1f} s (not in its timings)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m scripts.bench.gpu_lab", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build a random pipeline folder and time the bare calls (one family)")
+    b.add_argument("--family", choices=("flux", "video"), required=True)
+    b.add_argument("--folder", required=True)
+    b.add_argument("--json", required=True)
+    b.add_argument("--tiny", action="store_true")
+    a = sub.add_parser("all", help="build, time and drive every family")
+    a.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    a.add_argument("--work", default=None, help="where the pipeline folders go (default /tmp/speclab-lab)")
+    a.add_argument("--families", default="flux,video")
+    a.add_argument("--budget-s", type=float, default=530.0)
+    a.add_argument("--port", type=int, default=7865)
+    a.add_argument("--tiny", action="store_true", help="CPU-sized pipelines (a smoke run of this script)")
+    a.add_argument("--keep", action="store_true", help="keep the pipeline folders")
+    args = ap.parse_args(argv)
+    (cmd_build if args.cmd == "build" else cmd_all)(args)
+
+
+if __name__ == "__main__":
+    main()
