@@ -8,7 +8,7 @@
 # Stages (each under its own time limit, so that one slow stage leaves the others' results):
 #   smoke  FLUX-small random bf16 at 512², 8 steps: 1 GPU, then 2 ranks (Ulysses): NCCL, the all-to-alls and the
 #          rank-consistent decisions work before the big run
-#   flux   FLUX.1-dev-sized random bf16 transformer at 2048², 20 steps: plain / SpeCa adaptive / SpeCa every:8 /
+#   flux   FLUX.1-dev-sized random bf16 transformer at 2048², 28 steps: plain / SpeCa adaptive / SpeCa every:8 /
 #          SpecDiff 0.85, first on GPU 0 alone (the reference), then on 2 ranks; wall times, outputs against the
 #          1-GPU run of the same row, decisions equal to it, decisions identical on both ranks (summary.json)
 #   video  HunyuanVideo: diffusers 0.42.1 has no context-parallel plan for HunyuanVideoTransformer3DModel (and
@@ -40,7 +40,7 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)" | tee -a "$OUT/gpu.txt"
   case $stage in
     smoke) pair smoke "${SMOKE_S:-90}" --model flux-small --size 512 --steps 8 ;;
-    flux) pair flux "${FLUX_S:-270}" --model flux-dev --size 2048 --steps "${FLUX_STEPS:-20}" --repeats 1 ;;
+    flux) pair flux "${FLUX_S:-270}" --model flux-dev --size 2048 --steps "${FLUX_STEPS:-28}" --repeats 1 ;;
     video)
       python3 -c "
 from diffusers import HunyuanVideoTransformer3DModel as M
