@@ -273,17 +273,38 @@ def row_sums(terms: list[torch.Tensor], coefs, real: torch.Tensor, eps: float) -
     return out
 
 
+def torch_row_sums(terms: list[torch.Tensor], coefs, real: torch.Tensor, eps: float) -> torch.Tensor:
+    """`row_sums` in torch (any device; the forecast is built in float32): float32 [B, N, N_SUMS]."""
+    p = torch_forecast(terms, coefs).float()
+    r = real.float()
+    d = p - r
+    ad, ar = d.abs(), r.abs()
+    q = ad / (ar + eps)
+    return torch.stack([q.sum(-1), ad.sum(-1), ar.sum(-1), (d * d).sum(-1), (r * r).sum(-1), (p * r).sum(-1),
+                        (p * p).sum(-1), (q * q).sum(-1)], dim=-1)
+
+
 def errors_from_sums(sums: torch.Tensor, n_channels: int, metric: str, eps: float,
                      image_rows: slice | None = None,
-                     whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     whole_batch: bool = False, cp=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(per-sample error [B] ([1] with whole_batch), per-token map of the image rows or None) from `row_sums`;
-    the definitions of `metrics.verification_errors`."""
+    the definitions of `metrics.verification_errors`.
+
+    `cp` (an `accel.distributed.ContextParallel`): `sums` holds this rank's rows, every rank the same number;
+    the per-sample totals are all-reduced and the map gathered in rank order, so every rank returns the
+    error (and map) of all the rows, the same on every rank."""
     tok = None
     if image_rows is not None:
         img = sums[:, image_rows]
         tok = ((img[..., 1] / n_channels) / (img[..., 2] / n_channels + eps)).mean(dim=0)
     total = sums.sum(dim=1)  # [B, N_SUMS]
     n = sums.shape[1] * n_channels
+    if cp is not None:
+        from .distributed import all_reduce_sum, gather_tokens
+
+        total, n = all_reduce_sum(total, cp), n * cp.world
+        if tok is not None:
+            tok = gather_tokens(tok, cp)
     if whole_batch and metric != "cosine":
         total, n = total.sum(dim=0, keepdim=True), n * sums.shape[0]
     if metric == "rel_l1":
@@ -303,15 +324,19 @@ def errors_from_sums(sums: torch.Tensor, n_channels: int, metric: str, eps: floa
 
 def forecast_error(terms: list[torch.Tensor], coefs, real: torch.Tensor, metric: str, eps: float,
                    image_rows: slice | None = None,
-                   whole_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   whole_batch: bool = False, cp=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Verification of the forecast sum_i coefs[i] * terms[i] against `real` ([B, N, C]): (per-sample error
     [B] ([1] with whole_batch), per-token map of `image_rows` or None), as `metrics.verification_errors`
     defines them. Fused on CUDA (the forecast is formed in float32 inside the kernel, never stored); the torch
-    path builds the forecast. `coefs`: floats, or a float32 tensor on the device (CUDA graphs)."""
+    path builds the forecast. `coefs`: floats, or a float32 tensor on the device (CUDA graphs).
+
+    `cp` (context parallelism, `accel.distributed`): `real` is this rank's token shard; the per-row sums
+    (fused or `torch_row_sums`) are all-reduced, so the error is the one of all the tokens, on every rank."""
     I = len(coefs)
-    if real.dim() == 3 and I <= MAX_TERMS and _fusable([real, *terms[:I]]):
-        return errors_from_sums(row_sums(terms, coefs, real, eps), real.shape[-1], metric, eps, image_rows,
-                                whole_batch)
+    fused = real.dim() == 3 and I <= MAX_TERMS and _fusable([real, *terms[:I]])
+    if fused or cp is not None:
+        sums = row_sums(terms, coefs, real, eps) if fused else torch_row_sums(terms, coefs, real, eps)
+        return errors_from_sums(sums, real.shape[-1], metric, eps, image_rows, whole_batch, cp=cp)
     return verification_errors(torch_forecast(terms, coefs), real, metric, eps, image_rows, whole_batch)
 
 

@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from .adapters import Adapter, TokenLayout
+from .distributed import ContextParallel, check_hook_order, context_parallel, shard_layout
 from .trace import StepRecord, Trace
 
 
@@ -44,6 +45,9 @@ class RunState(BaseState):
     def reset(self, *args, **kwargs) -> None:
         self.last_step: int | None = None
         self.layout: TokenLayout | None = None
+        """The call's token layout (under context parallelism: of the whole call, as the pipeline made it)."""
+        self.block_layout: TokenLayout | None = None
+        """The layout of the tokens the blocks see: `layout`, or one rank's shard under context parallelism."""
         self.blocks_computed = 0.0
 
 
@@ -79,6 +83,8 @@ class StepDriverHook(ModelHook):
         self._timesteps_cpu: list[float] | None = None
         self._sigmas_ref = None
         self._sigmas_cpu: list[float] | None = None
+        self.cp: ContextParallel | None = None
+        """The transformer's context parallelism (accel/distributed.py), read at the start of every run."""
 
     # ---- step location -------------------------------------------------------------------
     def _locate(self, state: RunState, args, kwargs) -> StepInfo:
@@ -177,11 +183,17 @@ class StepDriverHook(ModelHook):
             state.reset()  # a new run in this context (the last one ended without a reset)
             self.run_states.clear()
         if not self.run_states:
+            self._find_context_parallel()
             self.on_new_run()
         self.run_states[info.context] = state
         if state.layout is None:
             state.layout = self.adapter.token_layout(args, kwargs)
+            state.block_layout = shard_layout(state.layout, self.cp) if self.cp is not None else state.layout
         trace = self.handle._trace_for(info, state.layout)
+        if self.cp is not None:
+            trace.meta["context_parallel"] = {"world": self.cp.world, "rank": self.cp.rank,
+                                              "ring_degree": self.cp.ring_degree,
+                                              "ulysses_degree": self.cp.ulysses_degree}
         rec = StepRecord(
             step=info.step, num_steps=info.num_steps, context=info.context, timestep=info.timestep,
             sigma=info.sigma, blocks_total=self.n_blocks,
@@ -202,6 +214,17 @@ class StepDriverHook(ModelHook):
         if self.handle.on_step is not None:
             self.handle.on_step(rec)
         return out
+
+    def _find_context_parallel(self) -> None:
+        """Read the transformer's context parallelism (diffusers' `enable_parallelism`) for this run."""
+        self.cp = context_parallel(self.adapter.transformer)
+        if self.cp is None:
+            return
+        check_hook_order(self.adapter.transformer, self.handle.hook_name)
+        if not self.adapter.supports_context_parallel:
+            raise NotImplementedError(
+                f"SpecLab does not support context parallelism on {type(self.adapter.transformer).__name__} yet "
+                "(only FLUX): run it on one GPU, or without enable_parallelism")
 
     @staticmethod
     def _device(module) -> torch.device:

@@ -29,6 +29,10 @@ Batch > 1: the error is taken per sample and the step is accepted only if every 
 is shared because the batch runs through one forward); the trace keeps every sample's error
 (`batch_error="whole_batch"`: one error over the batch, as the released code).
 
+Context parallelism (diffusers' `enable_parallelism`): the blocks see one rank's token shard; the verification
+error is formed from per-row sums all-reduced over the ranks, so every rank takes the same decision, the
+single-process one (accel/distributed.py). CUDA graphs are off there.
+
 Speculative steps never wait for the device unless a decision needs the error: with `sync_timing=False`, errors
 that only go to the trace are read at the end of the run (`Trace.refresh` then rebuilds its series).
 """
@@ -523,10 +527,11 @@ class SpeCaModelHook(StepDriverHook):
             out, real = self._run_taped(block, args, kwargs)
             state.blocks_computed += 1
             verify_terms = terms["verify"] if self.stack else state.forecasters[v].terms[self.verify_key]
-            img = adapter.image_tokens(block, self.verify_key, state.layout) if cfg.record_maps else None
+            img = adapter.image_tokens(block, self.verify_key, state.block_layout) if cfg.record_maps else None
+            # under context parallelism the sums are all-reduced: every rank gets the error of all the tokens
             state.verify_errors, state.verify_map = forecast_error(
                 verify_terms, coefs, real[self.verify_key], cfg.metric, cfg.eps, img,
-                whole_batch=cfg.batch_error == "whole_batch")
+                whole_batch=cfg.batch_error == "whole_batch", cp=self.cp)
         if out is not None and cfg.verify_output == "real":
             if v == self.last:
                 return out  # the real output: it is computed anyway and closer to a full step than its forecast
@@ -545,7 +550,7 @@ class SpeCaModelHook(StepDriverHook):
         for b in self.blocks:
             side = out["before" if b.index < v else "block" if b.index == v else "after"]
             terms = state.forecasters[b.index].terms
-            for c in self.adapter.contributions(b, state.layout):
+            for c in self.adapter.contributions(b, state.block_layout):
                 side.setdefault(c.stream, []).append((terms[c.feature], self.gate_index[(b.index, c.feature)],
                                                       c.row_start))
         return out
@@ -651,7 +656,9 @@ class SpeCaModelHook(StepDriverHook):
 
     # ---- CUDA graphs of speculative steps ---------------------------------------------------------------
     def _graphs_on(self, module) -> bool:
-        return bool(self.config.cuda_graphs) and self.stack and self._graphable and self._device(module).type == "cuda"
+        # not under context parallelism: the verification's all-reduce would be captured too (not tried)
+        return (bool(self.config.cuda_graphs) and self.stack and self._graphable and self.cp is None
+                and self._device(module).type == "cuda")
 
     def _graph_spec(self, args, kwargs, state: SpeCaState, info: StepInfo):
         """A speculative step's transformer call as a CUDA graph replay. What the recorded kernels read lives in

@@ -21,6 +21,11 @@ computed values is kept on the device ([window, batch, tokens, channels], newest
 Hooks: `SpecDiffModelHook` (a `StepDriverHook`) on the transformer; the attention processors of every
 attention module are replaced (`adapter.kv_cache_processor`) and restored by `Handle.remove`.
 One host sync per step, for the trace (level counts and maps); the compute path has none.
+
+Context parallelism (diffusers' `enable_parallelism`, Ulysses only): the processors gather the whole sequence
+for their share of the heads (accel/distributed.py), the scores are all-reduced once per call, so importance,
+C1 and the levels are the same on every rank and the single-process ones; C1's size is rounded up to a multiple
+of the ranks (the transformer splits the subset call's tokens equally). CUDA graphs are off there.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from .adapters import Adapter
 from .adapters.kv_attention import AttnControl, AttnMode
 from .api import register_method
 from .config import ConfigBase, check, knob
+from .distributed import all_reduce_sum
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
 from .trace import FULL, PARTIAL, StepRecord
 
@@ -332,10 +338,38 @@ class SpecDiffModelHook(StepDriverHook):
             return False, "no_history"
         return True, "partial"
 
+    def on_new_run(self) -> None:
+        cp = self.cp
+        if cp is not None and cp.ulysses_group is None:
+            raise NotImplementedError(
+                "SpecDiff under context parallelism needs Ulysses attention "
+                "(ContextParallelConfig(ulysses_degree=N)); ring attention is not supported: its K/V cache and "
+                "attention scores would need the ring's key exchange. Use ulysses_degree, or SpeCa.")
+        self.control.cp = cp
+
+    def _scores(self) -> torch.Tensor | None:
+        """This call's attention received per image token, normalised (`normalise_scores`), or None. Under
+        context parallelism each rank scored its share of the heads: the sum over ranks / ranks is the mean
+        over all heads, the same on every rank."""
+        s = self.control.scores
+        if s is None:
+            return None
+        if self.cp is not None:
+            s = all_reduce_sum(s, self.cp) / self.cp.world
+        return normalise_scores(s)
+
+    def _n_c1(self, n_img: int) -> int:
+        """C1 size; under context parallelism rounded up to a multiple of the ranks."""
+        n = self.config.n_computed(n_img)
+        if self.cp is not None:
+            n = min(n_img, -(-n // self.cp.world) * self.cp.world)
+        return n
+
     # ---- main step -------------------------------------------------------------------------
     def run_step(self, module, args, kwargs, info: StepInfo, state: SpecDiffState, rec: StepRecord):
         cfg: SpecDiffConfig = self.config
         layout = state.layout
+        self.control.cp_text = state.block_layout.n_text
         n_img = layout.n_image
         if state.first_step is None:
             state.first_step = info.step
@@ -363,9 +397,9 @@ class SpecDiffModelHook(StepDriverHook):
                 out = self.fn_ref.original_forward(*args, **kwargs)
                 sample = self.adapter.output_sample(out)
                 self._after_full(state, self.adapter.sample_tokens(sample), rec, info.step)
-                if prerun_here:
+                if prerun_here:  # the step's scores are in state.his (`_after_full`)
                     state.prerun = {"args": args, "kwargs": kwargs, "sample": sample,
-                                    "scores": None if ctl.scores is None else normalise_scores(ctl.scores)}
+                                    "scores": None if ctl.scores is None else state.his}
         finally:
             ctl.end()
         return out
@@ -378,7 +412,7 @@ class SpecDiffModelHook(StepDriverHook):
         rec.tokens_computed = n_img
         state.blocks_computed = float(self.n_blocks)
         state.consecutive_partial = 0
-        state.his = normalise_scores(ctl.scores) if ctl.scores is not None else None
+        state.his = self._scores()
         if state.any_partial:
             w = cfg.history_window
             if state.hist is None:
@@ -402,7 +436,7 @@ class SpecDiffModelHook(StepDriverHook):
         cfg: SpecDiffConfig = self.config
         adapter, ctl, layout = self.adapter, self.control, state.layout
         n_img, n_text = layout.n_image, layout.n_text
-        n_c1 = cfg.n_computed(n_img)
+        n_c1 = self._n_c1(n_img)
 
         # importance = his * fut * exp(s * cached), in log space (no overflow), scaled to max 1
         j = min(range(len(state.fut_sigmas)), key=lambda k: abs(state.fut_sigmas[k] - (info.sigma or 0.0)))
@@ -420,7 +454,7 @@ class SpecDiffModelHook(StepDriverHook):
             out, new = self._graph_subset(args, kwargs, c1, rows, info.context)
         else:
             out, new = adapter.run_subset(self.fn_ref.original_forward, args, kwargs, c1)  # new: [B, n_c1, C]
-        state.his = normalise_scores(ctl.scores) if ctl.scores is not None else None
+        state.his = self._scores()
 
         # assemble: C2 = last value, C3 = weighted history or Taylor forecast, C1 = new
         hist = state.hist
@@ -506,7 +540,9 @@ class SpecDiffModelHook(StepDriverHook):
 
     # ---- CUDA graphs of partial steps -------------------------------------------------------------
     def _graphs_on(self, module) -> bool:
-        return bool(self.config.cuda_graphs) and self._graphable and self._device(module).type == "cuda"
+        # not under context parallelism: its all-to-alls would be captured too (not tried)
+        return (bool(self.config.cuda_graphs) and self._graphable and self.cp is None
+                and self._device(module).type == "cuda")
 
     def _graph_subset(self, args, kwargs, c1: torch.Tensor, rows: torch.Tensor, context: str):
         """`adapter.run_subset` as a CUDA graph replay. The graph is keyed by everything the recorded kernels
@@ -619,7 +655,7 @@ class SpecDiffModelHook(StepDriverHook):
                     a, k = adapter.with_call_inputs(args, kwargs, latents=x,
                                                     timestep=adapter.model_timestep(s, sched, args, kwargs))
                 v = adapter.output_sample(self.fn_ref.original_forward(*a, **k))
-                scores = normalise_scores(ctl.scores)
+                scores = self._scores()
                 rec = StepRecord(step=j, num_steps=cfg.spec_steps, context=context, timestep=s * n_train, sigma=s,
                                  decision=FULL, reason="prerun", blocks_computed=float(self.n_blocks),
                                  blocks_total=self.n_blocks, tokens_computed=layout.n_image,

@@ -135,6 +135,10 @@ class Adapter:
     transformer_classes: tuple[str, ...] = ()
     timestep_scale = 1.0
     """The transformer receives `scheduler timestep / timestep_scale`."""
+    supports_context_parallel = False
+    """SpeCa and SpecDiff may run under diffusers' context parallelism on this family (accel/distributed.py):
+    its CP plan splits text and image tokens in equal contiguous chunks and every block's joint sequence on a
+    rank is [its text shard, its image shard], text first."""
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer

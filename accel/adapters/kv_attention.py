@@ -31,7 +31,7 @@ import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from torch.nn.attention import SDPBackend
 
-from .. import kernels
+from .. import distributed, kernels
 
 
 class AttnMode(str, Enum):
@@ -137,6 +137,11 @@ class AttnControl:
         self.score_layers = 0
         self.attn_pairs = 0
         """query x key pairs the attention itself computed in this call (same units as `score_pairs`)."""
+        self.cp: distributed.ContextParallel | None = None
+        """Context parallelism (Ulysses) of the run: `attend` gathers the whole sequence for its heads."""
+        self.cp_text = 0
+        """Text tokens in one rank's joint shard (under context parallelism)."""
+        self._orders: dict = {}
 
     def begin(self, mode: AttnMode | str, kv: dict | None, store_kv: bool, score: bool, rows=None,
               key_start: int = 0):
@@ -154,6 +159,14 @@ class AttnControl:
 
     def scores_layer(self, layer: int) -> bool:
         return self.score and layer % self.score_every == 0
+
+    def canonical_order(self, seq_local: int, device) -> torch.Tensor:
+        """`distributed.canonical_order` for a rank's joint shard of `seq_local` tokens (cached per length)."""
+        key = (seq_local, self.cp_text, self.cp.world, str(device))
+        order = self._orders.get(key)
+        if order is None:
+            order = self._orders[key] = distributed.canonical_order(seq_local, self.cp_text, self.cp.world, device)
+        return order
 
     def add_scores(self, query: torch.Tensor, key: torch.Tensor, key_start: int, n_keys: int | None = None,
                    key_mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
@@ -191,24 +204,26 @@ class KVCacheAttnProcessor:
         """SpecDiff is not in this call: the replaced processor does it."""
         return not self.control.active
 
-    def _native_backend(self) -> bool:
+    def _native_backend(self, parallel_config) -> bool:
         """The attention call is diffusers' native one (torch SDPA), with no context parallelism."""
-        if self._parallel_config is not None:
+        if parallel_config is not None:
             return False
         backend = self._attention_backend
         if backend is None:
             backend = _AttentionBackendRegistry.get_active_backend()[0]
         return backend in (AttentionBackendName.NATIVE, AttentionBackendName.NATIVE.value)
 
-    def _attention(self, query, key, value, attention_mask, want_lse: bool):
+    def _attention(self, query, key, value, attention_mask, want_lse: bool, parallel: bool = True):
         """(attention output [B, Sq, H, D], row log-sum-exp or None). With `want_lse`, no mask and the native
-        backend, the SDPA kernel torch would pick anyway returns its LSE too (`_sdpa_with_lse`)."""
-        if want_lse and attention_mask is None and self._native_backend():
+        backend, the SDPA kernel torch would pick anyway returns its LSE too (`_sdpa_with_lse`). `parallel`:
+        through the replaced processor's context parallelism (False: the tokens are already gathered)."""
+        parallel_config = self._parallel_config if parallel else None
+        if want_lse and attention_mask is None and self._native_backend(parallel_config):
             got = _sdpa_with_lse(query, key, value)
             if got is not None:
                 return got
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
+                                    parallel_config=parallel_config)
         return out, None
 
     @torch.compiler.disable
@@ -226,8 +241,19 @@ class KVCacheAttnProcessor:
         Never compiled (`torch.compiler.disable`): under regional compilation the blocks' projections and MLPs
         compile and this runs as is, so the per-layer state it reads (layer index, mode, cache, rows) guards
         no graph and triggers no recompilation.
+
+        Under context parallelism (Ulysses, `control.cp`) the tokens given are one rank's joint shard: an
+        all-to-all gathers the whole sequence for this rank's share of the heads and puts it in the
+        single-process order, so the cache, its rows, the image keys and the scores are the single-process ones
+        (for these heads: the hook all-reduces the scores); the output goes back the same way.
         """
         ctl = self.control
+        cp = ctl.cp
+        if cp is not None:
+            if attention_mask is not None:
+                raise NotImplementedError("SpecDiff under context parallelism takes no attention mask")
+            order = ctl.canonical_order(query.shape[1], query.device)
+            query, key, value = (distributed.heads_to_sequence(x, cp, order) for x in (query, key, value))
         query_mask = None if attention_mask is None else attention_mask.reshape(attention_mask.shape[0], -1)
         if ctl.mode is AttnMode.SUBSET:
             k_all, v_all = ctl.kv[self.layer]
@@ -247,7 +273,7 @@ class KVCacheAttnProcessor:
                     ctl.kv_generation += 1
                 ctl.kv[self.layer] = (key, value)  # no copy: these tensors are not used after this call
         score = ctl.scores_layer(self.layer)
-        hidden_states, lse = self._attention(query, key, value, attention_mask, want_lse=score)
+        hidden_states, lse = self._attention(query, key, value, attention_mask, want_lse=score, parallel=cp is None)
         if score:
             key_mask = None if attention_mask is None else attention_mask.reshape(attention_mask.shape[0], -1)
             if image_keys is None:
@@ -255,6 +281,8 @@ class KVCacheAttnProcessor:
             start, stop, _ = image_keys.indices(key.shape[1])
             ctl.add_scores(query, key, start, stop - start, key_mask, query_mask, lse=lse)
         ctl.attn_pairs += query.shape[0] * query.shape[2] * query.shape[1] * key.shape[1]
+        if cp is not None:
+            hidden_states = distributed.sequence_to_heads(hidden_states, cp, order)
         return hidden_states.flatten(2, 3).to(query.dtype)
 
 

@@ -25,6 +25,7 @@ class FluxAdapter(DualStreamAdapter):
     text_first = True
     output_order = ("txt", "img")
     clip_fp16 = True
+    supports_context_parallel = True  # diffusers' FluxTransformer2DModel._cp_plan splits txt and img tokens
 
     def token_layout(self, args, kwargs) -> TokenLayout:
         img_ids = self.call_args.get(args, kwargs, "img_ids")
