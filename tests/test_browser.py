@@ -166,6 +166,9 @@ def test_stop_button_ends_a_run(browser, server, tmp_path):
             field = page.locator(f"{box} input[type=number]")  # a long run, so that Stop comes mid-way
             field.fill(value)
             field.press("Enter")
+        # Full computes every step: a SpeCa run of 100 steps could end before the Stop lands on a loaded machine
+        page.get_by_label("Full", exact=True).check()
+        page.get_by_text("threshold base").wait_for(state="hidden", timeout=10_000)
         page.locator("#speclab-generate").click()
         try:
             page.wait_for_function(
