@@ -22,6 +22,7 @@ method's knobs as `<method>_<field>` (e.g. `speca_threshold`, `specdiff_cache_ra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import html
 import inspect
 import json
@@ -96,19 +97,31 @@ OUTPUTS = ("preview", "image", "summary", "error_plot", "timeline_plot", "maps_p
 CSS = """
 #speclab-controls .form { gap: 6px; }
 #speclab-preview img, #speclab-image img { image-rendering: auto; }
+/* the images start below their labels (Gradio floats a label over the image's top left corner) */
+.speclab-picture .image-container { padding-top: 36px; box-sizing: border-box; }
 #speclab-header p { margin: 0; }
 .speclab-caption, .speclab-caption p { font-size: 0.85em; opacity: 0.85; }
 .speclab-how p { font-size: 0.9em; }
 #speclab-summary p { overflow-wrap: anywhere; }
-/* a phone: the results column (prompt, Generate, image, plots) first, the knobs after */
+/* a phone: the results column (prompt, Generate, image, plots) first, the knobs after; the images' buttons
+   (download, fullscreen) would cover their labels: the run's files are under "Export / load a trace" */
 @media (max-width: 768px) {
+  .speclab-picture .icon-button-wrapper { display: none !important; }
   #speclab-main { flex-direction: column; }
   #speclab-results { order: -1; }
   #speclab-header h1 { font-size: 1.4em; }
   #speclab-header p { font-size: 0.85em; }
-  #speclab-preview, #speclab-image, #speclab-full { height: 150px !important; }
+  #speclab-preview, #speclab-image, #speclab-full { height: 180px !important; }
 }
 """
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "plotly_theme.js")) as _f:
+    HEAD = f"<script>\n{_f.read()}</script>"
+"""In the page's <head>: the Plotly figures follow the page's light/dark theme (assets/plotly_theme.js)."""
+
+
+def page_options() -> dict:
+    """`launch()`'s look of the page: theme, CSS and the figures' theme script (the app and the browser tests)."""
+    return dict(theme=gr.themes.Soft(), css=CSS, head=HEAD)
 
 
 # ---- errors and Markdown ---------------------------------------------------------------------------------------
@@ -154,7 +167,7 @@ def summary_markdown(trace: Trace | None, extra: dict | None = None) -> str:
     run = trace.meta.get("run") if isinstance(trace.meta.get("run"), dict) else {}
     lab_method = LM.by_name(trace.method)
     method = lab_method.label if lab_method is not None else trace.method
-    model = run.get("model") or trace.model
+    model = run.get("model") or extra.get("model") or trace.model  # the preset's name, not the model's class
     lines = [
         f"**{md_text(method, 60)}** on {md_text(model, 80)} — step {done}/{trace.num_steps}"
         + (" — **stopped**" if extra.get("stopped") else "") + (" — running…" if extra.get("running") else ""),
@@ -214,7 +227,7 @@ def panels(**values) -> tuple:
 
 def trace_panels(trace: Trace, **extra) -> dict:
     """The per-step figures of a trace."""
-    if trace.method == "speca":
+    if trace.method in ("speca", "fbcache"):  # FirstBlockCache: its residual change against its threshold
         error = V.error_figure(trace)
     else:
         m = LM.by_name(trace.method)
@@ -223,11 +236,11 @@ def trace_panels(trace: Trace, **extra) -> dict:
     figs = dict(error_plot=error, timeline_plot=V.timeline_figure(trace, reference=extra.get("ref")),
                 maps_plot=V.token_maps_figure(trace))
     m = LM.by_name(trace.method)
-    if m is not None:  # the UI's name in the titles ("SpeCa: compute timeline", not "speca: ...")
-        for fig in figs.values():
-            title = fig.layout.title.text or ""
-            if title.startswith(trace.method + ":"):
-                fig.layout.title.text = m.label + title[len(trace.method):]
+    if m is not None:  # the UI's name in the subtitles ("SpeCa · ideal 2.4x", not "speca · ...")
+        for key in ("error_plot", "timeline_plot"):
+            sub = figs[key].layout.title.subtitle
+            if (sub.text or "").startswith(trace.method):
+                sub.text = m.label + sub.text[len(trace.method):]
     return figs
 
 
@@ -354,7 +367,7 @@ class Lab:
         final, calibrated = None, None
         compiled_note = yield from self._compile_turn(model, spec, method, config, compare, ticket)
         if getattr(spec, "target_speedup", 0):
-            knob = method.speed_knob
+            knob = next(k.label for k in method.knobs() if k.name == method.speed_knob)  # the UI's name
             ticket.progress = "calibrating"
             yield panels(summary=f"Finding the {md_text(knob)} whose ideal speedup is {spec.target_speedup:g}x on "
                                  "this prompt (bisection, a few runs)…")
@@ -362,7 +375,8 @@ class Lab:
             cal = accel.calibrate(model.pipe, config, spec.target_speedup, max_iter=5, **kwargs)
             config = cal.config
             calibrated = (f"target speedup {spec.target_speedup:g}x: {md_text(knob)} = "
-                          f"{getattr(config, knob):g} gives {cal.speedup:.2f}x ideal ({len(cal.tried)} runs tried)")
+                          f"{getattr(config, method.speed_knob):g} gives {cal.speedup:.2f}x ideal "
+                          f"({len(cal.tried)} runs tried)")
         for up in R.stream_run(model, spec, config, stop=stop, every_s=self.every_s):
             if up.done:
                 final = up
@@ -370,7 +384,8 @@ class Lab:
             ticket.progress = f"step {up.step + 1}/{spec.steps}"
             if up.trace is not None:
                 yield panels(preview=up.preview if up.preview is not None else gr.skip(),
-                             summary=summary_markdown(up.trace, {"running": True}), **trace_panels(up.trace))
+                             summary=summary_markdown(up.trace, {"running": True, "model": spec.preset}),
+                             **trace_panels(up.trace))
         trace, result = final.trace, final.result
         extra, ref, pairs = {"stopped": final.stopped, "calibrated": calibrated, "compiled": compiled_note}, None, []
         diff_note = "tick 'compare with the full run' to see it"
@@ -381,13 +396,15 @@ class Lab:
         elif compare:
             ticket.progress = "timing the full run"
             yield panels(preview=final.preview if final.preview is not None else gr.skip(), image=result.image,
-                         summary=summary_markdown(trace, {"note": "timing the full run back to back with this one "
+                         summary=summary_markdown(trace, {"model": spec.preset,
+                                                          "note": "timing the full run back to back with this one "
                                                                   "(the honest measured speedup)…"}),
                          step=_slider_update(trace), trace=trace, **trace_panels(trace))
             ref, pairs, full_ms = self._timed_pairs(model, spec, method, config, trace, stop)
             if ref is None:
                 extra["note"] = diff_note = "the full reference run was stopped: no comparison"
         comparison = C.compare(result, trace, *ref) if ref is not None else None
+        session.reference = (trace, ref[1]) if ref is not None else None
         if comparison is not None:
             extra.update(comparison.as_summary())
             if pairs:
@@ -537,7 +554,7 @@ class Lab:
                              "FirstBlockCache")
         knob = next(k for k in method.knobs() if k.name == name)
         s_lo, s_hi, _ = knob.slider()
-        lo = s_lo if lo is None else R.as_float("sweep from", lo)
+        lo = s_lo if lo is None or lo == 0 else R.as_float("sweep from", lo)  # 0: the page's empty box
         hi = s_hi if hi is None or hi == 0 else R.as_float("sweep to", hi)  # 0: an empty box in the page
         count = R.as_int("sweep points", count)
         if not 2 <= count <= 8:
@@ -572,16 +589,17 @@ class Lab:
             run.trace.meta["run"] = self._run_meta(spec, method, cfg)
             s = run.trace.summary()
             mine = s["measured_ms"]
-            label = f"{knob.label} {v:g}"
+            label = f"{knob.label} {v:.3g}"
             points.append(dict(label=label, value=v, psnr=C.psnr(run.result.pixels(), ref.result.pixels()),
                                ssim=C.ssim(run.result.pixels(), ref.result.pixels()),
                                measured=full.trace.summary()["measured_ms"] / mine if mine else None,
                                ideal=s["ideal_speedup"]))
             runs.append((label, run.result, run.trace))
-            yield (V.sweep_figure(points, others, title=f"{method.label}: speedup vs PSNR ({len(points)}/"
+            yield (V.sweep_figure(points, others, title=f"{method.label}: speedup vs PSNR, by {knob.label} "
+                                                          f"({len(points)}/"
                                                           f"{len(values)})"), _sweep_table(points, full_ms), gr.skip())
         session.sweep = runs
-        yield (V.sweep_figure(points, others, title=f"{method.label}: speedup vs PSNR, this prompt"),
+        yield (V.sweep_figure(points, others, title=f"{method.label}: speedup vs PSNR, by {knob.label}"),
                _sweep_table(points, full_ms), gr.update(choices=[r[0] for r in runs], value=None, interactive=True))
 
     def pick(self, label, session: Session | None = None):
@@ -595,17 +613,37 @@ class Lab:
                 *trace_panels(trace).values(), _slider_update(trace), trace)
 
     # ---- replay -------------------------------------------------------------------------------------
-    def play(self, trace, frame=None):
-        """Play: the token maps and the step slider step by step through the trace (then left at the last)."""
+    PLAY_OUTPUTS = ("maps_plot", "step", "timeline_plot", "error_plot")
+
+    def play(self, trace, frame=None, session: Session | None = None):
+        """Play: the run again, step by step from its trace (a run on the bundled models is over too fast to
+        watch): the timeline and the error plot grow as they did live, the token maps and the step slider follow
+        the latest step with maps; it ends on the whole run. Yields updates of `PLAY_OUTPUTS`."""
         if not isinstance(trace, Trace):
             raise gr.Error("nothing to play: run or load a trace first")
-        steps = V.map_steps(trace)
-        if not steps:
-            yield V.empty_figure("this trace has no token maps to play", title="token maps"), gr.skip()
-            return
-        for s in steps:
-            yield (V.token_maps_figure(trace, step=s, frame=None if frame is None else R.as_int("frame", frame)),
-                   gr.update(value=s))
+        frame = None if frame is None else R.as_int("frame", frame)
+        ref = session.reference if isinstance(session, Session) else None
+        ref = ref[1] if ref is not None and ref[0] is trace else None
+        # the same trace growing from its records (the pre-run calls came first, as they did in the run)
+        partial = dataclasses.replace(trace, steps=[], overhead=list(trace.overhead))
+        records = sorted(trace.steps, key=lambda r: r.step)
+        with_maps = set(V.map_steps(trace))
+        shown, i = None, 0
+        for s in sorted({r.step for r in records}):
+            while i < len(records) and records[i].step == s:
+                partial.append(records[i])
+                i += 1
+            panels = trace_panels(partial, ref=ref)
+            if s in with_maps:
+                shown = s
+                maps, step = V.token_maps_figure(partial, step=s, frame=frame), gr.update(value=s)
+            elif shown is None:
+                maps, step = V.empty_figure(f"no token maps up to step {s} (SpeCa records them on verified "
+                                            "steps)", title=f"token maps — step {s}"), gr.skip()
+            else:
+                maps, step = gr.skip(), gr.skip()
+            yield (maps, step, panels["timeline_plot"],
+                   panels["error_plot"] if trace.method == "speca" else gr.skip())
             time.sleep(self.play_delay_s)
 
     # ---- restoring a loaded trace's view ------------------------------------------------------------
@@ -664,7 +702,9 @@ class Lab:
             except Exception:  # no example: the empty panels explain themselves
                 log.info("no example run in %s", EXAMPLE_DIR)
                 self._example = tuple(gr.skip() for _ in self.EXAMPLE_OUTPUTS)
-        return self._example
+        # a fresh copy of each update per page load: Gradio pops "value" out of an update dict it sends, so a
+        # cached one would reach the second visitor without it (the step slider left at 0)
+        return tuple(dict(x) if isinstance(x, dict) else x for x in self._example)
 
     # ---- post-run views ---------------------------------------------------------------------------
     @staticmethod
@@ -685,8 +725,12 @@ class Lab:
             if not isinstance(path, str) or not path:
                 raise TraceError("choose a trace JSON file (exported by this lab or by accel's Trace.to_json)")
             trace = read_trace(path, self.limits)
-            return (summary_markdown(trace, {"note": f"loaded from {md_text(os.path.basename(path), 80)}"}),
-                    *trace_panels(trace).values(), _slider_update(trace), _frame_update(trace), trace)
+            note = (f"loaded from {md_text(os.path.basename(path), 80)}: a trace has no pictures; the controls are "
+                    "set to its run, press **Generate** to make them again")
+            # the pictures of the run shown before would sit beside this trace's panels: cleared
+            return (summary_markdown(trace, {"note": note}), *trace_panels(trace).values(), _slider_update(trace),
+                    _frame_update(trace), None, None, None,
+                    V.empty_figure("a loaded trace has no pictures: press Generate", title="difference"), trace)
         except Exception as e:
             raise user_error(e) from None
 
@@ -738,7 +782,9 @@ CAPTIONS = {
                 "green accepted forecast, red rejected (computed again), orange partial (SpecDiff), purple the "
                 "pre-run. Below: full steps so far and the ideal speedup (compute, not time).",
     "error": "**Verification error** of each verified step against the threshold curve (SpeCa): above the line the "
-             "forecast is rejected and the step computed. Methods that verify nothing leave it empty.",
+             "forecast is rejected and the step computed. FirstBlockCache: its first block's residual change; "
+             "above the threshold the step is computed, below it the cache is used. Methods that verify nothing "
+             "leave it empty.",
     "diff": "**Difference** |this run − full run| per pixel, same seed and settings: dark is identical.",
 }
 
@@ -756,9 +802,10 @@ def _size_controls(lab: Lab, P: M.Preset) -> dict:
         c["steps"] = gr.Slider(1, P.max_steps, value=None, step=1, label="steps", elem_id="speclab-steps",
                                info="denoising steps")
     with gr.Row():
-        c["width"] = gr.Slider(P.min_size, P.max_size, value=None, step=8, label="width", elem_id="speclab-width")
+        c["width"] = gr.Slider(P.min_size, P.max_size, value=None, step=8, label="width", elem_id="speclab-width",
+                               info="pixels, in the model's range (a size it cannot take is refused)")
         c["height"] = gr.Slider(P.min_size, P.max_size, value=None, step=8, label="height",
-                                elem_id="speclab-height")
+                                elem_id="speclab-height", info="pixels; more pixels, more tokens")
     c["guidance"] = gr.Slider(0, R.MAX_GUIDANCE, value=None, step=0.1, label="guidance",
                               info="used only by models with guidance embeds (FLUX.1-dev, HunyuanVideo); "
                                    "tiny FLUX has none")
@@ -772,12 +819,11 @@ def _size_controls(lab: Lab, P: M.Preset) -> dict:
 def _view_panels(P: M.Preset, limits: Limits) -> dict:
     v = {}
     with gr.Row(equal_height=True):
-        v["preview"] = gr.Image(label="live preview", type="pil", height=230, min_width=100,
-                                elem_id="speclab-preview", interactive=False)
-        v["image"] = gr.Image(label="this method", type="pil", height=230, min_width=100, elem_id="speclab-image",
-                              interactive=False)
-        v["full_image"] = gr.Image(label="full run (same seed)", type="pil", height=230, min_width=100, elem_id="speclab-full",
-                                   interactive=False)
+        pictures = dict(type="pil", height=230, min_width=100, interactive=False, buttons=["download", "fullscreen"],
+                        elem_classes=["speclab-picture"])
+        v["preview"] = gr.Image(label="live preview", elem_id="speclab-preview", **pictures)
+        v["image"] = gr.Image(label="this method", elem_id="speclab-image", **pictures)
+        v["full_image"] = gr.Image(label="full run (same seed)", elem_id="speclab-full", **pictures)
     v["video"] = gr.Video(label="video (mp4)", visible=P.is_video, elem_id="speclab-video", interactive=False,
                           height=300)
     v["summary"] = gr.Markdown(summary_markdown(None), elem_id="speclab-summary")
@@ -787,19 +833,19 @@ def _view_panels(P: M.Preset, limits: Limits) -> dict:
                               elem_id="speclab-step", scale=4)
         v["frame"] = gr.Slider(0, 1, value=0, step=1, label="frame (latent frame of the token maps)", visible=False,
                                elem_id="speclab-frame", scale=2)
-    with gr.Row():
-        with gr.Column(min_width=320):
+    with gr.Row():  # the token maps wider: SpecDiff shows two maps side by side
+        with gr.Column(scale=3, min_width=320):
             v["maps_plot"] = gr.Plot(V.empty_figure("token maps appear here during a run", "token maps"),
                                      label="token maps", elem_id="speclab-maps", show_label=False)
             _caption("maps")
-        with gr.Column(min_width=320):
+        with gr.Column(scale=2, min_width=320):
             v["timeline_plot"] = gr.Plot(V.empty_figure("one bar per step, as the run goes", "compute timeline"),
                                          label="compute timeline", elem_id="speclab-timeline", show_label=False)
             _caption("timeline")
     with gr.Row():
         with gr.Column(min_width=320):
-            v["error_plot"] = gr.Plot(V.empty_figure("SpeCa's verified steps appear here",
-                                                     "verification error vs threshold"),
+            v["error_plot"] = gr.Plot(V.empty_figure("SpeCa's verification errors (FirstBlockCache's residual "
+                                                     "changes) appear here", "error vs threshold"),
                                       label="error vs threshold", elem_id="speclab-error", show_label=False)
             _caption("error")
         with gr.Column(min_width=320):
@@ -812,9 +858,12 @@ def _view_panels(P: M.Preset, limits: Limits) -> dict:
                     "timed right after it; other methods you ran on this prompt appear as squares.",
                     elem_classes=["speclab-caption"])
         with gr.Row():
-            v["sweep_from"] = gr.Number(None, label="from (empty: the knob's lowest)", info="e.g. SpeCa threshold 1", elem_id="speclab-sweep-from")
-            v["sweep_to"] = gr.Number(None, label="to (empty or 0: the knob's highest)", info="e.g. 15", elem_id="speclab-sweep-to")
-            v["sweep_count"] = gr.Slider(2, 8, value=4, step=1, label="points", elem_id="speclab-sweep-count")
+            v["sweep_from"] = gr.Number(None, label="from (0: the knob's lowest)", info="e.g. SpeCa threshold 1",
+                                        elem_id="speclab-sweep-from")
+            v["sweep_to"] = gr.Number(None, label="to (0: the knob's highest)", info="e.g. 15",
+                                      elem_id="speclab-sweep-to")
+            v["sweep_count"] = gr.Slider(2, 8, value=4, step=1, label="points", elem_id="speclab-sweep-count",
+                                         info="settings tried, evenly spaced; each is a run and a full run")
         v["sweep_btn"] = gr.Button("Sweep", elem_id="speclab-sweep")
         v["sweep_plot"] = gr.Plot(V.sweep_figure([]), elem_id="speclab-sweep-plot", show_label=False)
         v["sweep_table"] = gr.Markdown("", elem_id="speclab-sweep-table")
@@ -896,7 +945,7 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
                     0, label="target speedup (0: off)", minimum=0, maximum=20, elem_id="speclab-target",
                     info="instead of setting the threshold / cache rate / interval: the lab finds the value whose "
                          "ideal speedup (compute) is this on your prompt, by bisection (a few extra runs)")
-                run["compare"] = gr.Checkbox(True, label="compare with the full run",
+                run["compare"] = gr.Checkbox(True, label="compare with the full run", elem_id="speclab-compare",
                                              info="also runs the full pipeline right after: PSNR, SSIM, and the "
                                                   "measured speedup from both timed back to back")
                 run["compile"] = gr.Checkbox(False, **_compile_control(P), elem_id="speclab-compile")
@@ -921,12 +970,22 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         knob_names = list(knobs)
         _with_signature(generate, RUN_CONTROLS + tuple(knob_names))
         generate.__doc__ = lab.api_doc()
+        knob_controls = list(knobs.values())
+
+        def show_knobs(trace, target=None):
+            """The knobs of the run now shown (its method's, from the trace): the value a target speedup found,
+            or a sweep point's setting; left as they are after a run that used the knobs as set."""
+            values = lab.restore(trace) if target is None or (isinstance(target, (int, float)) and target > 0) else {}
+            return [gr.update(value=values[k]) if k in values else gr.skip() for k in knob_names]
+
         run_btn.click(generate, inputs_kwargs={"session": session, **{k: run[k] for k in RUN_CONTROLS}, **knobs},
                       outputs=[view[k] for k in OUTPUTS], api_name="generate",
                       concurrency_limit=lab.limits.waiting,
                       # progress (and an error's badge) on the summary only: the panels stay readable as they stream
                       show_progress_on=[view["summary"]],
-                      preprocess=False)  # raw values to Lab.parse: Gradio's Radio/Dropdown echo a bad value whole
+                      preprocess=False,  # raw values to Lab.parse: Gradio's Radio/Dropdown echo a bad value whole
+                      ).success(show_knobs, [trace_state, run["target_speedup"]], knob_controls,
+                                api_visibility="private", queue=False, show_progress="hidden")
         stop_btn.click(lab.stop, session, None, queue=False, api_name="stop")
 
         def sweep(session: Session = None, sweep_from=None, sweep_to=None, sweep_count=4, **controls):
@@ -943,8 +1002,9 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         view["sweep_pick"].input(
             lambda label, s: lab.pick(label, s), [view["sweep_pick"], session],
             [view[k] for k in ("image", "summary", "error_plot", "timeline_plot", "maps_plot", "step")] + [trace_state],
-            api_visibility="private")
-        view["play"].click(lab.play, [trace_state, view["frame"]], [view["maps_plot"], view["step"]],
+            api_visibility="private").success(show_knobs, trace_state, knob_controls, api_visibility="private",
+                                              queue=False, show_progress="hidden")
+        view["play"].click(lab.play, [trace_state, view["frame"], session], [view[k] for k in Lab.PLAY_OUTPUTS],
                            api_visibility="private", concurrency_limit=None)
         run["method"].change(lambda m: [gr.update(visible=m == label) for label in groups] + [_how(m)],
                              run["method"], list(groups.values()) + [how], api_visibility="private", queue=False)
@@ -971,7 +1031,8 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
 
         view["upload"].upload(lab.load_trace, view["upload"],
                               [view[k] for k in ("summary", "error_plot", "timeline_plot", "maps_plot", "step",
-                                                 "frame")] + [trace_state],
+                                                 "frame", "preview", "image", "full_image", "diff_plot")]
+                              + [trace_state],
                               api_name="load_trace", concurrency_limit=1,  # one trace parsed at a time: bounds
                               # the memory of parsing (a 20 MB trace is briefly millions of Python objects)
                               ).success(restore, trace_state, restorable, api_visibility="private", queue=False)
@@ -1039,7 +1100,7 @@ def main(argv=None) -> None:
     limits = Limits.from_env(max_work=args.max_work, max_upload_mb=args.max_upload_mb, trace_ttl_s=args.trace_ttl_s)
     demo = build_app(Lab(limits=limits, gpu=GPU))
     demo.queue(default_concurrency_limit=1, max_size=32)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=gr.themes.Soft(), css=CSS,
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **page_options(),
                 show_error=False, max_file_size=int(limits.max_upload_mb * 1e6), state_session_capacity=1000)
 
 

@@ -26,6 +26,8 @@ class Session:
         beside a sweep's curve."""
         self.sweep: list = []
         """The latest sweep's runs: (label, Rendered, Trace), for loading a point."""
+        self.reference: tuple | None = None
+        """(trace, the full run's trace) of the latest compared run: Play draws its measured speedup."""
 
     def add_point(self, key, label: str, point: dict) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from lab import compare as C
 from lab import methods as LM
 from lab import models as M
 from lab import runner as R
+from lab.errors import InputError
 from lab.session import Session
 from scripts.tiny_video import data as tinyvideo_data
 
@@ -78,6 +79,9 @@ def test_generate_end_to_end_with_compare(lab):
     assert {d.name for d in err.data} >= {"threshold", "full"}
     assert isinstance(trace, Trace) and trace.method == "speca" and len(trace.steps) == 16
     assert "PSNR" in summary and "ideal speedup" in summary and "measured speedup" in summary
+    # every streamed summary names the method and the model as the page does, not their classes
+    streamed = [o[2] for o in outs if isinstance(o[2], str) and "step " in o[2]]
+    assert len(streamed) >= 2 and all(f"on {M.TINY}" in t.replace("\\", "") for t in streamed), streamed
     assert isinstance(full_image, Image.Image) and full_image.size == (128, 128)
     assert len(lab.full_cache) == 1
     # exported files: the trace round-trips, the config is the exact one
@@ -255,8 +259,9 @@ def test_load_trace_and_scrub(rlab, tmp_path):
                                     speca_min_spec_steps=0, speca_threshold=0.01)))[-1][-1]
     p = tmp_path / "t.json"
     trace.to_json(str(p))
-    summary, err, tl, maps, slider, frame, state = rlab.load_trace(str(p))
+    summary, err, tl, maps, slider, frame, preview, image, full, diff, state = rlab.load_trace(str(p))
     assert frame["visible"] is False
+    assert preview is image is full is None and "press Generate" in diff.layout.annotations[0].text  # no stale pictures
     assert "loaded from t.json" in summary and state.summary() == trace.summary()
     assert len(err.data) > 0 and len(tl.data) > 0
     step = next(r.step for r in trace.steps if r.maps)
@@ -265,6 +270,61 @@ def test_load_trace_and_scrub(rlab, tmp_path):
     bad.write_text('{"hello": 1}')
     with pytest.raises(gr.Error, match="not a trace this lab can show"):
         rlab.load_trace(str(bad))
+
+
+def test_play_replays_the_run_step_by_step(rlab, monkeypatch):
+    """Play: one update per step; the timeline grows one step at a time, the token maps and the step slider
+    follow the latest verified step, and the last update shows the whole run, measured against its full run."""
+    monkeypatch.setattr(rlab, "play_delay_s", 0.0)
+    session = Session()
+    outs = list(rlab.generate(session, **kw(LM.SPECA, steps=8, width=64, height=64, speca_threshold=5.0)))
+    trace = outs[-1][-1]
+    frames = list(rlab.play(trace, None, session))
+    assert len(frames) == 8
+    map_steps = V_steps(trace)
+    shown = []
+    for n, (maps, step, timeline, error) in enumerate(frames):
+        bars = sum(len(d.x) for d in timeline.data if d.type == "bar")
+        assert bars == n + 1  # one denoiser call per step so far (no CFG, no pre-run)
+        assert len([x for d in error.data if d.name != "threshold" for x in d.x]) == n + 1
+        if n in map_steps:
+            assert f"step {n}" in maps.layout.title.text and step["value"] == n
+            shown.append(n)
+    assert shown == map_steps and shown
+    final = app.trace_panels(trace, ref=session.reference[1])["timeline_plot"]
+    assert frames[-1][2].to_dict()["data"] == final.to_dict()["data"]
+    assert any(d.name == "measured speedup" for d in frames[-1][2].data)  # the full run's times, not an estimate
+    with pytest.raises(gr.Error, match="nothing to play"):
+        list(rlab.play(None))
+
+
+def test_target_speedup_runs_with_the_threshold_it_found(rlab):
+    """Target-speedup mode: the run uses the threshold the bisection found, and the summary names it (by the
+    control's label) with the ideal speedup reached, which is this run's."""
+    out = list(rlab.generate(**kw(LM.SPECA, steps=8, width=64, height=64, compare=False, target_speedup=2.0)))
+    summary, trace = out[-1][2], out[-1][-1]
+    assert "target speedup 2x: threshold base = " in summary
+    found = float(summary.split("threshold base = ")[1].split(" ")[0])
+    reached = float(summary.split(" gives ")[1].split("x")[0])
+    assert trace.config["threshold"] == pytest.approx(found, rel=1e-3)
+    assert trace.summary()["ideal_speedup"] == pytest.approx(reached, abs=0.006)
+    assert rlab.restore(trace)["speca_threshold"] == pytest.approx(found, rel=1e-3)  # what the page's control gets
+
+
+def test_sweep_range_boxes_left_at_zero_take_the_knobs_range():
+    """The page's empty from/to boxes send 0: the knob's own slider range, also for a knob whose lowest is not 0
+    (TaylorSeer's interval starts at 1), and the points' labels are short."""
+    for method in LM.TABLE:
+        if method.speed_knob is None:
+            continue
+        knob = next(k for k in method.knobs() if k.name == method.speed_knob)
+        lo, hi, _ = knob.slider()
+        values, got = app.Lab._sweep_values(method, 0, 0, 3)
+        assert got == knob and values[0] == pytest.approx(lo) and values[-1] == pytest.approx(hi), method.label
+    speca = LM.by_label(LM.SPECA)
+    assert app.Lab._sweep_values(speca, 1, 2, 4)[0] == pytest.approx([1, 1.3333, 1.6667, 2])
+    with pytest.raises(InputError, match="sweep from=3 must be below sweep to=2"):
+        app.Lab._sweep_values(speca, 3, 2, 4)
 
 
 def test_psnr_ssim_against_hand_computation():

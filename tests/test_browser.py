@@ -69,7 +69,7 @@ def server():
     demo = app.build_app(app.Lab(manager, every_s=0.3))
     demo.queue(default_concurrency_limit=1)
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app.CSS)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **app.page_options())
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -166,6 +166,9 @@ def test_stop_button_ends_a_run(browser, server, tmp_path):
             field = page.locator(f"{box} input[type=number]")  # a long run, so that Stop comes mid-way
             field.fill(value)
             field.press("Enter")
+        # Full computes every step: a SpeCa run of 100 steps could end before the Stop lands on a loaded machine
+        page.get_by_label("Full", exact=True).check()
+        page.get_by_text("threshold base").wait_for(state="hidden", timeout=10_000)
         page.locator("#speclab-generate").click()
         try:
             page.wait_for_function(
@@ -286,38 +289,154 @@ def test_phone_shows_prompt_generate_and_image_first(browser, server, tmp_path):
         page.close()
 
 
-def test_play_animates_the_token_maps(browser, server):
+def _record(page, selector: str, expression: str, name: str) -> None:
+    """Collect, in the page, every value `expression` (JS, on the element `el`) takes while `selector`'s element
+    changes, into the set window[name]: a condition to wait for, however slow the machine."""
+    page.evaluate(
+        """([sel, expr, name]) => { const el = document.querySelector(sel); const seen = window[name] = new Set();
+           const read = new Function('el', 'return ' + expr);
+           const note = () => { try { seen.add(String(read(el))); } catch (e) {} };
+           note(); new MutationObserver(note).observe(el, {subtree: true, childList: true, characterData: true,
+                                                            attributes: true}); }""", [selector, expression, name])
+
+
+def test_play_animates_the_panels(browser, server):
+    """Play after a run: the token maps' title goes through several steps and the timeline grows bar by bar
+    (several bar counts seen), ending on the whole run with the step slider at the last verified step."""
     page = browser.new_page()
     try:
         _open(page, server)
         _small_run(page, 10)
         _generate_and_wait(page, 10)
-        seen = set()
+        bars = "#speclab-timeline .barlayer .point"
+        final_bars = page.locator(bars).count()
+        _record(page, "#speclab-maps", "(el.querySelector('.gtitle') || {}).textContent", "speclabTitles")
+        _record(page, "#speclab-timeline", f"el.querySelectorAll('.barlayer .point').length", "speclabBars")
         page.locator("#speclab-play").click()
-        deadline = time.time() + 30
-        while time.time() < deadline and len(seen) < 3:
-            t = page.locator("#speclab-maps .gtitle").first.text_content() or ""
-            seen.add(t.split("(")[0])
-            time.sleep(0.05)
-        assert len(seen) >= 3, seen  # the title went through several steps
+        page.wait_for_function("() => window.speclabTitles.size >= 4 && window.speclabBars.size >= 4",
+                               timeout=120_000)
+        page.wait_for_function(f"n => document.querySelectorAll('{bars}').length === n", arg=final_bars,
+                               timeout=60_000)
+        last = page.locator("#speclab-step input[type=range]").get_attribute("max")
+        page.wait_for_function(
+            "v => document.querySelector('#speclab-step input[type=number]').value === v", arg=last, timeout=60_000)
+        assert f"step {last}" in page.locator("#speclab-maps .gtitle").first.text_content()
     finally:
         page.close()
 
 
-def test_sweep_draws_the_speed_quality_curve(browser, server):
+def _sweep(page, count: int) -> None:
+    page.get_by_text("Sweep: this method's speed/quality curve").click()
+    box = page.locator("#speclab-sweep-count input[type=number]")
+    box.fill(str(count))
+    box.press("Enter")
+    page.locator("#speclab-sweep").click()
+    page.wait_for_function(  # measured and ideal: two points per setting, and the point list filled
+        f"() => document.querySelectorAll('#speclab-sweep-plot .scatterlayer .point').length >= {2 * count}",
+        timeout=180_000)
+
+
+def test_sweep_draws_the_curve_and_picking_a_point_loads_its_run(browser, server):
     page = browser.new_page()
     try:
         _open(page, server)
         _small_run(page, 6)
-        page.get_by_text("Sweep: this method's speed/quality curve").click()
-        count = page.locator("#speclab-sweep-count input[type=number]")
-        count.fill("3")
-        count.press("Enter")
-        page.locator("#speclab-sweep").click()
+        _sweep(page, 3)
+        table = page.locator("#speclab-sweep-table").inner_text()
+        assert "PSNR" in table
+        # the middle point of SpeCa's threshold range (0..20 in 3 points): its row in the table
+        row = next(line for line in table.splitlines() if line.strip().startswith("threshold base 10"))
+        ideal = row.split("\t")[1].strip() if "\t" in row else row.split("|")[2].strip()
+        page.locator("#speclab-sweep-pick input").click()
+        page.get_by_role("option", name="threshold base 10").click()
         page.wait_for_function(
-            "() => document.querySelectorAll('#speclab-sweep-plot .scatterlayer .point').length >= 6",
-            timeout=120_000)
-        assert "PSNR" in page.locator("#speclab-sweep-table").inner_text()
+            "() => document.querySelector('#speclab-summary').innerText.includes('sweep point: threshold base 10')",
+            timeout=60_000)
+        summary = page.locator("#speclab-summary").inner_text()
+        assert f"ideal speedup (compute, not time) {ideal}" in summary, (ideal, summary)
+        assert "step 6/6" in summary
+        # the point's setting is in the threshold control now, and its panels are shown
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-speca_threshold input[type=number]').value === '10'",
+            timeout=30_000)
+        assert f"ideal {ideal}" in page.locator("#speclab-timeline .gtitle-subtitle").first.text_content()
+    finally:
+        page.close()
+
+
+def test_target_speedup_finds_the_threshold(browser, server):
+    """Target-speedup mode: the lab bisects SpeCa's threshold for an ideal speedup of 2 on this prompt, runs with
+    it, says what it found, and puts the value found in the threshold control."""
+    page = browser.new_page()
+    try:
+        _open(page, server)
+        _small_run(page, 8)
+        page.locator("#speclab-compare input[type=checkbox]").uncheck()
+        target = page.locator("#speclab-target input[type=number]")
+        target.fill("2")
+        target.press("Enter")
+        page.locator("#speclab-generate").click()
+        page.wait_for_function(
+            "() => { const s = document.querySelector('#speclab-summary').innerText; "
+            "return s.includes('target speedup 2x') && s.includes('step 8/8'); }", timeout=180_000)
+        summary = page.locator("#speclab-summary").inner_text()
+        found = summary.split("threshold base = ")[1].split(" ")[0]
+        reached = summary.split(" gives ")[1].split("x")[0]
+        assert f"ideal speedup (compute, not time) {reached}x" in summary, summary  # the run is the one calibrated
+        page.wait_for_function(
+            "v => Number(document.querySelector('#speclab-speca_threshold input[type=number]').value) === Number(v)",
+            arg=found, timeout=30_000)
+    finally:
+        page.close()
+
+
+def test_dark_mode_figures_follow_the_page(browser, server, tmp_path):
+    """?__theme=dark: the figures are transparent over the dark blocks, with light text; switching the page
+    back to light (Gradio's settings toggle the body's class) redraws them with the template's dark text."""
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
+    try:
+        page.goto(server + "?__theme=dark", wait_until="domcontentloaded", timeout=60_000)
+        page.locator("#speclab-generate").wait_for(timeout=60_000)
+        _wait_loaded(page)
+        page.locator("#speclab-timeline .js-plotly-plot").wait_for(timeout=30_000)
+        look = """() => [...document.querySelectorAll('.js-plotly-plot')].map(gd => [gd._fullLayout.paper_bgcolor,
+                   gd._fullLayout.plot_bgcolor, gd._fullLayout.font.color])"""
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.js-plotly-plot')].every(gd => gd._fullLayout && "
+            "gd._fullLayout.font.color === '#e5e7eb')", timeout=30_000)
+        figures = page.evaluate(look)
+        assert len(figures) >= 4
+        assert all(paper == plot == "rgba(0, 0, 0, 0)" for paper, plot, _ in figures), figures
+        block = page.evaluate("() => getComputedStyle(document.querySelector('#speclab-timeline')).backgroundColor")
+        r, g, b = (int(v) for v in block[block.index("(") + 1:block.index(")")].split(",")[:3])
+        assert r + g + b < 3 * 80, block  # a dark block behind the transparent figure
+        page.evaluate("() => document.querySelector('#speclab-play').scrollIntoView()")  # the figures in view
+        page.wait_for_function("() => document.querySelector('#speclab-play').getBoundingClientRect().top < 100",
+                               timeout=10_000)
+        _shot(page, tmp_path, "lab-dark.png", full_page=False)
+        page.evaluate("() => document.body.classList.remove('dark')")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.js-plotly-plot')].every(gd => gd._fullLayout.font.color === "
+            "'#2a3f5f')", timeout=30_000)
+    finally:
+        page.close()
+
+
+def test_phone_image_labels_do_not_cover_buttons_or_images(browser, server):
+    page = browser.new_page()
+    try:
+        _open(page, server, 390, 844)
+        boxes = page.evaluate("""() => ['#speclab-preview', '#speclab-image', '#speclab-full'].map(id => {
+            const box = (e) => { if (!e) return null; const r = e.getBoundingClientRect();
+                                 return r.width && r.height ? [r.left, r.top, r.right, r.bottom] : null; };
+            const b = document.querySelector(id);
+            return {label: box(b.querySelector('[data-testid=block-label]')), img: box(b.querySelector('img')),
+                    buttons: [...b.querySelectorAll('.icon-button-wrapper button')].map(box).filter(x => x)}; })""")
+        overlap = lambda a, b: a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]  # noqa: E731
+        for panel in boxes:
+            assert panel["label"] and panel["img"], panel
+            assert not overlap(panel["label"], panel["img"]), panel
+            assert not any(overlap(panel["label"], b) for b in panel["buttons"]), panel
     finally:
         page.close()
 

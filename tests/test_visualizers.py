@@ -100,8 +100,8 @@ def test_timeline_bars_cumulative_compute_and_speedups():
         assert d[dec].width == 0.8  # one step wide, however sparse the decision's steps are
     assert list(d[ACCEPTED].y) == [0.2] * 4 and list(d[FULL].y) == [1.0] * 4
     s = t.summary()
-    assert d["this run (cumulative)"].y[-1] == pytest.approx(s["blocks_computed"] / 5)
-    assert d["plain run (cumulative)"].y[-1] == pytest.approx(N)
+    assert d["this run (so far)"].y[-1] == pytest.approx(s["blocks_computed"] / 5)
+    assert d["plain run (so far)"].y[-1] == pytest.approx(N)
     assert d["ideal speedup"].y[-1] == pytest.approx(s["ideal_speedup"], rel=1e-3)
     # measured (estimated): a plain step costs the median full-step time (10 ms)
     est = d["measured speedup (est.)"].y
@@ -121,7 +121,7 @@ def test_timeline_shows_prerun_overhead_in_the_speedup():
     assert list(d["pre-run"].x) == [-1] and d["pre-run"].marker.color == V.OVERHEAD_COLOR
     assert list(d[PARTIAL].y) == [0.4] * 4
     assert d["ideal speedup"].y[-1] == pytest.approx(t.summary()["ideal_speedup"], rel=1e-3)
-    assert d["this run (cumulative)"].y[0] == pytest.approx(2.0)  # pre-run + step 0
+    assert d["this run (so far)"].y[0] == pytest.approx(2.0)  # pre-run + step 0
 
 
 def test_token_maps_specdiff_importance_and_levels():
@@ -133,7 +133,7 @@ def test_token_maps_specdiff_importance_and_levels():
     assert np.asarray(lev.z)[0, 0] == 1 and lev.text[0][1] == "C2 reused"
     colours = {c for _, c in lev.colorscale}
     assert colours == set(V.LEVEL_COLORS.values())
-    assert "step 3" in fig.layout.title.text and "8/24 tokens" in fig.layout.title.text
+    assert "step 3" in fig.layout.title.text and "8/24 tokens" in fig.layout.title.subtitle.text
     # a step without maps says so; the default is the last step with maps
     assert any("no token maps" in a.text for a in V.token_maps_figure(t, step=0).layout.annotations)
     assert "step 5" in V.token_maps_figure(t).layout.title.text
@@ -218,8 +218,12 @@ def test_every_figure_is_valid_plotly_with_its_template():
         V.timeline_figure(sd, reference=t), V.timeline_figure(Trace(method="full", config={})),
         V.token_maps_figure(sd, step=3), V.token_maps_figure(t, step=5), V.token_maps_figure(video, frame=1),
         V.token_maps_figure(sd, step=0), V.empty_figure("nothing yet", "title"),
+        V.difference_figure(np.zeros((4, 4, 3)), np.ones((4, 4, 3))),
     ]
     for fig in figs:
         checked = go.Figure(fig.to_dict())  # raises on an unknown property or a bad value
-        assert checked.layout.template.layout.plot_bgcolor == "white"  # plotly_white, resolved for plotly.js
+        # plotly_white, resolved for plotly.js, with a transparent paper: the page's (light or dark) block shows
+        assert checked.layout.template.layout.xaxis.gridcolor == "#EBF0F8"
+        assert checked.layout.template.layout.paper_bgcolor == checked.layout.template.layout.plot_bgcolor == \
+            "rgba(0,0,0,0)"
         json.loads(fig.to_json())

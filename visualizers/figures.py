@@ -27,19 +27,24 @@ DECISION_COLORS = {
     PARTIAL: "#F58518",  # orange: SpecDiff, only some tokens computed
 }
 OVERHEAD_COLOR = "#B279A2"  # purple: pre-run calls (SpecDiff's speculative iteration)
-THRESHOLD_COLOR = "#333333"
+THRESHOLD_COLOR = "#8c8c8c"  # mid grey: readable on a light and on a dark page
 LEVEL_COLORS = {1: "#4C78A8", 2: "#BAB0AC", 3: "#F58518"}  # C1 computed, C2 reused, C3 history blend
 LEVEL_NAMES = {1: "C1 computed", 2: "C2 reused", 3: "C3 history"}
-MAP_TITLES = {"importance": "token importance", "level": "cache level", "error": "forecast error per token"}
+MAP_TITLES = {"importance": "importance", "level": "cache level", "error": "forecast error per token"}
 HEIGHT = 340
 TEMPLATE = "plotly_white"
+"""The figures' template, with transparent paper and plot area: the page's block shows through, light or dark
+(assets/plotly_theme.js turns the text and grid light on a dark page)."""
+TRANSPARENT = "rgba(0,0,0,0)"
 _MARGIN = dict(l=50, r=20, t=50, b=40)
 
 
 # ---- building figures ------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _template_json() -> dict:
-    return pio.templates[TEMPLATE].to_plotly_json()
+    t = pio.templates[TEMPLATE].to_plotly_json()
+    t["layout"].update(paper_bgcolor=TRANSPARENT, plot_bgcolor=TRANSPARENT)
+    return t
 
 
 def _figure(data: list[dict], layout: dict) -> go.Figure:
@@ -78,7 +83,7 @@ def _timeline_axes() -> tuple[dict, tuple]:
 @functools.lru_cache(maxsize=None)
 def _maps_axes(n: int) -> tuple[dict, tuple]:
     """`n` token maps side by side, with a title annotation each (computed once per `n`)."""
-    fig = make_subplots(rows=1, cols=n, subplot_titles=["-"] * n, horizontal_spacing=0.2)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=["-"] * n, horizontal_spacing=0.22 if n > 1 else 0.2)
     return _axes_layout(fig, [(1, c, False) for c in range(1, n + 1)])
 
 
@@ -133,7 +138,7 @@ def empty_figure(message: str, title: str = "") -> go.Figure:
     message = "<br>".join(textwrap.wrap(message, 56)) or message  # a long message wraps instead of being clipped
     layout = dict(
         annotations=[dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                          font=dict(size=14, color="#666"))],
+                          font=dict(size=14), opacity=0.7)],  # the page's text colour, dimmed
         height=HEIGHT, margin=dict(_MARGIN), xaxis=dict(visible=False), yaxis=dict(visible=False),
     )
     if title:
@@ -171,15 +176,17 @@ def error_figure(trace, context: str | None = None) -> go.Figure:
             hovertemplate=("step %{customdata[0]}<br>timestep %{customdata[1]}<br>error %{customdata[2]}"
                            "<br>time %{customdata[3]} ms<br>reason %{customdata[4]}<extra>" + decision + "</extra>"),
         ))
-    layout = dict(
-        title=dict(text=f"{trace.method}: verification error vs threshold"), height=HEIGHT, margin=dict(_MARGIN),
+    what = "first-block residual change" if trace.method == "fbcache" else "verification error"
+    layout = dict(  # the method in a subtitle: a long name would clip the title on a narrow panel
+        title=dict(text=f"{what} vs threshold", subtitle=dict(text=trace.method, font=dict(size=12))),
+        height=HEIGHT, margin=dict(_MARGIN, t=70),
         xaxis=dict(title=dict(text="step"), range=_x_range(trace)),
-        yaxis=dict(title=dict(text="error"), rangemode="tozero"),
+        yaxis=dict(title=dict(text="residual change" if trace.method == "fbcache" else "error"), rangemode="tozero"),
         legend=dict(orientation="h", y=-0.2, font=dict(size=10)), hovermode="closest",
     )
     if len(s) and np.isnan(s.error).all():
         layout["annotations"] = [dict(text="this method verifies nothing: markers show the decisions only", x=0.5,
-                                      y=0.95, xref="paper", yref="paper", showarrow=False, font=dict(color="#666"))]
+                                      y=0.95, xref="paper", yref="paper", showarrow=False, opacity=0.7)]
     return _figure(data, layout)
 
 
@@ -248,10 +255,10 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
     *lines, step_share = _cumulative(trace, over, reference)
     xs, y_plain, y_done, ideal, measured = (a.tolist() for a in lines)
     data += [
-        dict(type="scatter", x=xs, y=y_plain, name="plain run (cumulative)", mode="lines",
+        dict(type="scatter", x=xs, y=y_plain, name="plain run (so far)", mode="lines",
              line=dict(color="#999", dash="dot"), hovertemplate="step %{x}: %{y:.1f} full steps<extra>plain</extra>",
              **_on(bottom)),
-        dict(type="scatter", x=xs, y=y_done, name="this run (cumulative)", mode="lines", fill="tozeroy",
+        dict(type="scatter", x=xs, y=y_done, name="this run (so far)", mode="lines", fill="tozeroy",
              line=dict(color=DECISION_COLORS[FULL]),
              hovertemplate="step %{x}: %{y:.2f} full-step equivalents<extra>this run</extra>", **_on(bottom)),
         dict(type="scatter", x=xs, y=ideal, name="ideal speedup", mode="lines",
@@ -262,7 +269,7 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
              hovertemplate="step %{x}: %{y:.2f}x measured<extra></extra>", **_on(right)),
     ]
     summary = trace.summary()
-    sub = f" — ideal {summary['ideal_speedup']:.2f}x" if summary.get("ideal_speedup") else ""
+    sub = f" · ideal {summary['ideal_speedup']:.2f}x (compute)" if summary.get("ideal_speedup") else ""
     x0 = -len(over) - 0.5 if len(over) else -0.5
     top_share = max([1.0, *step_share.max(initial=0.0, keepdims=True), *over.share.max(initial=0.0, keepdims=True)])
     layout[top[0]]["range"] = [x0, _x_range(trace)[1]]
@@ -270,9 +277,12 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
     layout[top[1]].update(title=dict(text="share of a step"), range=[0, top_share * 1.05], tickformat=".0%")
     layout[bottom[1]].update(title=dict(text="full steps"), rangemode="tozero")
     layout[right[1]].update(title=dict(text="speedup (x)"), rangemode="tozero", showgrid=False)
-    layout.update(title=dict(text=f"{trace.method}: compute timeline{sub}"), height=HEIGHT + 110,
-                  margin=dict(_MARGIN, b=110), barmode="overlay", hovermode="closest",  # the legend below "step"
-                  legend=dict(orientation="h", y=-0.2, yanchor="top", font=dict(size=10)))
+    layout.update(title=dict(text="compute timeline", subtitle=dict(text=f"{trace.method}{sub}", font=dict(size=12))),
+                  # the legend below "step"
+                  height=HEIGHT + 110, margin=dict(_MARGIN, t=70, b=110), barmode="overlay", hovermode="closest",
+                  # two entries a row, however narrow the panel (one a row would not fit below the axes)
+                  legend=dict(orientation="h", y=-0.2, yanchor="top", font=dict(size=10), entrywidth=0.5,
+                              entrywidthmode="fraction"))
     return _figure(data, layout)
 
 
@@ -377,13 +387,18 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
                 colorbar=bar, hovertemplate="row %{y}, col %{x}<br>" + key + " %{z:.4g}<extra></extra>",
                 **_on((xa, ya)),
             ))
-        layout[ya].update(autorange="reversed", scaleanchor=_ref(xa), showticklabels=False)
-        layout[xa].update(showticklabels=False)
+        # no grid or zero lines: they would cross the page beside the (narrower, square) map
+        layout[ya].update(autorange="reversed", scaleanchor=_ref(xa), showticklabels=False, showgrid=False,
+                          zeroline=False)
+        layout[xa].update(showticklabels=False, showgrid=False, zeroline=False)
     extra = f", {rec.tokens_computed}/{rec.tokens_total} tokens" if rec.tokens_computed and rec.tokens_total else ""
-    err = f", error {rec.error:.4g}" if rec.error is not None else ""
+    err = (f", {'change' if trace.method == 'fbcache' else 'error'} {rec.error:.4g}" if rec.error is not None
+           else "")
     where = f", frame {_frame_index(n_frames, frame)} (0–{n_frames - 1})" if n_frames else ""  # 0-based, as the slider
-    layout.update(title=dict(text=f"token maps — step {rec.step}{where} ({rec.decision}{err}{extra})"),
-                  height=HEIGHT, margin=dict(_MARGIN))
+    # the details in a subtitle: on one line they were clipped on a phone's width
+    layout.update(title=dict(text=f"token maps — step {rec.step}{where}",
+                             subtitle=dict(text=f"{rec.decision}{err}{extra}", font=dict(size=12))),
+                  height=HEIGHT + 20, margin=dict(_MARGIN, l=20, r=10, t=90))  # no tick labels: narrow sides
     return _figure(data, layout)
 
 
@@ -399,13 +414,17 @@ def difference_figure(a, b, title: str = "|accelerated - full|") -> go.Figure:
         d = d.mean(axis=2)
     fig = go.Figure(go.Heatmap(z=d, colorscale="Magma", zmin=0, zmax=max(float(d.max()), 1.0), name="difference",
                                hovertemplate="x %{x}, y %{y}<br>|diff| %{z:.1f}<extra></extra>"))
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
-    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False, showgrid=False, zeroline=False)
+    fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     identical = " — identical" if not d.any() else ""  # a flat map: 0..1 on the bar, not an autoscaled ±0.5
     fig.update_layout(title=f"{title} (mean {d.mean():.2f}, max {d.max():.0f}){identical}", height=HEIGHT,
-                      margin=_MARGIN,
-                      template="plotly_white")
+                      margin=_MARGIN, template=copy.deepcopy(_template_json()))
     return fig
+
+
+def _point_text(p: dict) -> str:
+    """A sweep point's text on the curve: its knob value (the title names the knob), else its label."""
+    return f"{p['value']:.3g}" if isinstance(p.get("value"), (int, float)) else p["label"]
 
 
 def sweep_figure(points: list[dict], others: list[dict] = (), title: str = "speedup vs quality") -> go.Figure:
@@ -423,7 +442,7 @@ def sweep_figure(points: list[dict], others: list[dict] = (), title: str = "spee
     for key, name, dash, sym in (("measured", "measured speedup (time)", "solid", "circle"),
                                  ("ideal", "ideal speedup (compute)", "dot", "diamond-open")):
         data.append(dict(type="scatter", mode="lines+markers+text", name=name, x=[px(p) for p in pts],
-                         y=[p[key] for p in pts], text=[p["label"] if key == "ideal" else "" for p in pts],
+                         y=[p[key] for p in pts], text=[_point_text(p) if key == "ideal" else "" for p in pts],
                          textposition="top center", line=dict(dash=dash, color=DECISION_COLORS[ACCEPTED]),
                          marker=dict(symbol=sym, size=9),
                          customdata=[[p["label"], p["ssim"]] for p in pts],
