@@ -388,7 +388,8 @@ class Lab:
             ref, pairs, full_ms = self._timed_pairs(model, spec, method, config, trace, stop)
             if ref is None:
                 extra["note"] = diff_note = "the full reference run was stopped: no comparison"
-        comparison = C.compare(result, trace, *ref) if ref is not None else None
+        metrics_on = model.pipe._execution_device if model.on_gpu else None  # SSIM of 1024² takes seconds on a CPU
+        comparison = C.compare(result, trace, *ref, device=metrics_on) if ref is not None else None
         if comparison is not None:
             extra.update(comparison.as_summary())
             if pairs:
@@ -780,7 +781,8 @@ def _size_controls(lab: Lab, P: M.Preset) -> dict:
 def _view_panels(P: M.Preset, limits: Limits) -> dict:
     v = {}
     with gr.Row(equal_height=True):
-        v["preview"] = gr.Image(label="live preview", type="pil", height=230, min_width=100,
+        # JPEG: a preview is re-encoded at every streamed update, and WebP (Gradio's default) costs ~10x more
+        v["preview"] = gr.Image(label="live preview", type="pil", height=230, min_width=100, format="jpeg",
                                 elem_id="speclab-preview", interactive=False)
         v["image"] = gr.Image(label="this method", type="pil", height=230, min_width=100, elem_id="speclab-image",
                               interactive=False)
