@@ -496,6 +496,7 @@ def cmd_all(args) -> None:
     deadline_all = start + args.budget_s
     os.makedirs(args.out, exist_ok=True)
     work, parallel = _work_dir(args)
+    parallel = parallel and not args.sequential
     os.makedirs(work, exist_ok=True)
     log(f"[all] folders in {work}; builds {'at once' if parallel else 'in sequence (no room for both)'}")
     bare_rows, lab_rows = {}, []
@@ -600,6 +601,7 @@ def main(argv=None) -> None:
     a.add_argument("--port", type=int, default=7865)
     a.add_argument("--tiny", action="store_true", help="CPU-sized pipelines (a smoke run of this script)")
     a.add_argument("--keep", action="store_true", help="keep the pipeline folders")
+    a.add_argument("--sequential", action="store_true", help="build one folder at a time (as run 1 did)")
     args = ap.parse_args(argv)
     (cmd_build if args.cmd == "build" else cmd_all)(args)
 
