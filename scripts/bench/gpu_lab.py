@@ -77,6 +77,9 @@ PIL_STEPS = 2
 VIDEO_NEEDS_S = 215.0
 """Seconds the video stage needs (bare rows ~55 s, server and lab rows ~150 s on an H100): FLUX's deadline."""
 GIB = 2**30
+SHARD = "2GB"
+"""save_pretrained's shard size: safetensors holds a whole shard's bytes in host memory while writing it, and the
+two builds write at once next to 48 GiB of folders in /dev/shm (RAM)."""
 FOLDER_GIB = {"flux": 23.1, "video": 25.2}
 
 
@@ -137,7 +140,7 @@ def build_flux(folder: str, tiny: bool, device, dtype):
                         text_encoder=clip, tokenizer=CLIPTokenizer.from_pretrained(os.path.join(TINY_FLUX, "tokenizer")),
                         text_encoder_2=t5, tokenizer_2=T5TokenizerFast.from_pretrained(
                             os.path.join(TINY_FLUX, "tokenizer_2")), transformer=transformer)
-    pipe.save_pretrained(folder)
+    pipe.save_pretrained(folder, max_shard_size=SHARD)
     _tokenizers(TINY_FLUX, folder, "tokenizer")
     return pipe
 
@@ -165,7 +168,7 @@ def build_video(folder: str, tiny: bool, device, dtype):
     pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=LlamaTokenizerFast.from_pretrained(
         os.path.join(TINY_VIDEO, "tokenizer")), transformer=transformer, vae=vae, scheduler=pipe0.scheduler,
         text_encoder_2=clip, tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(TINY_VIDEO, "tokenizer_2")))
-    pipe.save_pretrained(folder)
+    pipe.save_pretrained(folder, max_shard_size=SHARD)
     _tokenizers(TINY_VIDEO, folder, "tokenizer_2")
     return pipe
 
@@ -263,6 +266,19 @@ def bare(pipe, folder: str, family: str, tiny: bool, out_json: str) -> None:
         first = False
 
 
+def _give_back_host_memory() -> None:
+    """Return the save's freed host memory to the OS (glibc keeps it otherwise): this process waits a few minutes
+    beside the other stages, and /dev/shm's folders are RAM too."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cmd_build(args) -> None:
     import torch
 
@@ -276,6 +292,7 @@ def cmd_build(args) -> None:
             pipe = (build_flux if args.family == "flux" else build_video)(args.folder, args.tiny, device, dtype)
     finally:  # also when the build failed: the other family's bare rows wait for this signal
         _touch(args.saved)
+    _give_back_host_memory()
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.folder) for f in fs)
     log(f"[build] {args.family}: {args.folder} ({size / GIB:.1f} GiB) in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
