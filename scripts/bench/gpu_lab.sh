@@ -15,11 +15,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  df -h /tmp | tail -1
-  python3 -c "import torch, diffusers, gradio, transformers; print('torch', torch.__version__, 'diffusers',
-diffusers.__version__, 'gradio', gradio.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
+  df -h /tmp /dev/shm | tail -2; free -g | head -2
+  python3 -c "import torch, diffusers, gradio, transformers, cv2; print('torch', torch.__version__, 'diffusers',
+diffusers.__version__, 'gradio', gradio.__version__, 'transformers', transformers.__version__, 'cv2', cv2.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
 # what is left of 560 s after the install, for the whole run (each stage has its own deadline inside)
 BUDGET=$(( 560 - ($(date +%s) - START) ))
 timeout $((BUDGET + 15)) python3 -m scripts.bench.gpu_lab all --out "$OUT" --budget-s "$BUDGET" 2>&1 \
-  | grep -v "it/s\]\|Loading\|torchvision\|deprecate\|FutureWarning" | tee "$OUT/gpu_lab.log"
+  | grep -v "it/s\]\|Loading\|Writing\|torchvision\|deprecate\|FutureWarning" | tee "$OUT/gpu_lab.log"
 exit 0
