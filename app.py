@@ -48,6 +48,7 @@ from lab.errors import InputError, LabError
 from lab.limits import Limits
 from lab.session import RunFiles, Session, give_back_memory, release_large_blocks_at_once
 from lab.traces import TraceError, read_trace
+from lab.video import VideoWriteError
 
 log = logging.getLogger("speclab")
 EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples")
@@ -403,7 +404,8 @@ class Lab:
             ref, pairs, full_ms = self._timed_pairs(model, spec, method, config, trace, stop)
             if ref is None:
                 extra["note"] = diff_note = "the full reference run was stopped: no comparison"
-        comparison = C.compare(result, trace, *ref) if ref is not None else None
+        metrics_on = model.pipe._execution_device if model.on_gpu else None  # SSIM of 1024² takes seconds on a CPU
+        comparison = C.compare(result, trace, *ref, device=metrics_on) if ref is not None else None
         session.reference = (trace, ref[1]) if ref is not None else None
         if comparison is not None:
             extra.update(comparison.as_summary())
@@ -416,12 +418,14 @@ class Lab:
                 measured=extra.get("measured_speedup"), ideal=trace.summary()["ideal_speedup"]))
         trace.meta["run"] = self._run_meta(spec, method, config)
         self.last_extra = extra  # the example recorder (scripts.lab.examples) reads it
-        files = self._export(session, trace, spec, result)
+        files, export_note = self._export(session, trace, spec, result)
+        if export_note:
+            extra["note"] = (extra["note"] + "  \n" if extra.get("note") else "") + md_text(export_note, 400)
         yield panels(preview=final.preview if final.preview is not None else result.image, image=result.image,
                      summary=summary_markdown(trace, extra), **trace_panels(trace, ref=ref[1] if ref else None),
                      step=_slider_update(trace), full_image=ref[0].image if ref else None,
                      diff_plot=comparison.difference if comparison else V.empty_figure(diff_note, title="difference"),
-                     files=files, video=next((f for f in files if f.endswith(".mp4")), None),
+                     files=files, video=next((f for f in files if f.endswith((".mp4", ".webm"))), None),
                      frame=_frame_update(trace), trace=trace)
 
     def _compile_turn(self, model, spec, method, config, compare, ticket):
@@ -486,7 +490,9 @@ class Lab:
         run = {k: getattr(spec, k) for k in ("prompt", "seed", "steps", "width", "height", "guidance", "frames")}
         return dict(run, model=spec.preset, method=method.label, config=config.to_dict())
 
-    def _export(self, session, trace: Trace, spec: R.RunSpec, result) -> list[str]:
+    def _export(self, session, trace: Trace, spec: R.RunSpec, result) -> tuple[list[str], str | None]:
+        """The run's files (trace JSON and CSV, config, a video's file) and a note for the summary when the video
+        file could not be written (no video writer installed: the note names the fix; the run is shown anyway)."""
         d = self.files.new(session)
         base = os.path.join(d, f"speclab_{trace.method}")
         trace.to_json(base + "_trace.json", indent=1)
@@ -497,8 +503,11 @@ class Lab:
             run["frames"] = spec.frames
         with open(base + "_config.json", "w") as f:
             json.dump({"method": trace.method, "config": trace.config, "run": run}, f, indent=2)
-        return [base + "_trace.json", base + "_trace.csv", base + "_config.json"] + result.export(
-            d, f"speclab_{trace.method}")
+        files = [base + "_trace.json", base + "_trace.csv", base + "_config.json"]
+        try:
+            return files + result.export(d, f"speclab_{trace.method}"), None
+        except VideoWriteError as e:
+            return files, str(e)
 
     @staticmethod
     def api_doc() -> str:
@@ -821,10 +830,11 @@ def _view_panels(P: M.Preset, limits: Limits) -> dict:
     with gr.Row(equal_height=True):
         pictures = dict(type="pil", height=230, min_width=100, interactive=False, buttons=["download", "fullscreen"],
                         elem_classes=["speclab-picture"])
-        v["preview"] = gr.Image(label="live preview", elem_id="speclab-preview", **pictures)
+        # JPEG: a preview is re-encoded at every streamed update, and WebP (Gradio's default) costs ~10x more
+        v["preview"] = gr.Image(label="live preview", elem_id="speclab-preview", format="jpeg", **pictures)
         v["image"] = gr.Image(label="this method", elem_id="speclab-image", **pictures)
         v["full_image"] = gr.Image(label="full run (same seed)", elem_id="speclab-full", **pictures)
-    v["video"] = gr.Video(label="video (mp4)", visible=P.is_video, elem_id="speclab-video", interactive=False,
+    v["video"] = gr.Video(label="video", visible=P.is_video, elem_id="speclab-video", interactive=False,
                           height=300)
     v["summary"] = gr.Markdown(summary_markdown(None), elem_id="speclab-summary")
     with gr.Row(equal_height=True):

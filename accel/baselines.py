@@ -39,7 +39,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # ---- configs ------------------------------------------------------------------------------------------
 
 
-SYNC_HELP = "Synchronise CUDA around each step so traced times are real."
+SYNC_HELP = ("Synchronise CUDA around each step, so that traced times are host wall times. When off, no step "
+             "waits for the device: step times are the device's, between CUDA events read once it has run them.")
 
 
 @dataclass

@@ -51,6 +51,80 @@ class RunState(BaseState):
         self.blocks_computed = 0.0
 
 
+def cuda_event():
+    """A CUDA event that can time (a function, so that a test can stand in a fake one)."""
+    return torch.cuda.Event(enable_timing=True)
+
+
+class DeviceReads:
+    """Values a step leaves on the device for the trace only (not for a decision): copied to host memory without
+    waiting, and handed to their `fill` once the copy has run. `poll()` (each step, never waits) fills those done;
+    `flush()` (end of the run) waits for the rest. On the CPU, `add` fills at once. Host buffers are pinned and
+    reused once filled (allocating pinned memory can synchronise). Fills run in the thread that polls: the
+    pipeline's; the traces they touched are refreshed (`Trace.refresh`)."""
+
+    def __init__(self):
+        self.pending: list[tuple] = []  # (event, host buffers, fill, trace), in stream order
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    @staticmethod
+    def deferrable(tensors=(), on_device: bool = False) -> bool:
+        """Whether reading `tensors` (or waiting for the device, `on_device`) would wait for a GPU."""
+        return torch.cuda.is_available() and (on_device or any(t is not None and t.is_cuda for t in tensors))
+
+    def _buffer(self, t: torch.Tensor) -> torch.Tensor:
+        free = self._free.get((tuple(t.shape), t.dtype))
+        return free.pop() if free else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+    def add(self, fill, tensors=(), trace=None, on_device: bool = False) -> None:
+        """`fill(host tensors)` once `tensors` (device tensors or None) are on the host; `on_device`: also wait
+        for the device to reach this point (e.g. a timing event recorded just before). `trace`: the trace whose
+        records `fill` changes (refreshed after)."""
+        if not self.deferrable(tensors, on_device):
+            fill([t.detach() if t is not None else None for t in tensors])
+            if trace is not None:
+                trace.refresh()
+            return
+        host = []
+        for t in tensors:
+            if t is None:
+                host.append(None)
+                continue
+            buf = self._buffer(t)
+            buf.copy_(t.detach(), non_blocking=True)
+            host.append(buf)
+        ev = cuda_event()
+        ev.record()
+        self.pending.append((ev, host, fill, trace))
+
+    def _done(self, entry, touched: dict) -> None:
+        ev, host, fill, trace = entry
+        fill(host)
+        for b in host:
+            if b is not None:
+                self._free.setdefault((tuple(b.shape), b.dtype), []).append(b)
+        if trace is not None:
+            touched[id(trace)] = trace
+
+    def poll(self) -> None:
+        """Fill what the device has finished, in order, without waiting."""
+        touched = {}
+        while self.pending and self.pending[0][0].query():
+            self._done(self.pending.pop(0), touched)
+        for trace in touched.values():
+            trace.refresh()
+
+    def flush(self) -> None:
+        """Wait for and fill everything pending (the run's end: the device is done with the run anyway)."""
+        touched = {}
+        while self.pending:
+            entry = self.pending.pop(0)
+            entry[0].synchronize()
+            self._done(entry, touched)
+        for trace in touched.values():
+            trace.refresh()
+
+
 def _host_floats(values) -> list[float]:
     """A schedule (tensor on any device, array or list) as Python floats: one device read for all of it."""
     return [float(v) for v in torch.as_tensor(values).detach().float().cpu().tolist()]
@@ -85,6 +159,8 @@ class StepDriverHook(ModelHook):
         self._sigmas_cpu: list[float] | None = None
         self.cp: ContextParallel | None = None
         """The transformer's context parallelism (accel/distributed.py), read at the start of every run."""
+        self.reads = DeviceReads()
+        """Trace values still on the device (step times by CUDA events, a method's trace-only numbers)."""
 
     # ---- step location -------------------------------------------------------------------
     def _locate(self, state: RunState, args, kwargs) -> StepInfo:
@@ -175,6 +251,7 @@ class StepDriverHook(ModelHook):
         return max(30.0, 10.0 * self._slowest_step_s)
 
     def _call(self, module, args, kwargs):
+        self.reads.poll()
         state = self.states.get_state()
         info = self._locate(state, args, kwargs)
         self.current_state = state
@@ -184,6 +261,7 @@ class StepDriverHook(ModelHook):
             self.run_states.clear()
         if not self.run_states:
             self._find_context_parallel()
+            self.reads.flush()  # the last run's, if it ended without the pipeline's reset
             self.on_new_run()
         self.run_states[info.context] = state
         if state.layout is None:
@@ -198,19 +276,32 @@ class StepDriverHook(ModelHook):
             step=info.step, num_steps=info.num_steps, context=info.context, timestep=info.timestep,
             sigma=info.sigma, blocks_total=self.n_blocks,
         )
-        on_cuda = self.config.sync_timing and torch.cuda.is_available() and self._device(module).type == "cuda"
-        if on_cuda:
+        cuda = torch.cuda.is_available() and self._device(module).type == "cuda"
+        synced = cuda and self.config.sync_timing
+        if synced:
             torch.cuda.synchronize()
+        elif cuda:  # no host sync: the step's device time between two events, read when they have run
+            ev_start = cuda_event()
+            ev_start.record()
         start = time.perf_counter()
         state.blocks_computed = 0.0
         out = self.run_step(module, args, kwargs, info, state, rec)
-        if on_cuda:
+        if synced:
             torch.cuda.synchronize()
-        rec.time_ms = (time.perf_counter() - start) * 1000.0
-        self._slowest_step_s = max(self._slowest_step_s, rec.time_ms / 1000.0)
+        host_s = time.perf_counter() - start
+        rec.time_ms = host_s * 1000.0
+        self._slowest_step_s = max(self._slowest_step_s, host_s)
         rec.blocks_computed = state.blocks_computed
         state.last_step = info.step
         trace.append(rec)
+        if cuda and not synced:
+            ev_end = cuda_event()
+            ev_end.record()
+
+            def timed(_, rec=rec, a=ev_start, b=ev_end):
+                rec.time_ms = float(a.elapsed_time(b))
+
+            self.reads.add(timed, trace=trace, on_device=True)
         if self.handle.on_step is not None:
             self.handle.on_step(rec)
         return out
@@ -240,6 +331,7 @@ class StepDriverHook(ModelHook):
         an exception without the pipeline's reset."""
 
     def reset_state(self, module):
+        self.reads.flush()
         self.states.reset()
         self.run_states.clear()
         self._release()

@@ -34,7 +34,8 @@ error is formed from per-row sums all-reduced over the ranks, so every rank take
 single-process one (accel/distributed.py). CUDA graphs are off there.
 
 Speculative steps never wait for the device unless a decision needs the error: with `sync_timing=False`, errors
-that only go to the trace are read at the end of the run (`Trace.refresh` then rebuilds its series).
+that only go to the trace are copied to the host without waiting and filled in once the device has run the step
+(`accel.runtime.DeviceReads`; `Trace.refresh` then rebuilds its series).
 """
 
 from __future__ import annotations
@@ -189,7 +190,9 @@ class SpeCaConfig(ConfigBase):
         True, "Store the per-token verification error map (image tokens, on the token grid) in the trace.",
         label="record token maps", advanced=True)
     sync_timing: bool = knob(
-        True, "Synchronise CUDA around each step so traced times are real (costs a little overlap).",
+        True, """Synchronise CUDA around each step so traced times are host wall times (costs a little overlap).
+        When off, step times come from CUDA events and errors no decision needs are read once the device has run
+        the step, so that only the decisions wait for the device.""",
         label="synchronised timing", advanced=True)
     cuda_graphs: bool = knob(
         True, """On CUDA with the stack forecast, replay each speculative step's transformer call as a CUDA graph
@@ -232,7 +235,6 @@ class SpeCaConfig(ConfigBase):
 
 class SpeCaState(RunState):
     def reset(self, *args, **kwargs) -> None:
-        _read_errors(getattr(self, "deferred", ()))
         super().reset()
         self.x = 0.0  # Taylor position of the current step
         self.forecasters: dict[int | str, TaylorForecaster] = {}
@@ -247,9 +249,6 @@ class SpeCaState(RunState):
         """Streams a full step's stand-ins recorded (stack forecast)."""
         self.gate_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None
         """Every gate row of every modulation linear, stacked once per run (per_block forecast)."""
-        self.deferred: list[tuple] = []
-        """(trace, record, errors, map, grid) of verification errors still on the device, read into their records
-        at the end of the run (`sync_timing=False`, when no decision needs them)."""
         self.graphs: bool | None = None  # speculative steps replay CUDA graphs (decided at the run's first step)
         self.coef_dev: torch.Tensor | None = None
         """This speculative step's Taylor coefficients in a device buffer, when a CUDA graph reads them."""
@@ -631,10 +630,11 @@ class SpeCaModelHook(StepDriverHook):
         if state.verify_errors is not None:
             entry = (self.handle.running_trace, rec, state.verify_errors, state.verify_map, state.layout.grid)
             decides = judged and cfg.schedule is None  # a fixed schedule decides without the error
-            if decides or cfg.sync_timing or self.handle.on_step is not None:
-                _read_errors([entry], appended=False)  # the decision (or a viewer) needs it now: one host sync
-            else:  # no per-step sync asked for: read at the end of the run, so that the device never waits
-                state.deferred.append(entry)
+            if decides or cfg.sync_timing:
+                _read_errors([entry], appended=False)  # the decision needs it now: one host sync
+            else:  # for the trace only: copied without waiting, filled in once the device has run the step
+                self.reads.add(lambda host, e=entry: _read_errors([(None, e[1], host[0], host[1], e[4])], False),
+                               (entry[2], entry[3]), trace=entry[0])
         if cfg.schedule is not None:
             verdict, reason = True, "schedule"
         elif not judged:
@@ -722,9 +722,7 @@ class SpeCaModelHook(StepDriverHook):
     def reset_state(self, module):
         # The run is over: read the errors left on the device, and note what SpeCa held between steps (the
         # forecast terms, and the stacked gate rows of the per-block forecast) before the states go.
-        for st in self.run_states.values():
-            _read_errors(st.deferred)
-            st.deferred = []
+        self.reads.flush()
         trace = self.handle.running_trace
         if trace is not None:
             terms = sum(f.nbytes() for st in self.run_states.values() for f in st.forecasters.values())

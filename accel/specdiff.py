@@ -146,8 +146,9 @@ class SpecDiffConfig(ConfigBase):
         True, "Store per-step importance and level maps (image-token grid) in the trace.",
         label="record token maps", advanced=True)
     sync_timing: bool = knob(
-        True, """Synchronise CUDA around each step so traced times are real (costs a little overlap). When off, no
-        step waits for the device: partial steps' level counts and maps reach the trace at the end of the run.""",
+        True, """Synchronise CUDA around each step so traced times are host wall times (costs a little overlap).
+        When off, no step waits for the device: step times come from CUDA events, and partial steps' level counts
+        and maps reach the trace once the device has run the step (a step or two later).""",
         label="synchronised timing", advanced=True)
 
     def check_relations(self) -> None:
@@ -304,8 +305,6 @@ class SpecDiffModelHook(StepDriverHook):
         super().__init__(pipe, adapter, config, state_cls, handle)
         self.control = AttnControl(config.score_every, config.score_chunk, config.score_query_stride)
         self.attn_modules = adapter.attention_modules()
-        self._pending: list = []  # (record, packed device tensor, grid) of partial steps not yet read back
-        self._host_bufs: list[torch.Tensor] = []  # pinned buffers for those read-backs
         self._graphable = type(adapter).run_subset is Adapter.run_subset  # the subset call is a plain call
         self._kv_store: dict[str, dict] = {}  # context -> layer -> (K, V): persistent buffers (CUDA graphs)
         self._graphs: dict = {}  # key -> _SubsetGraph
@@ -581,17 +580,12 @@ class SpecDiffModelHook(StepDriverHook):
     def _defer(self, rec: StepRecord, packed: torch.Tensor, grid) -> None:
         """A partial step's level counts (and maps) for the trace, packed in one tensor. Read now when the
         step waits for the device anyway (`sync_timing`, or on the CPU): the runtime synchronises right after
-        this step. Else copied to a reused pinned buffer without waiting and read at the end of the run
-        (`_resolve`), so that no step waits for the device; the trace's series are refreshed then."""
-        if not packed.is_cuda or self.config.sync_timing:
+        this step. Else copied to pinned memory without waiting and filled in once the device has run the step
+        (`accel.runtime.DeviceReads`, polled at each step), so that no step waits for the device."""
+        if self.config.sync_timing or not self.reads.deferrable((packed,)):
             self._fill(rec, packed.cpu(), grid)
             return
-        i = len(self._pending)  # pinned buffers are reused run after run (allocating one can synchronise)
-        if i >= len(self._host_bufs) or self._host_bufs[i].shape != packed.shape:
-            self._host_bufs[i:i + 1] = [torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)]
-        host = self._host_bufs[i]
-        host.copy_(packed, non_blocking=True)
-        self._pending.append((rec, host, grid))
+        self.reads.add(lambda host: self._fill(rec, host[0], grid), (packed,), trace=self.handle.running_trace)
 
     @staticmethod
     def _fill(rec: StepRecord, packed: torch.Tensor, grid) -> None:
@@ -601,17 +595,6 @@ class SpecDiffModelHook(StepDriverHook):
             n_img = (packed.numel() - 3) // 2
             rec.set_map("importance", packed[3:3 + n_img].reshape(grid))
             rec.set_map("level", packed[3 + n_img:].to(torch.int8).reshape(grid))
-
-    def _resolve(self) -> None:
-        if not self._pending:
-            return
-        torch.cuda.synchronize()
-        for rec, packed, grid in self._pending:
-            self._fill(rec, packed, grid)
-        self._pending.clear()
-        trace = self.handle.running_trace
-        if trace is not None:
-            trace.refresh()  # the records changed after they were appended
 
     # ---- speculative pre-run -------------------------------------------------------------------
     def _call(self, module, args, kwargs):
@@ -682,7 +665,6 @@ class SpecDiffModelHook(StepDriverHook):
 
     def reset_state(self, module):
         self.control.end()
-        self._resolve()
         self.remove_modulation_hooks()
         return super().reset_state(module)
 

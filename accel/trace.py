@@ -94,7 +94,7 @@ class StepRecord:
         a few KB; the trace is read by another thread while the run goes on (the lab's stream), kept in Gradio's
         session state and written to JSON, all of which want host memory; and a trace holding device tensors
         would keep GPU memory alive for every step of every kept run."""
-        self.maps[name] = as_map(name, values)
+        self.maps = {**self.maps, name: as_map(name, values)}  # a new dict: a reader iterating the old one is safe
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, StepRecord):
@@ -223,6 +223,8 @@ class _Index:
 
     def __init__(self):
         self.lock = threading.Lock()
+        self.stale = False
+        """Reset by `Trace.refresh`: the next reader rebuilds (not `Trace.append`)."""
         self._reset_steps(None)
         self._reset_overhead(None)
 
@@ -265,6 +267,7 @@ class _Index:
         for i in range(self.n_over, len(over)):
             self.over.append(_row(i, over[i]))
         self.n_over = len(over)
+        self.stale = False
 
     def _add(self, i: int, r: StepRecord) -> None:
         if r.step < 0:
@@ -369,17 +372,22 @@ class Trace:
     # ---- growing ----------------------------------------------------------------------------------------
     def append(self, rec: StepRecord) -> None:
         """Add one main step (the runtime calls this after each denoiser call); the series take it in now,
-        in O(1). Safe against a concurrent `snapshot()` from another thread."""
+        in O(1). Safe against a concurrent `snapshot()` from another thread. After a `refresh` the series are
+        rebuilt by the next reader (`snapshot`, `summary`, ...), not here: the runtime appends from the pipeline's
+        thread, which should only issue the device's work."""
         with self._index.lock:
             self.steps.append(rec)
-            self._index.sync(self)
+            if not self._index.stale:
+                self._index.sync(self)
 
     def refresh(self) -> None:
-        """Records changed after they were appended (SpeCa with `sync_timing=False` reads its verification errors
-        at the end of the run, so that speculative steps never wait for the device): rebuild the series."""
+        """Records changed after they were appended (with `sync_timing=False` step times and trace-only values
+        are read from the device once it has run them, `accel.runtime.DeviceReads`): the series are rebuilt by
+        the next reader."""
         with self._index.lock:
             self._index._reset_steps(None)
             self._index._reset_overhead(None)
+            self._index.stale = True
 
     def snapshot(self) -> "Trace":
         """A copy that later appends do not change (what the lab hands to the figures while a run goes on).

@@ -18,11 +18,14 @@ from accel.trace import Trace
 from .output import Rendered
 
 
-def _batch(img) -> torch.Tensor:
-    """HxW or HxWxC 8-bit image (array or PIL) -> (1, C, H, W) float64 in 0..255."""
+def _batch(img, device=None) -> torch.Tensor:
+    """HxW or HxWxC 8-bit image (array or PIL) -> (1, C, H, W) in 0..255: float64 on the CPU, float32 on `device`
+    (a GPU: SSIM of a 1024² image takes seconds on a CPU, of a video's frames minutes)."""
     a = np.asarray(img)
     if a.ndim == 2:
         a = a[:, :, None]
+    if device is not None:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device).permute(2, 0, 1)[None].float()
     return torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[None]
 
 
@@ -31,18 +34,18 @@ def _same_shape(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} needs images of the same size, got {tuple(x.shape[1:])} and {tuple(y.shape[1:])}")
 
 
-def psnr(a, b, data_range: float = 255.0) -> float:
+def psnr(a, b, data_range: float = 255.0, device=None) -> float:
     """Peak signal-to-noise ratio in dB of two 8-bit images; `inf` for identical images."""
-    x, y = _batch(a), _batch(b)
+    x, y = _batch(a, device), _batch(b, device)
     _same_shape(x, y, "PSNR")
     if torch.equal(x, y):
         return float("inf")
     return float(peak_signal_noise_ratio(x, y, data_range=data_range))
 
 
-def ssim(a, b, data_range: float = 255.0, win: int = 11, sigma: float = 1.5) -> float:
-    """Mean structural similarity of two 8-bit images (per channel, averaged)."""
-    x, y = _batch(a), _batch(b)
+def ssim(a, b, data_range: float = 255.0, win: int = 11, sigma: float = 1.5, device=None) -> float:
+    """Mean structural similarity of two 8-bit images (per channel, averaged); on `device` in float32 if given."""
+    x, y = _batch(a, device), _batch(b, device)
     _same_shape(x, y, "SSIM")
     side = min(x.shape[2], x.shape[3])
     if side > win:
@@ -67,9 +70,10 @@ class Comparison:
         return {"psnr": self.psnr, "ssim": self.ssim, "full_ms": self.full_ms, "measured_speedup": self.speedup}
 
 
-def compare(run: Rendered, trace: Trace, full: Rendered, full_trace: Trace) -> Comparison:
+def compare(run: Rendered, trace: Trace, full: Rendered, full_trace: Trace, device=None) -> Comparison:
+    """`device`: a GPU to compute PSNR and SSIM on (GPU presets), else the CPU in float64."""
     a, b = run.pixels(), full.pixels()
     full_ms = full_trace.summary()["measured_ms"]
     mine = trace.summary()["measured_ms"]
-    return Comparison(psnr(a, b), ssim(a, b), full_ms, full_ms / mine if mine else None,
+    return Comparison(psnr(a, b, device=device), ssim(a, b, device=device), full_ms, full_ms / mine if mine else None,
                       V.difference_figure(run.image, full.image))

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .preview import decode, unpack
-from .video import decode_video, latent_frames, strip, to_pil_frames, write_mp4
+from .video import decode_video, latent_frames, strip, to_pil_frames, write_video
 
 
 PREVIEW_MAX = 512
@@ -48,10 +48,11 @@ class Rendered:
         return np.asarray(self.image.convert("RGB"))
 
     def export(self, directory: str, stem: str) -> list[str]:
-        """Files besides the trace: the mp4 of a video; nothing for an image (it is shown already)."""
+        """Files besides the trace: the video file of a video (mp4, or WebM: `lab.video.write_video`); nothing
+        for an image (it is shown already). Raises `VideoWriteError` when no video writer is installed."""
         if not self.frames:
             return []
-        return [write_mp4(self.frames, self.fps, os.path.join(directory, f"{stem}.mp4"))]
+        return [write_video(self.frames, self.fps, os.path.join(directory, stem))]
 
 
 class Output(Protocol):

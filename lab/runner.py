@@ -210,13 +210,28 @@ class _Run:
         self.thread = threading.Thread(target=self._work, name="speclab-run", daemon=True)
 
     def _x0_estimate(self, pipe, i, lat):
-        """Flow matching: x0 = x_t - sigma * v, with v from the last Euler step."""
+        """Flow matching: x0 = x_t - sigma * v, with v from the last Euler step. Device arithmetic only: the
+        scheduler's sigmas live on the device, and reading one would make the pipeline's thread wait for it."""
         sig = pipe.scheduler.sigmas
-        if self.prev_latents is not None and i + 1 < len(sig):
-            ds = float(sig[i + 1] - sig[i])
-            if ds != 0:
-                return lat - float(sig[i + 1]) * (lat - self.prev_latents) / ds
-        return lat
+        if self.prev_latents is None or i + 1 >= len(sig):
+            return lat
+        s_next, ds = sig[i + 1], sig[i + 1] - sig[i]
+        if not isinstance(ds, torch.Tensor):
+            return lat - s_next * (lat - self.prev_latents) / ds if ds != 0 else lat
+        ds = ds.to(lat.device, torch.float32)
+        v = (lat.float() - self.prev_latents.float()) / torch.where(ds == 0, torch.ones_like(ds), ds)
+        return torch.where(ds == 0, lat.float(), lat.float() - s_next.to(lat.device, torch.float32) * v).to(lat.dtype)
+
+    def _to_host(self, estimate):
+        """(host tensor, event or None): the estimate copied to pinned memory without waiting (the consumer waits
+        for the event before drawing it); on the CPU, the estimate itself."""
+        est = estimate.detach()
+        if not est.is_cuda:
+            return est, None
+        host = est.to("cpu", non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return host, ev
 
     def _on_step_end(self, pipe, i, t, cb_kwargs):
         lat = cb_kwargs.get("latents")
@@ -230,8 +245,8 @@ class _Run:
             return {}
         now = time.perf_counter()
         if self.want_preview and (last or pipe.interrupt or now - self.last_preview_at >= self.every_s):
-            try:  # the estimate stays on the device: the consumer draws it (no host sync in the denoising loop)
-                self.events.put(("preview", self._x0_estimate(pipe, i, lat).detach()))
+            try:  # no host sync in the denoising loop: the consumer waits for the copy and draws it
+                self.events.put(("preview", self._to_host(self._x0_estimate(pipe, i, lat))))
                 self.last_preview_at = now
             except Exception:  # never let a preview break the run
                 pass
@@ -250,11 +265,14 @@ class _Run:
         finally:
             self.events.put(("end", None))
 
-    def draw(self, estimate):
-        """The preview image of a clean-image estimate (a device tensor), drawn in the consumer's thread: the one
-        copy to the host happens here, not in the pipeline's loop. None if it cannot be drawn."""
+    def draw(self, pending):
+        """The preview image of a clean-image estimate (`_to_host`'s (host tensor, event)), drawn in the
+        consumer's thread once its copy has run. None if it cannot be drawn."""
         try:
-            return self.output.preview(estimate)
+            host, ev = pending
+            if ev is not None:
+                ev.synchronize()  # this copy only; the pipeline's thread goes on issuing work
+            return self.output.preview(host)
         except Exception:  # never let a preview break the run
             return None
 

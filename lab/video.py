@@ -1,16 +1,22 @@
-"""Video helpers of the lab: latent frames -> PIL frames, a strip of frames, and the mp4 writer.
+"""Video helpers of the lab: latent frames -> PIL frames, a strip of frames, and the video writer
+(H.264 mp4 through imageio-ffmpeg or PyAV, else VP8 WebM through OpenCV).
 
 HunyuanVideo latents are unpacked already: (B, C, F, h, w), F = (num_frames - 1) // 4 + 1 latent frames.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .errors import LabError
+
+log = logging.getLogger("speclab")
 
 
 def latent_frames(previewer, latents: torch.Tensor, size: tuple[int, int] | None = None) -> list[Image.Image]:
@@ -48,19 +54,94 @@ def strip(frames: list[Image.Image], n: int = 8) -> Image.Image:
     return out
 
 
-def write_mp4(frames: list[Image.Image], fps: int = 8, path: str | None = None) -> str:
-    """Write `frames` as an H.264 mp4 (diffusers' `export_to_video`, through imageio-ffmpeg); returns the path."""
+class VideoWriteError(LabError):
+    """No video writer could write the file: the message names the package to install."""
+
+
+NO_WRITER = ("the video file was not written: this server has no video encoder. Install imageio-ffmpeg "
+             "(`pip install imageio-ffmpeg`, H.264 mp4), or PyAV (`pip install av`), or opencv-python-headless "
+             "(`pip install opencv-python-headless`, VP8 WebM); the frames are shown above all the same")
+
+
+def _even(arr: list[np.ndarray]) -> list[np.ndarray]:
+    """H.264 and VP8 want even sizes; the lab's sizes are multiples of 16 anyway, but odd input must not fail."""
+    h, w = arr[0].shape[:2]
+    return [a[: h - h % 2, : w - w % 2] for a in arr] if h % 2 or w % 2 else arr
+
+
+def _imageio_ffmpeg(frames: list[np.ndarray], fps: int, stem: str) -> str:
+    """H.264 mp4 through imageio-ffmpeg (its own ffmpeg binary): what diffusers' `export_to_video` uses."""
+    import imageio_ffmpeg  # noqa: F401  (raises ImportError when missing, before imageio tries its plugin)
     from diffusers.utils import export_to_video
 
-    if path is None:
-        path = os.path.join(tempfile.mkdtemp(prefix="speclab_video_"), "speclab.mp4")
-    arr = [np.asarray(f.convert("RGB"), dtype=np.float32) / 255.0 for f in frames]
-    # H.264 wants even sizes; the lab's sizes are multiples of 16 anyway, but a 1-frame or odd input must not fail
-    h, w = arr[0].shape[:2]
-    if h % 2 or w % 2:
-        arr = [a[: h - h % 2, : w - w % 2] for a in arr]
-    export_to_video(arr, path, fps=int(fps))
+    path = stem + ".mp4"
+    export_to_video([f.astype(np.float32) / 255.0 for f in frames], path, fps=int(fps))
     return path
+
+
+def _pyav(frames: list[np.ndarray], fps: int, stem: str) -> str:
+    """H.264 mp4 through PyAV (its wheels carry FFmpeg)."""
+    import av
+
+    path = stem + ".mp4"
+    with av.open(path, mode="w") as box:
+        stream = box.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=int(fps))
+        stream.width, stream.height = frames[0].shape[1], frames[0].shape[0]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                box.mux(packet)
+        for packet in stream.encode():
+            box.mux(packet)
+    return path
+
+
+def _opencv(frames: list[np.ndarray], fps: int, stem: str) -> str:
+    """VP8 WebM through OpenCV (opencv-python's FFmpeg has libvpx but no H.264 encoder; browsers play VP8 WebM,
+    not the MPEG-4 part 2 of OpenCV's 'mp4v')."""
+    import cv2
+
+    path = stem + ".webm"
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"VP80"), float(fps), (w, h))
+    if not writer.isOpened():
+        raise RuntimeError("OpenCV's FFmpeg has no VP8 encoder")
+    try:
+        for f in frames:
+            writer.write(np.ascontiguousarray(f[:, :, ::-1]))  # OpenCV takes BGR
+    finally:
+        writer.release()
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise RuntimeError("OpenCV wrote an empty file")
+    return path
+
+
+WRITERS = (("imageio-ffmpeg", _imageio_ffmpeg), ("av", _pyav), ("opencv-python-headless", _opencv))
+"""Tried in order: the first that is installed and works writes the file."""
+
+
+def write_video(frames: list[Image.Image], fps: int = 8, stem: str | None = None) -> str:
+    """Write `frames` as a video a browser plays: an H.264 mp4 (imageio-ffmpeg, else PyAV), else a VP8 WebM
+    (OpenCV); returns the path (`stem` + the writer's extension). `VideoWriteError` (its message names the
+    packages and the fix) when none of them is installed or works."""
+    if stem is None:
+        stem = os.path.join(tempfile.mkdtemp(prefix="speclab_video_"), "speclab")
+    arr = _even([np.asarray(f.convert("RGB"), dtype=np.uint8) for f in frames])
+    failed = []
+    for name, writer in WRITERS:
+        try:
+            return writer(arr, fps, stem)
+        except ImportError:
+            failed.append(f"{name}: not installed")
+        except Exception as e:  # noqa: BLE001  installed but unable (e.g. no ffmpeg binary, no encoder)
+            failed.append(f"{name}: {type(e).__name__}: {str(e)[:120]}")
+    log.warning("no video writer worked: %s", "; ".join(failed))
+    raise VideoWriteError(NO_WRITER)
+
+
+def write_mp4(frames: list[Image.Image], fps: int = 8, path: str | None = None) -> str:
+    """`write_video` with a path ending in ".mp4" (the extension the writer picks replaces it)."""
+    return write_video(frames, fps, None if path is None else os.path.splitext(path)[0])
 
 
 def decode_video(pipe, latents: torch.Tensor) -> list[Image.Image]:

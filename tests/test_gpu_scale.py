@@ -418,3 +418,22 @@ def test_an_update_at_step_50_draws_as_many_map_cells_as_at_step_5_on_a_64x64_gr
             points[i + 1] = sum(len(t.x) for t in V.timeline_figure(snap).data if getattr(t, "x", None) is not None)
     assert cells[5] == cells[n] == 64 * 64  # the newest map only, never the whole history of maps
     assert points[n] <= points[5] * n / 5 + 10  # the timeline grows by one bar per step, nothing more
+
+
+# ---- the device script's arithmetic ---------------------------------------------------------------------------------
+def test_gpu_lab_bare_wall_adds_what_the_prompt_and_decode_cost_to_the_latent_call():
+    """Bare wall of a lab request = the method's latent-out call + (the plain 2-step call with prompt and decode -
+    2 plain steps); bench speedup = plain latent / the method's latent."""
+    from scripts.bench import gpu_lab as GL
+
+    rows = {"flux": {"rows": [
+        dict(method="Full+text+decode", steps=GL.PIL_STEPS, wall_s=1.0),
+        dict(method=GL.FULL, steps=28, latent_wall_s=5.6, peak_gib=1.0),
+        dict(method=GL.SPECA, steps=28, latent_wall_s=1.4, peak_gib=1.0)]}}
+    text_decode = 1.0 - GL.PIL_STEPS * 5.6 / 28
+    assert GL.bare_wall(rows, "flux", GL.SPECA, 28) == pytest.approx((1.4 + text_decode, 4.0))
+    assert GL.bare_wall(rows, "flux", GL.SPECA, 50) == (None, None)
+    lab = [dict(kind="lab", family="flux", method=GL.SPECA, steps=28, image_s=(1.4 + text_decode) * 1.05,
+                shown_speedup=3.8)]
+    line = GL.table(rows, lab)[1]
+    assert "5.0%" in line and "0.950" in line

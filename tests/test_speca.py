@@ -553,9 +553,10 @@ def test_cache_bytes_count_what_is_kept(pipe, forecast):
     assert meta["cache_bytes"] == terms + gates
 
 
-def test_errors_read_at_the_end_of_an_unsynchronised_run(pipe):
-    """sync_timing=False: an error that no decision needs stays on the device until the run ends (no host sync
-    on a speculative step), then fills its record and the trace's series; an `on_step` viewer gets it at once."""
+def test_errors_no_decision_needs_fill_the_trace_of_an_unsynchronised_run(pipe):
+    """sync_timing=False: an error that no decision needs is read without a host sync (`DeviceReads`: on a GPU
+    once the device has run the step; on the CPU at once) and fills its record and the trace's series; an
+    `on_step` viewer asks for no read of its own."""
     seen = []
     cfg = accel.SpeCaConfig(schedule=[True, True, True, False, False, True] * 2, sync_timing=False)
     with accel.apply(pipe, cfg) as handle:

@@ -160,6 +160,23 @@ def test_difference_figure():
     assert "differ in size" in V.difference_figure(a, np.zeros((4, 4, 3))).layout.annotations[0].text
 
 
+def test_a_large_difference_map_is_drawn_as_block_means_with_the_full_size_numbers():
+    """1024² (and a video's strip) would be ~11 MB of JSON per update: at most DIFF_MAX_CELLS cells, each the mean
+    of its k x k block, the title's mean and max from every pixel."""
+    g = np.random.default_rng(0)
+    a = g.integers(0, 256, (1024, 1000, 3)).astype(np.uint8)
+    b = a.copy()
+    b[5, 7] = 255 - b[5, 7]
+    d = np.abs(a.astype(float) - b.astype(float)).mean(axis=2)
+    fig = V.difference_figure(a, b)
+    z = np.asarray(fig.data[0].z)
+    assert z.shape == (512, 500) and z.size <= V.figures.DIFF_MAX_CELLS
+    assert z[2, 3] == pytest.approx(d[4:6, 6:8].mean()) and z.sum() * 4 == pytest.approx(d.sum())
+    assert f"max {d.max():.0f}, 2x2 block means" in fig.layout.title.text
+    odd = V.difference_figure(a[:1023], b[:1023], max_cells=1000)  # partial blocks at the edges: still a map
+    assert np.asarray(odd.data[0].z).size <= 1000
+
+
 VGRID = [3, 4, 6]  # [frames, h, w], as accel records HunyuanVideo token maps
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import textwrap
 
 import numpy as np
@@ -402,9 +403,28 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
     return _figure(data, layout)
 
 
-def difference_figure(a, b, title: str = "|accelerated - full|") -> go.Figure:
+DIFF_MAX_CELLS = 512 * 512
+"""A difference map larger than this is drawn as the mean of k x k blocks (1024²: 2 x 2; a video strip too): a
+1024² heatmap is ~11 MB of JSON per update, and the panel shows ~300 pixels anyway. The title's mean and max are
+the full-size map's."""
+
+
+def _block_mean(d: np.ndarray, max_cells: int) -> tuple[np.ndarray, int]:
+    h, w = d.shape
+    k = max(1, math.ceil(math.sqrt(d.size / max_cells)))
+    while -(-h // k) * -(-w // k) > max_cells:  # partial blocks at the edges count as cells too
+        k += 1
+    if k == 1:
+        return d, 1
+    hp, wp = -h % k, -w % k
+    if hp or wp:  # pad with the edge's values: the last partial block averages what is there
+        d = np.pad(d, ((0, hp), (0, wp)), mode="edge")
+    return d.reshape(d.shape[0] // k, k, d.shape[1] // k, k).mean(axis=(1, 3)), k
+
+
+def difference_figure(a, b, title: str = "|accelerated - full|", max_cells: int = DIFF_MAX_CELLS) -> go.Figure:
     """Heatmap of the per-pixel absolute difference of two images (HxWxC arrays or PIL images, same size),
-    averaged over channels, in 0-255 units."""
+    averaged over channels, in 0-255 units; over `max_cells` pixels, the mean of k x k blocks (the title says so)."""
     x = np.asarray(a, dtype=float)
     y = np.asarray(b, dtype=float)
     if x.shape != y.shape:
@@ -412,12 +432,14 @@ def difference_figure(a, b, title: str = "|accelerated - full|") -> go.Figure:
     d = np.abs(x - y)
     if d.ndim == 3:
         d = d.mean(axis=2)
-    fig = go.Figure(go.Heatmap(z=d, colorscale="Magma", zmin=0, zmax=max(float(d.max()), 1.0), name="difference",
+    z, k = _block_mean(d, max_cells)
+    blocks = f", {k}x{k} block means" if k > 1 else ""
+    fig = go.Figure(go.Heatmap(z=z, colorscale="Magma", zmin=0, zmax=max(float(z.max()), 1.0), name="difference",
                                hovertemplate="x %{x}, y %{y}<br>|diff| %{z:.1f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False, showgrid=False, zeroline=False)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     identical = " — identical" if not d.any() else ""  # a flat map: 0..1 on the bar, not an autoscaled ±0.5
-    fig.update_layout(title=f"{title} (mean {d.mean():.2f}, max {d.max():.0f}){identical}", height=HEIGHT,
+    fig.update_layout(title=f"{title} (mean {d.mean():.2f}, max {d.max():.0f}{blocks}){identical}", height=HEIGHT,
                       margin=_MARGIN, template=copy.deepcopy(_template_json()))
     return fig
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call (H100, < 9.5 min): the lab at full size (issue 13). Builds a FLUX.1-dev-shaped pipeline folder
-# with random bf16 weights, times the bare pipeline calls, serves it with `app.py --model FOLDER` and drives
-# /generate through gradio_client (Full, SpeCa, SpecDiff, TaylorSeer at 1024², 28 and 50 steps; SpeCa once with
-# compile); then the same for a HunyuanVideo-shaped folder at 544x960, 33 frames, 10 steps
-# (python -m scripts.bench.gpu_lab all; its docstring says what is measured and how).
+# One device call (H100, < 590 s with the install): the lab at full size (issue 13). Builds FLUX.1-dev- and
+# HunyuanVideo-shaped pipeline folders with random bf16 weights (both at once), times the bare pipeline calls,
+# serves each with `app.py --model FOLDER` and drives /generate through gradio_client: FLUX 1024² Full, SpeCa,
+# SpecDiff, TaylorSeer at 28 steps, Full and SpeCa at 50, SpeCa compiled at 28; HunyuanVideo 544x960, 33 frames,
+# 10 steps: Full, SpeCa, SpecDiff (python -m scripts.bench.gpu_lab all; its docstring says what and how).
 # Needs the slim wheels (bash scripts/bench/slim_wheels.sh -> .whl-lab, 10.6 MiB): carry [".whl-lab"].
 # From the repository root: bash scripts/bench/gpu_lab.sh   (writes gpu_lab.json, bare-*.json, app-*.log, gpu.txt
 # under $OUT; prints the table last)
@@ -15,11 +15,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  df -h /tmp | tail -1
-  python3 -c "import torch, diffusers, gradio, transformers; print('torch', torch.__version__, 'diffusers',
-diffusers.__version__, 'gradio', gradio.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
-# what is left of 565 s after the install, for the whole run (each stage has its own deadline inside)
-BUDGET=$(( 565 - ($(date +%s) - START) ))
-timeout $((BUDGET + 20)) python3 -m scripts.bench.gpu_lab all --out "$OUT" --budget-s "$BUDGET" 2>&1 \
-  | grep -v "it/s\]\|Loading\|torchvision\|deprecate\|FutureWarning" | tee "$OUT/gpu_lab.log"
+  df -h /tmp /dev/shm | tail -2; free -g | head -2
+  python3 -c "import torch, diffusers, gradio, transformers, cv2; print('torch', torch.__version__, 'diffusers',
+diffusers.__version__, 'gradio', gradio.__version__, 'transformers', transformers.__version__, 'cv2', cv2.__version__)"; } 2>&1 | tee "$OUT/gpu.txt"
+# what is left of 560 s after the install, for the whole run (each stage has its own deadline inside)
+BUDGET=$(( 560 - ($(date +%s) - START) ))
+timeout $((BUDGET + 15)) python3 -m scripts.bench.gpu_lab all --out "$OUT" --budget-s "$BUDGET" 2>&1 \
+  | grep -v "it/s\]\|Loading\|Writing\|torchvision\|deprecate\|FutureWarning" | tee "$OUT/gpu_lab.log"
 exit 0
