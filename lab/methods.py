@@ -140,7 +140,7 @@ FULL_HOW = """**Full** — the plain pipeline, every block at every step: the re
 TABLE: list[LabMethod] = [
     LabMethod(FULL, "full", how=FULL_HOW),
     LabMethod(SPECA, "speca", ("threshold", "decay", "order"),
-              linked={"metric": ("threshold", {"rel_l1": 7.0, "rel_l2": 0.15, "cosine": 0.05})}, how=SPECA_HOW),
+              linked={"metric": ("threshold", {"rel_l1": 3.0, "rel_l2": 0.15, "cosine": 0.05})}, how=SPECA_HOW),
     LabMethod(SPECDIFF, "specdiff", ("cache_rate", "starvation_scale"), how=SPECDIFF_HOW),
     LabMethod(TAYLORSEER, "taylorseer", ("cache_interval", "max_order"), fixed={"taylor_factors_dtype": "float32"},
               how=TAYLORSEER_HOW),

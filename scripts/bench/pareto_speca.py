@@ -16,7 +16,7 @@ SpeCa's adaptive decisions are per sample; `--batch` puts several prompts in one
 - PSNR of every decoded image (video: every frame) against the plain run of the same prompt and seed; mean, worst.
 
 Curves (each a set of points; `--curves` picks some by name prefix):
-- `fixed o1` / `fixed o2`: SpeCa (library forecast) replaying every:N (3 warm-up full steps, then a full step every N),
+- `fixed o1` / `fixed o2` / `fixed output o1`: SpeCa (library forecast; `output`: forecast="output") replaying every:N (3 warm-up full steps, then a full step every N),
   N = 2..8, 10, 12; verification runs (and is counted) but decides nothing;
 - `adaptive <remedy> o<k>`: SpeCa's verification deciding, over a threshold sweep. Thresholds are calibrated per
   model and remedy: quantiles of the judged errors (divided by the decay factor) of an every:9 replay of the same
@@ -57,8 +57,11 @@ REMEDIES = {
     "rel_l1 sigma": dict(metric="rel_l1", distance="sigma"),
     "rel_l2 first block": dict(metric="rel_l2", verify_block=0),
     "rel_l2 decay 1": dict(metric="rel_l2", decay=1.0),
+    "rel_l1 output": dict(metric="rel_l1", forecast="output"),
+    "rel_l2 output": dict(metric="rel_l2", forecast="output"),
 }
-DEFAULT_CURVES = ("fixed o1", "fixed o2", "adaptive rel_l1 o1", "adaptive rel_l1 o2", "adaptive rel_l2 o1",
+DEFAULT_CURVES = ("fixed o1", "fixed o2", "fixed output o1", "adaptive rel_l1 o1", "adaptive rel_l1 output o1",
+                  "adaptive rel_l2 output o1", "adaptive rel_l1 o2", "adaptive rel_l2 o1",
                   "adaptive rel_l2 o2", "adaptive rel_l1 sigma o2", "adaptive rel_l2 first block o1",
                   "adaptive rel_l2 decay 1 o1", "lite o1", "lite o2", "cache-dit o1", "cache-dit o2")
 QUICK_CURVES = ("fixed o1", "adaptive rel_l1 o1", "adaptive rel_l2 o1", "lite o1", "cache-dit o1")
@@ -85,8 +88,9 @@ def fixed_settings(model: str, curves, steps: int, intervals) -> list[Setting]:
     out = []
     for curve in curves:
         kind, _, order = curve.rpartition(" o")
-        if kind == "fixed":
-            out += [Setting(model, curve, f"every:{n}", "speca", dict(schedule=every(steps, n), order=int(order)))
+        if kind.startswith("fixed"):  # "fixed o1", or "fixed <forecast> o1"
+            fc = dict(forecast=kind.split()[1]) if " " in kind else {}
+            out += [Setting(model, curve, f"every:{n}", "speca", dict(schedule=every(steps, n), order=int(order), **fc))
                     for n in intervals]
         elif kind == "lite":
             out += [Setting(model, curve, f"interval {n}", "lite", dict(cache_interval=n, max_order=int(order)))
