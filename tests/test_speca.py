@@ -99,7 +99,7 @@ def test_threshold_schedule():
     assert cfg.threshold_at(0, 50) == pytest.approx(7.0)
     assert cfg.threshold_at(25, 50) == pytest.approx(7.0 * math.sqrt(0.3))
     assert cfg.threshold_at(50, 50) == pytest.approx(2.1)
-    assert accel.SpeCaConfig(decay=1.0).threshold_at(40, 50) == pytest.approx(7.0)
+    assert accel.SpeCaConfig(threshold=7.0, decay=1.0).threshold_at(40, 50) == pytest.approx(7.0)
 
 
 # ---- block rebuild ------------------------------------------------------------------------------------
