@@ -89,7 +89,7 @@ def test_generate_end_to_end_with_compare(lab):
     back = Trace.load(by_ext["trace.json"])
     assert back.summary() == trace.summary()
     assert open(by_ext["trace.csv"]).readline().startswith("phase,step")
-    assert '"threshold": 7.0' in open(by_ext["config.json"]).read()
+    assert '"threshold": 3.0' in open(by_ext["config.json"]).read()
     # a streamed update carries the live panels and leaves the final-only outputs untouched
     mid = outs[0]
     assert isinstance(mid[3], go.Figure) and "running" in mid[2]

@@ -22,7 +22,7 @@ from accel.metrics import verification_errors
 from accel.taylor import Forecast, TaylorForecaster
 
 STEPS = 12
-FORECASTS = ("stack", "per_block")
+FORECASTS = ("stack", "per_block", "output")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_threshold_schedule():
     assert cfg.threshold_at(0, 50) == pytest.approx(7.0)
     assert cfg.threshold_at(25, 50) == pytest.approx(7.0 * math.sqrt(0.3))
     assert cfg.threshold_at(50, 50) == pytest.approx(2.1)
-    assert accel.SpeCaConfig(decay=1.0).threshold_at(40, 50) == pytest.approx(7.0)
+    assert accel.SpeCaConfig(threshold=7.0, decay=1.0).threshold_at(40, 50) == pytest.approx(7.0)
 
 
 # ---- block rebuild ------------------------------------------------------------------------------------
@@ -507,6 +507,29 @@ def test_stack_forecast_is_the_polynomial_through_the_recorded_stacks(pipe, orde
             torch.testing.assert_close(seen[k][f"v_{s}"], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_output_forecast_is_the_polynomial_through_the_full_steps_outputs(pipe, order):
+    """forecast="output": a speculative step's model output is the interpolating polynomial (degree = order)
+    through the outputs of the last full steps, and the verification still runs (an error on every speculative
+    step); a full step's output is the model's own."""
+    t = pipe.transformer
+    outs = []
+    schedule = [True, True, True, False, False, True, False, False, False, True, False, False]
+    with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, order=order, forecast="output")) as handle:
+        hooked = t.forward
+        t.forward = lambda *a, **k: outs.append(hooked(*a, **k)[0].double()) or (outs[-1].float(),)
+        try:
+            run(pipe, STEPS)
+        finally:
+            del t.forward
+    full = [i for i, f in enumerate(schedule) if f]
+    for k in (i for i, f in enumerate(schedule) if not f):
+        nodes = [i for i in full if i < k][-(order + 1):]
+        expected = _lagrange(nodes, [outs[i] for i in nodes], float(k))
+        torch.testing.assert_close(outs[k], expected, rtol=1e-5, atol=1e-5)
+    assert all((r.error is not None) == (r.decision != "full") for r in handle.trace.steps)
+
+
 @pytest.mark.parametrize("forecast", FORECASTS)
 def test_verify_block_in_the_middle(pipe, baseline, forecast):
     """A verify block that is not the last: the blocks after it are forecast too; one block computed per
@@ -529,7 +552,9 @@ def test_verify_block_in_the_middle(pipe, baseline, forecast):
     assert len(calls) == s["full_steps"] * len(linears) + s["accepted_steps"] * per_double
     assert all(r.error is not None and r.error > 0 for r in handle.trace.steps if r.decision != "full")
     rel = ((out - baseline).norm() / baseline.norm()).item()
-    assert 0 < rel < 0.5
+    # random weights: the model's output jumps from step to step, so forecasting it directly is far off (0.94
+    # measured); forecasting the blocks stays closer. The trained models behave the other way (docs/speca.md).
+    assert 0 < rel < (0.5 if forecast != "output" else 1.5)
 
 
 @pytest.mark.parametrize("forecast", FORECASTS)
@@ -541,9 +566,11 @@ def test_cache_bytes_count_what_is_kept(pipe, forecast):
     t = pipe.transformer
     C, n_img, n_txt, f32 = t.inner_dim, 16, 8, 4  # 64 x 64 -> 4 x 4 image tokens
     n_double, n_single = len(t.transformer_blocks), len(t.single_transformer_blocks)
-    if forecast == "stack":
+    if forecast in ("stack", "output"):
         # streams' growth up to the verify block (image + text rows) and the verify block's proj_out (joint rows)
         terms = (order + 1) * ((n_img + n_txt) + (n_img + n_txt)) * C * f32
+        if forecast == "output":  # and the model's output: image tokens x the output channels
+            terms += (order + 1) * n_img * t.out_channels * f32
         gates = 0
     else:
         rows = n_double * 2 * (n_img + n_txt) + n_single * (n_img + n_txt)  # attn, ff (+ ctx); proj_out
