@@ -377,8 +377,8 @@ def run_injected(pipe, monkeypatch, cfg, steps, errors):
     verify block runs as it would). Returns the trace and the steps where a verification ran."""
     verified = []
 
-    def injected(terms, coefs, real, metric, eps, image_rows=None, whole_batch=False):
-        _, tok = forecast_error(terms, coefs, real, metric, eps, image_rows, whole_batch)
+    def injected(terms, coefs, real, metric, eps, image_rows=None, whole_batch=False, cp=None):
+        _, tok = forecast_error(terms, coefs, real, metric, eps, image_rows, whole_batch, cp=cp)
         step = pipe.scheduler.step_index
         verified.append(step)
         return torch.tensor([errors[step]], dtype=torch.float32), tok
@@ -487,6 +487,7 @@ def test_tiny_flux_preset_matches_transcription(tiny_flux, monkeypatch):
     def recording(terms, coefs, real, *a, **kw):
         pred = torch_forecast(terms, coefs)
         pairs[tiny_flux.scheduler.step_index] = (pred.detach().clone(), real.detach().clone())
+        assert kw.pop("cp", None) is None  # one process: no context parallelism
         return verification_errors(pred, real, *a, **kw)
 
     monkeypatch.setattr(accel.speca, "forecast_error", recording)
