@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import glob
+import hashlib
 import json
 import os
 import re
@@ -36,15 +37,15 @@ MUTMUT_VERSION = "3.8.1"
 # The decision / maths functions, as mutmut mutant-name globs (module.x_function or module.xǁClassǁmethod).
 _S = "ǁ"
 SCOPE = [
-    # Taylor forecast (the whole file) and the CPU maths of kernels.py (the Triton paths need a GPU:
-    # scripts/gpu_kernel_tests.sh), the verification error's forecast, and its sums-to-errors step
+    # Taylor forecast (the whole file) and the torch maths of kernels.py: the fallbacks, the stack forecast's sum,
+    # the verification's forecast and its sums-to-errors step (the dispatchers, whose other branch is Triton on
+    # CUDA, are left out: on the CPU that branch never runs; scripts/gpu_kernel_tests.sh compares the kernels)
     "accel.taylor.*",
     "accel.kernels.x_torch_accumulate__mutmut_*",
     "accel.kernels.x_add_terms__mutmut_*",
     "accel.kernels.x_torch_taylor_update__mutmut_*",
     "accel.kernels.x_torch_forecast__mutmut_*",
     "accel.kernels.x_errors_from_sums__mutmut_*",
-    "accel.kernels.x_forecast_error__mutmut_*",
     # verification metrics (the whole file), the lab's image metrics
     "accel.metrics.*",
     "lab.compare.x__batch__mutmut_*",
@@ -164,6 +165,21 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
+def fingerprint() -> str:
+    """Hash of the mutated files and the scope: mutant names only mean the same mutants while it holds."""
+    h = hashlib.sha256(repr(SCOPE).encode())
+    for pattern in _only_mutate():
+        for path in sorted(glob.glob(str(ROOT / pattern))):
+            h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _only_mutate() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
+
+
 def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,30 +188,51 @@ def main(argv=None) -> int:
     ap.add_argument("--max-children", type=int, default=2, help="parallel mutmut workers (default 2)")
     ap.add_argument("--target", type=float, default=90.0, help="score to reach, %% (default 90)")
     ap.add_argument("--keep", action="store_true", help="keep mutants/ (for `mutmut show` / `mutmut browse`)")
+    ap.add_argument("--rerun", action="store_true",
+                    help="run again only what the last run (out/mutation/results.json) did not kill (survived, no "
+                         "tests, timeout, suspicious, not checked), e.g. after adding tests, and merge the results")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: report what mutants/ holds")
     args = ap.parse_args(argv)
 
     os.chdir(ROOT)
     exe = ensure_mutmut(sys.executable)
-    globs = args.names or SCOPE
     OUT.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # results of an older tree would be stale
+    results_path = OUT / "results.json"
+    previous: dict[str, str] = {}
+    globs = args.names or SCOPE
+    if args.rerun:
+        prev = json.loads(results_path.read_text())
+        if prev["fingerprint"] != fingerprint():
+            raise SystemExit("the mutated files or the scope changed since out/mutation/results.json: run them all")
+        previous = prev["status"]
+        globs = sorted(n for n, st in previous.items() if st not in ("killed", "caught by type check"))
+        if not globs:
+            print("nothing to run again: every mutant of the last run was killed")
+            return 0
     t0 = time.monotonic()
-    outcome = run_mutmut(exe, globs, args.budget_minutes * 60, args.max_children, OUT / "mutmut.log")
+    if args.report_only:
+        outcome = "finished"
+    else:
+        shutil.rmtree(ROOT / "mutants", ignore_errors=True)  # results of an older tree would be stale
+        outcome = run_mutmut(exe, globs, args.budget_minutes * 60, args.max_children, OUT / "mutmut.log")
     finished = outcome == "finished"
     minutes = (time.monotonic() - t0) / 60
 
     res = load_results(globs)
+    if previous:  # a mutant this run did not reach keeps its earlier status
+        res = {**previous, **{n: st for n, st in res.items() if st != "not checked"}}
+    results_path.write_text(json.dumps({"fingerprint": fingerprint(), "status": res}, indent=0,
+                                       ensure_ascii=False) + "\n")
     counts = Counter(res.values())
-    survivors = sorted(n for n, s in res.items() if s == "survived")
+    survivors = sorted(n for n, st in res.items() if st == "survived")
     diffs = {n: show(exe, n) for n in survivors}
     equivalent = [n for n in survivors if is_equivalent(n, diffs[n])]
     with open(OUT / "survivors.txt", "w") as f:
         for n in survivors:
             f.write(("[equivalent] " if n in equivalent else "") + diffs[n].rstrip() + "\n\n")
-    for s in ("no tests", "suspicious", "skipped"):  # worth reading too: listed with the survivors
-        for n in sorted(k for k, v in res.items() if v == s):
-            with open(OUT / "survivors.txt", "a") as f:
-                f.write(f"[{s}] " + show(exe, n).rstrip() + "\n\n")
+        for st in ("no tests", "timeout", "suspicious", "skipped"):  # worth reading too
+            for n in sorted(k for k, v in res.items() if v == st):
+                f.write(f"[{st}] " + show(exe, n).rstrip() + "\n\n")
 
     total = len(res)
     killed, timeout = counts["killed"], counts["timeout"]
@@ -204,7 +241,7 @@ def main(argv=None) -> int:
     adj = checked - len(equivalent)
     score_eq = 100.0 * (killed + timeout) / adj if adj else 0.0
     summary = {
-        "outcome": outcome, "minutes": round(minutes, 1), "budget_minutes": args.budget_minutes,
+        "outcome": outcome, "rerun": args.rerun, "minutes": round(minutes, 1), "budget_minutes": args.budget_minutes,
         "total": total, "killed": killed, "survived": counts["survived"], "equivalent": len(equivalent),
         "timeout": timeout, "no_tests": counts["no tests"], "suspicious": counts["suspicious"],
         "not_checked": counts["not checked"], "score": round(score, 2), "score_without_equivalent": round(score_eq, 2),
@@ -215,8 +252,8 @@ def main(argv=None) -> int:
     for fn, k in sorted(per_function.items()):
         print(f"  survived {k:3d}  {fn}")
     stopped = {"finished": "finished", "budget": "STOPPED AT THE BUDGET", "interrupted": "INTERRUPTED"}[outcome]
-    print(f"mutation testing {stopped} in {minutes:.1f} min "
-          f"(budget {args.budget_minutes:g} min)")
+    what = "re-run of the last run's survivors" if args.rerun else "mutation testing"
+    print(f"{what} {stopped} in {minutes:.1f} min (budget {args.budget_minutes:g} min)")
     print(f"mutants total {total}  killed {killed}  survived {counts['survived']} (equivalent {len(equivalent)})  "
           f"timeout {timeout}  no tests {counts['no tests']}  suspicious {counts['suspicious']}  "
           f"not checked {counts['not checked']}")

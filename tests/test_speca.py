@@ -18,7 +18,7 @@ from tiny import run, tiny_flux_pipe
 # accel internals these tests reach, imported in this one place (a moved module is a one-line change here)
 from accel.adapters import TokenLayout, adapter_for
 from accel.kernels import accumulate
-from accel.metrics import verification_errors
+from accel.metrics import per_sample_error, verification_errors
 from accel.taylor import Forecast, TaylorForecaster
 
 STEPS = 12
@@ -92,6 +92,7 @@ def test_forecast_is_the_coefficients_times_the_terms():
     assert Forecast({"a": [t0, t1]}, [0.5, 2.0])["a"].tolist() == [1.5, 7.0]
     assert Forecast({"a": [t0, t1]}, [1.0, -1.0])["a"].tolist() == [0.5, -6.0]
     assert Forecast({"a": [t0, t1]}, [3.0])["a"].tolist() == [3.0, -6.0]  # fewer coefficients: fewer terms
+    assert Forecast({"a": [t0, t1]}, [2.0, 0.0])["a"].tolist() == [2.0, -4.0]
 
 
 def test_threshold_schedule():
@@ -374,6 +375,18 @@ def test_metrics_eps_where_the_real_features_vanish():
         verification_errors(pred, real, "l3", eps)
 
 
+def test_per_sample_error_is_the_verification_error():
+    """`metrics.per_sample_error` (the benchmarks' error of a forecast): verification_errors' error, float32."""
+    pred, real = _metric_inputs(torch.float64)
+    for metric in ("rel_l1", "rel_rms", "rel_l2", "cosine"):
+        for whole in (False, True):
+            err = per_sample_error(pred, real, metric, 1e-3, whole_batch=whole)
+            assert err.dtype == torch.float32 and err.shape == ((1,) if whole else (2,))
+            assert torch.equal(err, verification_errors(pred, real, metric, 1e-3, whole_batch=whole)[0])
+    small, large = (per_sample_error(pred, real, "rel_l1", eps) for eps in (1e-3, 10.0))
+    assert (small > large).all()  # eps is passed on
+
+
 def test_whole_batch_error_in_a_run():
     """batch_error="whole_batch": one error for the batch, the elementwise metric over both samples, between the
     two samples' own errors."""
@@ -505,6 +518,140 @@ def test_stack_forecast_is_the_polynomial_through_the_recorded_stacks(pipe, orde
             growth = [seen[i][f"v_{s}"] - seen[i][s] for i in nodes]
             expected = seen[k][s] + _lagrange(nodes, growth, float(k))
             torch.testing.assert_close(seen[k][f"v_{s}"], expected, rtol=1e-4, atol=1e-4)
+
+
+def _record_stack(pipe, cfg, steps):
+    """Per step: the streams entering the first block ("img", "txt") and the verify block (the last one: "v_img",
+    "v_txt"), in float64, from plain torch hooks."""
+    t = pipe.transformer
+    seen: dict[int, dict] = {}
+    step = {"i": -1}
+
+    def count(mod, args, kwargs):
+        step["i"] += 1
+
+    def first_in(name):
+        def hook(mod, inp, out):
+            seen.setdefault(step["i"], {})[name] = out.double()
+        return hook
+
+    def verify_in(mod, args, kwargs):
+        seen.setdefault(step["i"], {}).update(v_img=kwargs["hidden_states"].double(),
+                                              v_txt=kwargs["encoder_hidden_states"].double())
+
+    handles = [t.register_forward_pre_hook(count, with_kwargs=True),
+               t.x_embedder.register_forward_hook(first_in("img")),
+               t.context_embedder.register_forward_hook(first_in("txt")),
+               t.single_transformer_blocks[-1].register_forward_pre_hook(verify_in, with_kwargs=True)]
+    try:
+        with accel.apply(pipe, cfg):
+            run(pipe, steps)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_stack_forecast_restarts_in_the_warmup(pipe):
+    """warmup_restarts_taylor: the full steps before step warmup_steps - 1 start the terms again, so step 5 of
+    F s F s F s ... (warm-up 5) is forecast from steps 2 and 4 only (a line), not from 0, 2 and 4."""
+    schedule = [True, False, True, False, True, False, False, True, False]
+    cfg = accel.SpeCaConfig(schedule=schedule, order=2, forecast="stack", warmup_steps=5, warmup_restarts_taylor=True)
+    seen = _record_stack(pipe, cfg, len(schedule))
+    since = {1: [0], 3: [2], 5: [2, 4], 6: [2, 4], 8: [2, 4, 7]}  # full steps the forecast of step k goes through
+    for k, nodes in since.items():
+        for s in ("img", "txt"):
+            growth = [seen[i][f"v_{s}"] - seen[i][s] for i in nodes]
+            expected = seen[k][s] + _lagrange(nodes, growth, float(k))
+            torch.testing.assert_close(seen[k][f"v_{s}"], expected, rtol=1e-4, atol=1e-4)
+    growth = [seen[i]["v_img"] - seen[i]["img"] for i in (0, 2, 4)]
+    quadratic = seen[5]["img"] + _lagrange([0, 2, 4], growth, 5.0)  # what step 5 would be without the restarts
+    assert (seen[5]["v_img"] - quadratic).norm() / growth[-1].norm() > 0.1
+
+
+def test_stack_forecast_with_a_bf16_cache(pipe):
+    """cache_dtype="bfloat16": the recorded growth is kept in bf16 and the forecast is still the line through it,
+    to bf16 rounding of the streams whose difference the growth is (measured: at most 0.75 % of a stream)."""
+    schedule = [True, True, True, False, False, True, False, False, False]
+    seen = _record_stack(pipe, accel.SpeCaConfig(schedule=schedule, order=1, forecast="stack", cache_dtype="bfloat16"),
+                         len(schedule))
+    full = [i for i, f in enumerate(schedule) if f]
+    for k in (i for i, f in enumerate(schedule) if not f):
+        nodes = [i for i in full if i < k][-2:]
+        for s in ("img", "txt"):
+            growth = [seen[i][f"v_{s}"] - seen[i][s] for i in nodes]
+            expected = seen[k][s] + _lagrange(nodes, growth, float(k))
+            err = ((seen[k][f"v_{s}"] - expected).norm() / seen[k][s].norm()).item()
+            assert err < 0.02, (k, s, err)
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_a_speculative_step_repeating_a_full_step_reproduces_it(pipe, forecast):
+    """Sigmas 1, 0.6, 0.6, 0.3: step 2 has step 1's latents (the Euler step between them is 0) and timestep, so its
+    order-0 forecast is exactly step 1's features and gates. Whichever block verifies, and whether it keeps its
+    real output or its forecast, the speculative step 2 gives step 1's model output (to summation order)."""
+    outs = []
+    hook = pipe.transformer.register_forward_hook(lambda mod, args, kwargs, out: outs.append(out[0].clone()),
+                                                  with_kwargs=True)
+    try:
+        for verify_block in (0, 1, 3, -1):
+            for verify_output in ("real", "forecast"):
+                outs.clear()
+                cfg = accel.SpeCaConfig(schedule=[True, True, False, True], order=0, forecast=forecast,
+                                        verify_block=verify_block, verify_output=verify_output)
+                with accel.apply(pipe, cfg) as handle:
+                    run(pipe, 4, sigmas=[1.0, 0.6, 0.6, 0.3])
+                assert [r.decision for r in handle.trace.steps] == ["full", "full", "accepted", "full"]
+                assert handle.trace.steps[2].error < 1e-4
+                torch.testing.assert_close(outs[2], outs[1], rtol=1e-5, atol=1e-5,
+                                           msg=f"verify_block={verify_block}, verify_output={verify_output}")
+    finally:
+        hook.remove()
+
+
+def test_stack_forecast_after_a_verify_block_in_the_middle(pipe):
+    """verify_block=1 (the last double block): on a speculative step the streams leaving the model's last block are
+    the verify block's real output plus the polynomial through the full steps' growth from the verify block's
+    output to the last block's."""
+    t = pipe.transformer
+    seen: dict[int, dict] = {}
+    step = {"i": -1}
+
+    def count(mod, args, kwargs):
+        step["i"] += 1
+
+    def verify_out(mod, args, kwargs, out):
+        seen.setdefault(step["i"], {})["v"] = out[1].double()  # a double block returns (text, image)
+
+    def last_out(mod, args, kwargs):
+        seen.setdefault(step["i"], {})["last"] = args[0].double()  # norm_out takes the image stream
+
+    handles = [t.register_forward_pre_hook(count, with_kwargs=True),
+               t.transformer_blocks[1].register_forward_hook(verify_out, with_kwargs=True),
+               t.norm_out.register_forward_pre_hook(last_out, with_kwargs=True)]
+    schedule = [True, True, True, False, False, True, False, False]
+    try:
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, order=2, forecast="stack", verify_block=1)):
+            run(pipe, len(schedule))
+    finally:
+        for h in handles:
+            h.remove()
+    full = [i for i, f in enumerate(schedule) if f]
+    for k in (i for i, f in enumerate(schedule) if not f):
+        nodes = [i for i in full if i < k][-3:]
+        growth = [seen[i]["last"] - seen[i]["v"] for i in nodes]
+        expected = seen[k]["v"] + _lagrange(nodes, growth, float(k))
+        torch.testing.assert_close(seen[k]["last"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_stack_cache_bytes_with_the_first_block_verifying(pipe):
+    """verify_block=0: nothing before it, so the stack keeps only the growth after it and its feature."""
+    order = 1
+    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, order=order, forecast="stack", verify_block=0)) as handle:
+        run(pipe, STEPS)
+    C, n_img, n_txt, f32 = pipe.transformer.inner_dim, 16, 8, 4
+    # growth after it: image + text rows; its feature: the image MLP output (image rows)
+    assert handle.trace.meta["cache_bytes_terms"] == (order + 1) * ((n_img + n_txt) + n_img) * C * f32
 
 
 @pytest.mark.parametrize("forecast", FORECASTS)
