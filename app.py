@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import argparse
 import html
+import inspect
 import json
 import logging
 import math
 import os
 import re
+import time
 import uuid
 
 import gradio as gr
+import numpy as np
 
+import accel
 import visualizers as V
 from accel.trace import Trace
 from lab import compare as C
@@ -42,6 +46,7 @@ from lab.session import RunFiles, Session, give_back_memory, release_large_block
 from lab.traces import TraceError, read_trace
 
 log = logging.getLogger("speclab")
+EXAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "examples")
 
 try:  # Hugging Face Spaces (ZeroGPU): run each generation on a GPU slice
     import spaces
@@ -65,7 +70,10 @@ VIDEO_EXAMPLES = [  # captions of the bundled tiny HunyuanVideo's training clips
     "a large green square moving right, on a white background",
     "a small blue circle moving down, on a gray background",
 ]
-RUN_CONTROLS = ("model", "prompt", "seed", "steps", "width", "height", "guidance", "frames", "method", "compare")
+RUN_CONTROLS = ("model", "prompt", "seed", "steps", "width", "height", "guidance", "frames", "method", "compare",
+                "target_speedup")
+SIZE_CONTROLS = ("steps", "width", "height", "guidance", "frames")
+"""Left out of an API call (None), these take the chosen model's own defaults."""
 OUTPUTS = ("preview", "image", "summary", "error_plot", "timeline_plot", "maps_plot", "step", "full_image",
            "diff_plot", "files", "video", "frame", "trace")
 """What every update of `/generate` carries, in this order (the trace goes to the session's state, not the API)."""
@@ -73,6 +81,18 @@ OUTPUTS = ("preview", "image", "summary", "error_plot", "timeline_plot", "maps_p
 CSS = """
 #speclab-controls .form { gap: 6px; }
 #speclab-preview img, #speclab-image img { image-rendering: auto; }
+#speclab-header p { margin: 0; }
+.speclab-caption, .speclab-caption p { font-size: 0.85em; opacity: 0.85; }
+.speclab-how p { font-size: 0.9em; }
+#speclab-summary p { overflow-wrap: anywhere; }
+/* a phone: the results column (prompt, Generate, image, plots) first, the knobs after */
+@media (max-width: 768px) {
+  #speclab-main { flex-direction: column; }
+  #speclab-results { order: -1; }
+  #speclab-header h1 { font-size: 1.4em; }
+  #speclab-header p { font-size: 0.85em; }
+  #speclab-preview, #speclab-image, #speclab-full { height: 150px !important; }
+}
 """
 
 
@@ -110,25 +130,36 @@ def summary_markdown(trace: Trace | None, extra: dict | None = None) -> str:
     extra = extra or {}
     s = trace.summary()
     done = max((r.step for r in trace.steps), default=-1) + 1
+    run = trace.meta.get("run") if isinstance(trace.meta.get("run"), dict) else {}
+    lab_method = LM.by_name(trace.method)
+    method = lab_method.label if lab_method is not None else trace.method
+    model = run.get("model") or trace.model
     lines = [
-        f"**{md_text(trace.method, 60)}** on {md_text(trace.model, 80)} — step {done}/{trace.num_steps}"
+        f"**{md_text(method, 60)}** on {md_text(model, 80)} — step {done}/{trace.num_steps}"
         + (" — **stopped**" if extra.get("stopped") else "") + (" — running…" if extra.get("running") else ""),
         f"full {s['full_steps']} · accepted {s['accepted_steps']} · rejected {s['rejected_steps']} · "
         f"partial {s['partial_steps']}" + (f" · pre-run calls {s['overhead_calls']}" if s["overhead_calls"] else ""),
-        f"ideal speedup **{_fmt_speedup(s['ideal_speedup'])}** ({s['blocks_computed']:g}/{s['blocks_plain']} "
-        f"block computations) · denoiser time {s['measured_ms'] / 1000:.2f} s",
+        f"ideal speedup (compute, not time) **{_fmt_speedup(s['ideal_speedup'])}** "
+        f"({s['blocks_computed']:g}/{s['blocks_plain']} block computations) · denoiser time "
+        f"{s['measured_ms'] / 1000:.2f} s",
     ]
     if extra.get("measured_speedup") is not None:
-        lines.append(f"measured speedup vs the full run **{_fmt_speedup(extra['measured_speedup'])}** "
-                     f"(full run {extra['full_ms'] / 1000:.2f} s)")
+        pairs = extra.get("pairs") or []
+        spread = (f", {min(pairs):.2f}–{max(pairs):.2f}x over {len(pairs)} back-to-back pairs" if len(pairs) > 1
+                  else ", one back-to-back pair")
+        lines.append(f"measured speedup (time) vs the full run timed in this request **"
+                     f"{_fmt_speedup(extra['measured_speedup'])}** (median{spread}; full run "
+                     f"{extra['full_ms'] / 1000:.2f} s)")
     if extra.get("psnr") is not None:
         p = extra["psnr"]
         lines.append(f"vs the full run: PSNR **{'∞' if math.isinf(p) else f'{p:.2f}'} dB** · "
                      f"SSIM **{extra['ssim']:.4f}**")
+    if extra.get("calibrated"):
+        lines.append(extra["calibrated"])
     if extra.get("note"):
         lines.append(extra["note"])
-    lines.append("config: " + md_text(json.dumps(trace.config, separators=(",", ":")), 600))
-    return "  \n".join(lines)
+    return "  \n".join(lines) + "\n\n<details><summary>exact config</summary>\n\n" + md_text(
+        json.dumps(trace.config, separators=(", ", ": ")), 1200) + "\n\n</details>"
 
 
 def _slider_update(trace: Trace | None):
@@ -158,8 +189,31 @@ def panels(**values) -> tuple:
 
 def trace_panels(trace: Trace, **extra) -> dict:
     """The per-step figures of a trace."""
-    return dict(error_plot=V.error_figure(trace), timeline_plot=V.timeline_figure(trace, reference=extra.get("ref")),
+    if trace.method == "speca":
+        error = V.error_figure(trace)
+    else:
+        m = LM.by_name(trace.method)
+        error = V.empty_figure(f"{m.label if m else trace.method} verifies nothing: no error to plot",
+                               title="verification error vs threshold")
+    figs = dict(error_plot=error, timeline_plot=V.timeline_figure(trace, reference=extra.get("ref")),
                 maps_plot=V.token_maps_figure(trace))
+    m = LM.by_name(trace.method)
+    if m is not None:  # the UI's name in the titles ("SpeCa: compute timeline", not "speca: ...")
+        for fig in figs.values():
+            title = fig.layout.title.text or ""
+            if title.startswith(trace.method + ":"):
+                fig.layout.title.text = m.label + title[len(trace.method):]
+    return figs
+
+
+def _sweep_table(points: list[dict], full_ms: float) -> str:
+    rows = ["| setting | ideal (compute) | measured (time) | PSNR dB | SSIM |", "|---|---|---|---|---|"]
+    for p in points:
+        psnr = "∞" if math.isinf(p["psnr"]) else f"{p['psnr']:.2f}"
+        rows.append(f"| {md_text(p['label'])} | {_fmt_speedup(p['ideal'])} | {_fmt_speedup(p['measured'])} | "
+                    f"{psnr} | {p['ssim']:.4f} |")
+    return (f"full run {full_ms / 1000:.2f} s; each point's measured speedup is timed against a full run right "
+            "after it.\n\n" + "\n".join(rows))
 
 
 def _ordinal(n: int) -> str:
@@ -171,10 +225,17 @@ class Lab:
     files and the limits. Per-session things live in the session's state (`lab.session.Session`, the trace)."""
 
     def __init__(self, manager: M.ModelManager | None = None, full_cache: R.FullRunCache | None = None,
-                 every_s: float = 0.3, limits: Limits | None = None, files: RunFiles | None = None, gpu=None):
+                 every_s: float = 0.3, limits: Limits | None = None, files: RunFiles | None = None, gpu=None,
+                 timing_pairs: int = 3, timing_budget_s: float = 4.0):
         self.manager = manager or M.ModelManager()
         self.full_cache = full_cache or R.FullRunCache()
         self.every_s = every_s
+        self.timing_pairs = timing_pairs
+        """Compare mode: at most this many accelerated/full pairs timed back to back per request..."""
+        self.timing_budget_s = timing_budget_s
+        self.play_delay_s = 0.15
+        self._example = None
+        """...while the timing so far took less than half of this (a run of seconds gets one pair)."""
         self.limits = limits or Limits()
         self.files = files or RunFiles(self.limits.run_files)
         # ZeroGPU: only the run holds a GPU slice, not the wait in line
@@ -203,12 +264,21 @@ class Lab:
         preset = self.manager.preset(R.as_text("model", c["model"], lim.max_text_chars))
         prompt = R.as_text("prompt", c["prompt"], lim.max_prompt_chars)
         method = LM.by_label(R.as_text("method", c["method"], lim.max_text_chars))
-        frames = None
-        if preset.is_video:
-            frames = R.as_int("frames", preset.frames if c["frames"] is None else c["frames"])
-        spec = R.RunSpec(preset.name, prompt, R.as_int("seed", c["seed"] or 0), R.as_int("steps", c["steps"]),
-                         R.as_int("width", c["width"]), R.as_int("height", c["height"]),
-                         R.as_float("guidance", c["guidance"] if c["guidance"] is not None else 0.0), frames)
+        target = R.as_float("target speedup", c["target_speedup"] or 0.0)
+        if target and not 1 <= target <= 20:
+            raise InputError(f"target speedup={target:g} is out of range: use 1..20, or 0 to set the knobs yourself")
+        if target and method.speed_knob is None:
+            raise InputError(f"target speedup: {method.label} has no speed knob; set it to 0 or pick another method")
+
+        def given(name, default):  # a control left out (None) takes the chosen model's own default
+            return default if c[name] is None else c[name]
+
+        frames = R.as_int("frames", given("frames", preset.frames)) if preset.is_video else None
+        spec = R.RunSpec(preset.name, prompt, R.as_int("seed", c["seed"] or 0),
+                         R.as_int("steps", given("steps", preset.steps)), R.as_int("width", given("width", preset.width)),
+                         R.as_int("height", given("height", preset.height)),
+                         R.as_float("guidance", given("guidance", preset.guidance)), frames)
+        spec.target_speedup = target
         if not isinstance(c["compare"], (bool, type(None))):
             raise InputError("compare must be true or false")
         config = method.build(controls)
@@ -250,7 +320,17 @@ class Lab:
 
     def _run_turn(self, model, spec, method, config, compare, stop, ticket, session):
         """The run and, in compare mode, the full reference run, on the model's turn."""
-        final = None
+        final, calibrated = None, None
+        if getattr(spec, "target_speedup", 0):
+            knob = method.speed_knob
+            ticket.progress = "calibrating"
+            yield panels(summary=f"Finding the {md_text(knob)} whose ideal speedup is {spec.target_speedup:g}x on "
+                                 "this prompt (bisection, a few runs)…")
+            kwargs = dict(R.pipe_kwargs(spec, model), output_type="latent")
+            cal = accel.calibrate(model.pipe, config, spec.target_speedup, max_iter=5, **kwargs)
+            config = cal.config
+            calibrated = (f"target speedup {spec.target_speedup:g}x: {md_text(knob)} = "
+                          f"{getattr(config, knob):g} gives {cal.speedup:.2f}x ideal ({len(cal.tried)} runs tried)")
         for up in R.stream_run(model, spec, config, stop=stop, every_s=self.every_s):
             if up.done:
                 final = up
@@ -260,28 +340,33 @@ class Lab:
                 yield panels(preview=up.preview if up.preview is not None else gr.skip(),
                              summary=summary_markdown(up.trace, {"running": True}), **trace_panels(up.trace))
         trace, result = final.trace, final.result
-        extra, ref, diff_note = {"stopped": final.stopped}, None, "tick 'compare with the full run' to see it"
+        extra, ref, pairs = {"stopped": final.stopped, "calibrated": calibrated}, None, []
+        diff_note = "tick 'compare with the full run' to see it"
         if final.stopped:
             extra["note"] = ("stopped: the image is the model's estimate of the clean image at the last step done; "
                              "no comparison with the full run")
             diff_note = "no comparison for a stopped run"
         elif compare:
-            ref = self.full_cache.get(spec)
-            if ref is None and method.label == LM.FULL:
-                self.full_cache.put(spec, result, trace)
-                ref = (result, trace)
+            ticket.progress = "timing the full run"
+            yield panels(preview=final.preview if final.preview is not None else gr.skip(), image=result.image,
+                         summary=summary_markdown(trace, {"note": "timing the full run back to back with this one "
+                                                                  "(the honest measured speedup)…"}),
+                         step=_slider_update(trace), trace=trace, **trace_panels(trace))
+            ref, pairs, full_ms = self._timed_pairs(model, spec, method, config, trace, stop)
             if ref is None:
-                ticket.progress = "the full reference run"
-                yield panels(preview=final.preview if final.preview is not None else gr.skip(), image=result.image,
-                             summary=summary_markdown(trace, {"note": "running the full reference run (cached for "
-                                                                      "this model/prompt/seed/size/steps)…"}),
-                             step=_slider_update(trace), trace=trace, **trace_panels(trace))
-                ref = self._reference(model, spec, stop)
-                if ref is None:
-                    extra["note"] = diff_note = "the full reference run was stopped: no comparison"
+                extra["note"] = diff_note = "the full reference run was stopped: no comparison"
         comparison = C.compare(result, trace, *ref) if ref is not None else None
         if comparison is not None:
             extra.update(comparison.as_summary())
+            if pairs:
+                extra["pairs"] = pairs
+                extra["measured_speedup"] = float(np.median(pairs))
+                extra["full_ms"] = full_ms
+            session.add_point(spec.key(), method.label, dict(
+                label=method.label, psnr=comparison.psnr, ssim=comparison.ssim,
+                measured=extra.get("measured_speedup"), ideal=trace.summary()["ideal_speedup"]))
+        trace.meta["run"] = self._run_meta(spec, method, config)
+        self.last_extra = extra  # the example recorder (scripts.lab.examples) reads it
         files = self._export(session, trace, spec, result)
         yield panels(preview=final.preview if final.preview is not None else result.image, image=result.image,
                      summary=summary_markdown(trace, extra), **trace_panels(trace, ref=ref[1] if ref else None),
@@ -290,13 +375,38 @@ class Lab:
                      files=files, video=next((f for f in files if f.endswith(".mp4")), None),
                      frame=_frame_update(trace), trace=trace)
 
-    def _reference(self, model, spec, stop):
+    def _timed_pairs(self, model, spec, method, config, trace, stop):
+        """The full run timed right after this one (its picture cached per settings), then, while it is cheap
+        (`timing_budget_s`), more accelerated/full pairs interleaved: (full result, full trace) and the
+        per-pair speedups (full denoiser time / accelerated), or (None, []) if Stop came first."""
         stop.clear()  # a Stop that came as the accelerated run ended must not cancel the reference
-        ref = R.run_to_end(model, spec, LM.by_label(LM.FULL).build({}), stop=stop)
+        start = time.perf_counter()
+        full_cfg = LM.by_label(LM.FULL).build({})
+        ref = R.run_to_end(model, spec, full_cfg, stop=stop)
         if ref.stopped:
-            return None
-        self.full_cache.put(spec, ref.result, ref.trace)
-        return ref.result, ref.trace
+            return None, [], None
+        self.full_cache.put(spec, ref.result, ref.trace)  # for sweeps; timing is never reused
+
+        def ratio(full_trace, run_trace):
+            mine = run_trace.summary()["measured_ms"]
+            return full_trace.summary()["measured_ms"] / mine if mine else None
+
+        pairs = [ratio(ref.trace, trace)]
+        full_ms = [ref.trace.summary()["measured_ms"]]
+        while len(pairs) < self.timing_pairs and time.perf_counter() - start < self.timing_budget_s / 2:
+            again = R.run_to_end(model, spec, config, stop=stop)
+            full = R.run_to_end(model, spec, full_cfg, stop=stop)
+            if again.stopped or full.stopped:
+                break
+            pairs.append(ratio(full.trace, again.trace))
+            full_ms.append(full.trace.summary()["measured_ms"])
+        return (ref.result, ref.trace), [p for p in pairs if p is not None], float(np.median(full_ms))
+
+    @staticmethod
+    def _run_meta(spec: R.RunSpec, method: LM.LabMethod, config) -> dict:
+        """What restores the view of a run (`trace.meta["run"]`): the run's controls, the method and its config."""
+        run = {k: getattr(spec, k) for k in ("prompt", "seed", "steps", "width", "height", "guidance", "frames")}
+        return dict(run, model=spec.preset, method=method.label, config=config.to_dict())
 
     def _export(self, session, trace: Trace, spec: R.RunSpec, result) -> list[str]:
         d = self.files.new(session)
@@ -325,6 +435,172 @@ class Lab:
         for m in LM.TABLE:
             lines += [f"    {m.param(k.name)}: {m.label}, {k.label} ({k.allowed()}): {k.help}" for k in m.knobs()]
         return "\n".join(lines)
+
+    # ---- sweep: the method's Pareto curve for this prompt --------------------------------------------
+    def sweep(self, session: Session | None = None, sweep_from=None, sweep_to=None, sweep_count=4, **controls):
+        """`/sweep`: run the chosen method at `sweep_count` values of its speed knob (SpeCa's threshold, SpecDiff's
+        cache rate, TaylorSeer's interval, FirstBlockCache's threshold) from `sweep_from` to `sweep_to` (default:
+        the knob's slider range) on this prompt and seed; streams (plot, table, point choices)."""
+        session = session if isinstance(session, Session) else Session()
+        try:
+            spec, method, config, _, model = self.parse(dict(controls, compare=False))
+            values, knob = self._sweep_values(method, sweep_from, sweep_to, sweep_count)
+            work = self.limits.work(spec.steps, spec.width, spec.height, spec.frames, False) * (len(values) + 1)
+            if work > self.limits.max_work:
+                raise InputError(f"this sweep is too large for this server: {len(values) + 1} runs = {work:.0f} M "
+                                 f"pixel-steps, at most {self.limits.max_work:g} M: fewer points, steps or pixels")
+        except Exception as e:
+            raise user_error(e) from None
+        stop = session.new_run()
+        ticket = model.line.join(f"{method.label} sweep, {len(values)} runs")
+        try:
+            while not ticket.wait(timeout=self.every_s):
+                if stop.is_set():
+                    return
+                yield (gr.skip(), f"Waiting for **{md_text(model.preset.name)}**: {ticket.position()} run(s) "
+                                  "before yours.", gr.skip())
+            yield from self._sweep_turn(model, spec, method, config, knob, values, stop, session)
+        except Exception as e:
+            raise user_error(e) from None
+        finally:
+            ticket.leave()
+
+    @staticmethod
+    def _sweep_values(method: LM.LabMethod, lo, hi, count):
+        name = method.speed_knob
+        if name is None:
+            raise InputError(f"{method.label} has no speed knob to sweep: pick SpeCa, SpecDiff, TaylorSeerCache or "
+                             "FirstBlockCache")
+        knob = next(k for k in method.knobs() if k.name == name)
+        s_lo, s_hi, _ = knob.slider()
+        lo = s_lo if lo is None else R.as_float("sweep from", lo)
+        hi = s_hi if hi is None or hi == 0 else R.as_float("sweep to", hi)  # 0: an empty box in the page
+        count = R.as_int("sweep points", count)
+        if not 2 <= count <= 8:
+            raise InputError(f"sweep points={count} is out of range: use 2..8")
+        if not lo < hi:
+            raise InputError(f"sweep from={lo:g} must be below sweep to={hi:g}")
+        values = [lo + (hi - lo) * i / (count - 1) for i in range(count)]
+        values = sorted({int(round(v)) for v in values}) if knob.kind == "int" else [round(v, 4) for v in values]
+        for v in values:
+            LM.coerce(method, knob, v)  # names the control if a value is out of the knob's range
+        return values, knob
+
+    def _sweep_turn(self, model, spec, method, config, knob, values, stop, session):
+        full_cfg = LM.by_label(LM.FULL).build({})
+        ref = R.run_to_end(model, spec, full_cfg, stop=stop)
+        if ref.stopped:
+            return
+        self.full_cache.put(spec, ref.result, ref.trace)
+        full_ms = ref.trace.summary()["measured_ms"]
+        points, runs = [], []
+        others = [p for label, p in session.points.get(spec.key(), {}).items() if label != method.label
+                  and p.get("measured") is not None]
+        for v in values:
+            cfg = type(config)(**dict(config.to_dict(), **{knob.name: v}))
+            run = R.run_to_end(model, spec, cfg, stop=stop)
+            if run.stopped:
+                break
+            # the full run again right after: each point's measured speedup is a back-to-back pair
+            full = R.run_to_end(model, spec, full_cfg, stop=stop)
+            if full.stopped:
+                break
+            run.trace.meta["run"] = self._run_meta(spec, method, cfg)
+            s = run.trace.summary()
+            mine = s["measured_ms"]
+            label = f"{knob.label} {v:g}"
+            points.append(dict(label=label, value=v, psnr=C.psnr(run.result.pixels(), ref.result.pixels()),
+                               ssim=C.ssim(run.result.pixels(), ref.result.pixels()),
+                               measured=full.trace.summary()["measured_ms"] / mine if mine else None,
+                               ideal=s["ideal_speedup"]))
+            runs.append((label, run.result, run.trace))
+            yield (V.sweep_figure(points, others, title=f"{method.label}: speedup vs PSNR ({len(points)}/"
+                                                          f"{len(values)})"), _sweep_table(points, full_ms), gr.skip())
+        session.sweep = runs
+        yield (V.sweep_figure(points, others, title=f"{method.label}: speedup vs PSNR, this prompt"),
+               _sweep_table(points, full_ms), gr.update(choices=[r[0] for r in runs], value=None, interactive=True))
+
+    def pick(self, label, session: Session | None = None):
+        """Load one point of the latest sweep: its image, summary, panels and trace."""
+        runs = session.sweep if isinstance(session, Session) else []
+        hit = next((r for r in runs if r[0] == label), None)
+        if hit is None:
+            raise gr.Error("no such point in this session's latest sweep: run a sweep first")
+        _, result, trace = hit
+        return (result.image, summary_markdown(trace, {"note": f"sweep point: {md_text(label)}"}),
+                *trace_panels(trace).values(), _slider_update(trace), trace)
+
+    # ---- replay -------------------------------------------------------------------------------------
+    def play(self, trace, frame=None):
+        """Play: the token maps and the step slider step by step through the trace (then left at the last)."""
+        if not isinstance(trace, Trace):
+            raise gr.Error("nothing to play: run or load a trace first")
+        steps = V.map_steps(trace)
+        if not steps:
+            yield V.empty_figure("this trace has no token maps to play", title="token maps"), gr.skip()
+            return
+        for s in steps:
+            yield (V.token_maps_figure(trace, step=s, frame=None if frame is None else R.as_int("frame", frame)),
+                   gr.update(value=s))
+            time.sleep(self.play_delay_s)
+
+    # ---- restoring a loaded trace's view ------------------------------------------------------------
+    def restore(self, trace) -> dict:
+        """Control values from a trace's `meta["run"]` (checked: a loaded file is untrusted); {} if it has none."""
+        run = trace.meta.get("run") if isinstance(trace, Trace) else None
+        if not isinstance(run, dict):
+            return {}
+        out = {}
+        if run.get("model") in self.manager.presets:
+            out["model"] = run["model"]
+        if isinstance(run.get("prompt"), str) and len(run["prompt"]) <= self.limits.max_prompt_chars:
+            out["prompt"] = run["prompt"]
+        for name in ("seed", "steps", "width", "height", "frames"):
+            try:
+                out[name] = R.as_int(name, run.get(name))
+            except InputError:
+                pass
+        try:
+            out["guidance"] = R.as_float("guidance", run.get("guidance"))
+        except InputError:
+            pass
+        method = next((m for m in LM.TABLE if m.label == run.get("method")), None)
+        if method is not None:
+            out["method"] = method.label
+            config = run.get("config") if isinstance(run.get("config"), dict) else {}
+            for k in method.knobs():
+                if k.name in config:
+                    try:
+                        out[method.param(k.name)] = LM.coerce(method, k, config[k.name])
+                    except InputError:
+                        pass
+        return out
+
+    # ---- the first page: a recorded example run ------------------------------------------------------
+    EXAMPLE_OUTPUTS = ("preview", "image", "full_image", "summary", "error_plot", "timeline_plot", "maps_plot", "step",
+                       "diff_plot", "trace")
+
+    def example(self):
+        """The recorded example (assets/examples/, `python -m scripts.lab.examples`) as the first page's panels,
+        so a visitor sees what a run shows before pressing anything; skipped if the files are not there."""
+        if self._example is None:
+            try:
+                from PIL import Image
+
+                d = EXAMPLE_DIR
+                trace = read_trace(os.path.join(d, "speca_trace.json"), self.limits)
+                image = Image.open(os.path.join(d, "speca.png")).convert("RGB")
+                full = Image.open(os.path.join(d, "full.png")).convert("RGB")
+                with open(os.path.join(d, "speca_comparison.json")) as f:
+                    extra = json.load(f)
+                extra["note"] = ("**an example recorded with the bundled tiny FLUX** (its numbers are from that "
+                                 "machine): press **Play** to step through it, or **Generate** for your own run")
+                self._example = (image, image, full, summary_markdown(trace, extra), *trace_panels(trace).values(),
+                                 _slider_update(trace), V.difference_figure(image, full), trace)
+            except Exception:  # no example: the empty panels explain themselves
+                log.info("no example run in %s", EXAMPLE_DIR)
+                self._example = tuple(gr.skip() for _ in self.EXAMPLE_OUTPUTS)
+        return self._example
 
     # ---- post-run views ---------------------------------------------------------------------------
     @staticmethod
@@ -361,7 +637,7 @@ def knob_info(k) -> str:
 
 def _knob_control(method: LM.LabMethod, k):
     """One control from a config knob: label, range, step and help text from the field's declaration."""
-    kw = dict(value=k.default, label=k.label, info=knob_info(k), elem_id=f"speclab-{method.param(k.name)}")
+    kw = dict(value=method.default(k), label=k.label, info=knob_info(k), elem_id=f"speclab-{method.param(k.name)}")
     if k.kind == "bool":
         return gr.Checkbox(**kw)
     if k.kind == "choice":
@@ -390,58 +666,100 @@ def _method_controls(default: str):
     return groups, controls
 
 
-def _run_controls(lab: Lab, default_preset: str) -> dict:
-    P = lab.manager.presets[default_preset]
-    c = {"model": gr.Dropdown(list(lab.manager.presets), value=default_preset, label="model",
-                              elem_id="speclab-model")}
-    c["status"] = gr.Markdown(M.preset_status(default_preset) if default_preset in M.PRESETS else "")
-    c["prompt"] = gr.Textbox(EXAMPLES[0], label="prompt", lines=2, max_length=lab.limits.max_prompt_chars)
-    gr.Examples([[e] for e in EXAMPLES], inputs=[c["prompt"]], label="example prompts")
-    gr.Examples([[e] for e in VIDEO_EXAMPLES], inputs=[c["prompt"]], label="example prompts (video)")
+CAPTIONS = {
+    "maps": "**Token maps** at one step, one cell per image token: SpeCa's forecast error per token (verified steps), "
+            "SpecDiff's importance and the level each token got (C1 computed, C2 reused, C3 history blend), "
+            "FirstBlockCache's residual change. Scrub with the step slider, or press **Play**.",
+    "timeline": "**Compute timeline**: one bar per step, its height the share of the model computed: blue full, "
+                "green accepted forecast, red rejected (computed again), orange partial (SpecDiff), purple the "
+                "pre-run. Below: full steps so far and the ideal speedup (compute, not time).",
+    "error": "**Verification error** of each verified step against the threshold curve (SpeCa): above the line the "
+             "forecast is rejected and the step computed. Methods that verify nothing leave it empty.",
+    "diff": "**Difference** |this run − full run| per pixel, same seed and settings: dark is identical.",
+}
+
+
+def _caption(key: str):
+    return gr.Markdown(CAPTIONS[key], elem_classes=["speclab-caption"], elem_id=f"speclab-caption-{key}")
+
+
+def _size_controls(lab: Lab, P: M.Preset) -> dict:
+    """Seed, steps, size, guidance, frames. Their first values are None (an API call that leaves them out gets the
+    chosen model's defaults); the page fills them with the preset's on load."""
+    c = {}
     with gr.Row():
-        c["seed"] = gr.Number(0, label="seed", precision=0, minimum=0)
-        c["steps"] = gr.Slider(1, P.max_steps, value=P.steps, step=1, label="steps", elem_id="speclab-steps")
+        c["seed"] = gr.Number(0, label="seed", precision=0, minimum=0, info="same seed, same noise")
+        c["steps"] = gr.Slider(1, P.max_steps, value=None, step=1, label="steps", elem_id="speclab-steps",
+                               info="denoising steps")
     with gr.Row():
-        c["width"] = gr.Slider(P.min_size, P.max_size, value=P.width, step=8, label="width", elem_id="speclab-width")
-        c["height"] = gr.Slider(P.min_size, P.max_size, value=P.height, step=8, label="height",
+        c["width"] = gr.Slider(P.min_size, P.max_size, value=None, step=8, label="width", elem_id="speclab-width")
+        c["height"] = gr.Slider(P.min_size, P.max_size, value=None, step=8, label="height",
                                 elem_id="speclab-height")
-    c["guidance"] = gr.Slider(0, R.MAX_GUIDANCE, value=P.guidance, step=0.1, label="guidance",
+    c["guidance"] = gr.Slider(0, R.MAX_GUIDANCE, value=None, step=0.1, label="guidance",
                               info="used only by models with guidance embeds (FLUX.1-dev, HunyuanVideo); "
                                    "tiny FLUX has none")
-    c["frames"] = gr.Slider(1, P.max_frames, value=P.frames or 9, step=4, label="frames (4k + 1)",
+    c["frames"] = gr.Slider(1, P.max_frames, value=None, step=4, label="frames (4k + 1)",
                             visible=P.is_video, elem_id="speclab-frames")
+    for name in SIZE_CONTROLS:  # a Slider turns None into its minimum: the API default must stay None
+        c[name].value = None
     return c
 
 
 def _view_panels(P: M.Preset, limits: Limits) -> dict:
     v = {}
-    with gr.Row():
-        v["preview"] = gr.Image(label="preview (latent decode, live)", type="pil", height=260,
+    with gr.Row(equal_height=True):
+        v["preview"] = gr.Image(label="live preview", type="pil", height=230, min_width=100,
                                 elem_id="speclab-preview", interactive=False)
-        v["image"] = gr.Image(label="image (VAE)", type="pil", height=260, elem_id="speclab-image", interactive=False)
-        v["full_image"] = gr.Image(label="full run (same seed)", type="pil", height=260, elem_id="speclab-full",
+        v["image"] = gr.Image(label="this method", type="pil", height=230, min_width=100, elem_id="speclab-image",
+                              interactive=False)
+        v["full_image"] = gr.Image(label="full run (same seed)", type="pil", height=230, min_width=100, elem_id="speclab-full",
                                    interactive=False)
     v["video"] = gr.Video(label="video (mp4)", visible=P.is_video, elem_id="speclab-video", interactive=False,
                           height=300)
     v["summary"] = gr.Markdown(summary_markdown(None), elem_id="speclab-summary")
+    with gr.Row(equal_height=True):
+        v["play"] = gr.Button("▶ Play", elem_id="speclab-play", scale=0, min_width=90)
+        v["step"] = gr.Slider(0, 1, value=0, step=1, label="step (scrub the token maps)", interactive=False,
+                              elem_id="speclab-step", scale=4)
+        v["frame"] = gr.Slider(0, 1, value=0, step=1, label="frame (latent frame of the token maps)", visible=False,
+                               elem_id="speclab-frame", scale=2)
     with gr.Row():
-        v["error_plot"] = gr.Plot(V.empty_figure("press Generate", "verification error vs threshold"),
-                                  label="error vs threshold", elem_id="speclab-error")
-        v["timeline_plot"] = gr.Plot(V.empty_figure("press Generate", "compute timeline"), label="compute timeline",
-                                     elem_id="speclab-timeline")
+        with gr.Column(min_width=320):
+            v["maps_plot"] = gr.Plot(V.empty_figure("token maps appear here during a run", "token maps"),
+                                     label="token maps", elem_id="speclab-maps", show_label=False)
+            _caption("maps")
+        with gr.Column(min_width=320):
+            v["timeline_plot"] = gr.Plot(V.empty_figure("one bar per step, as the run goes", "compute timeline"),
+                                         label="compute timeline", elem_id="speclab-timeline", show_label=False)
+            _caption("timeline")
     with gr.Row():
-        v["maps_plot"] = gr.Plot(V.empty_figure("press Generate", "token maps"), label="token maps",
-                                 elem_id="speclab-maps")
-        v["diff_plot"] = gr.Plot(V.empty_figure("compare mode shows it here", "difference"),
-                                 label="difference vs full run", elem_id="speclab-diff")
-    v["step"] = gr.Slider(0, 1, value=0, step=1, label="step (scrub the token maps)", interactive=False,
-                          elem_id="speclab-step")
-    v["frame"] = gr.Slider(0, 1, value=0, step=1, label="frame (latent frame of the token maps)", visible=False,
-                           elem_id="speclab-frame")
+        with gr.Column(min_width=320):
+            v["error_plot"] = gr.Plot(V.empty_figure("SpeCa's verified steps appear here",
+                                                     "verification error vs threshold"),
+                                      label="error vs threshold", elem_id="speclab-error", show_label=False)
+            _caption("error")
+        with gr.Column(min_width=320):
+            v["diff_plot"] = gr.Plot(V.empty_figure("compare mode shows it here", "difference"),
+                                     label="difference vs full run", elem_id="speclab-diff", show_label=False)
+            _caption("diff")
+    with gr.Accordion("Sweep: this method's speed/quality curve on this prompt", open=False, elem_id="speclab-sweep-box"):
+        gr.Markdown("Runs the chosen method at several values of its speed knob (SpeCa's threshold, SpecDiff's "
+                    "cache rate, TaylorSeer's interval, FirstBlockCache's threshold) and each against a full run "
+                    "timed right after it; other methods you ran on this prompt appear as squares.",
+                    elem_classes=["speclab-caption"])
+        with gr.Row():
+            v["sweep_from"] = gr.Number(None, label="from (empty: the knob's lowest)", info="e.g. SpeCa threshold 1", elem_id="speclab-sweep-from")
+            v["sweep_to"] = gr.Number(None, label="to (empty or 0: the knob's highest)", info="e.g. 15", elem_id="speclab-sweep-to")
+            v["sweep_count"] = gr.Slider(2, 8, value=4, step=1, label="points", elem_id="speclab-sweep-count")
+        v["sweep_btn"] = gr.Button("Sweep", elem_id="speclab-sweep")
+        v["sweep_plot"] = gr.Plot(V.sweep_figure([]), elem_id="speclab-sweep-plot", show_label=False)
+        v["sweep_table"] = gr.Markdown("", elem_id="speclab-sweep-table")
+        v["sweep_pick"] = gr.Dropdown([], label="load a point's run", interactive=True, elem_id="speclab-sweep-pick")
     with gr.Accordion("Export / load a trace", open=False):
         v["files"] = gr.File(label="trace JSON, trace CSV, exact config", file_count="multiple", interactive=False)
-        v["upload"] = gr.File(label=f"load a trace JSON to view it (up to {limits.max_upload_mb:g} MB)",
-                              file_types=[".json"], type="filepath")
+        v["upload"] = gr.File(label=f"load a trace JSON to view it (up to {limits.max_upload_mb:g} MB): the "
+                                    "controls are restored; press Generate to make its image again",
+                              file_types=[".json"], type="filepath", elem_id="speclab-upload")
     return v
 
 
@@ -467,58 +785,131 @@ def _on_model(presets: dict):
     return on_model
 
 
+def _how(label: str) -> str:
+    m = next((m for m in LM.TABLE if m.label == label), None)
+    return m.how if m is not None else ""
+
+
+HEADER = ("# SpecLab — speculative caching for diffusion transformers\n"
+          "Skip work a diffusion transformer would redo: **forecast** features instead of computing them (SpeCa, "
+          "TaylorSeer) or compute only the **tokens** that matter (SpecDiff). Pick a method, press **Generate**, "
+          "and watch each step: full, forecast and accepted, rejected, or partial.")
+
+
 def build_app(lab: Lab | None = None) -> gr.Blocks:
     lab = lab or Lab()
     presets = lab.manager.presets
     default_preset = M.DEFAULT_PRESET if M.DEFAULT_PRESET in presets else next(iter(presets))
+    P = presets[default_preset]
     ttl = lab.limits.trace_ttl_s
 
     with gr.Blocks(title="SpecLab", delete_cache=(int(min(ttl, 600)), int(ttl))) as demo:
-        gr.Markdown("# SpecLab — speculative caching for diffusion transformers\n"
-                    "Pick a model and a method, tune it, press **Generate** and watch every step: full, "
-                    "speculative (accepted), rejected or partial.")
+        gr.Markdown(HEADER, elem_id="speclab-header")
         session = gr.State(Session())  # each session gets its own copy; ended by _forget_session
         trace_state = gr.State(None, time_to_live=ttl)
-        with gr.Row():
-            with gr.Column(scale=1, min_width=320, elem_id="speclab-controls"):
-                run = _run_controls(lab, default_preset)
-                run["method"] = gr.Radio(LM.METHODS, value=LM.SPECA, label="method")
+        run = {}
+        with gr.Row(elem_id="speclab-main"):
+            with gr.Column(scale=1, min_width=300, elem_id="speclab-controls"):
+                run["model"] = gr.Dropdown(list(presets), value=default_preset, label="model",
+                                           elem_id="speclab-model")
+                status = gr.Markdown(M.preset_status(default_preset) if default_preset in M.PRESETS else "",
+                                     elem_classes=["speclab-caption"])
+                run["method"] = gr.Radio(LM.METHODS, value=LM.SPECA, label="method", elem_id="speclab-method")
+                how = gr.Markdown(_how(LM.SPECA), elem_id="speclab-how", elem_classes=["speclab-how"])
                 groups, knobs = _method_controls(LM.SPECA)
-                run["compare"] = gr.Checkbox(True, label="compare with the full run (cached per "
-                                                         "model/prompt/seed/size/steps)")
-                with gr.Row():
-                    run_btn = gr.Button("Generate", variant="primary", elem_id="speclab-generate")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="speclab-stop")
-            with gr.Column(scale=2):
-                view = _view_panels(presets[default_preset], lab.limits)
+                run["target_speedup"] = gr.Number(
+                    0, label="target speedup (0: off)", minimum=0, maximum=20, elem_id="speclab-target",
+                    info="instead of setting the threshold / cache rate / interval: the lab finds the value whose "
+                         "ideal speedup (compute) is this on your prompt, by bisection (a few extra runs)")
+                run["compare"] = gr.Checkbox(True, label="compare with the full run",
+                                             info="also runs the full pipeline right after: PSNR, SSIM, and the "
+                                                  "measured speedup from both timed back to back")
+                with gr.Accordion("size, steps, seed", open=True):
+                    run.update(_size_controls(lab, P))
+            with gr.Column(scale=3, elem_id="speclab-results"):
+                with gr.Row(equal_height=True):
+                    run["prompt"] = gr.Textbox(EXAMPLES[0], label="prompt", lines=2, scale=4, min_width=250,
+                                               max_length=lab.limits.max_prompt_chars, elem_id="speclab-prompt")
+                    with gr.Column(scale=1, min_width=130):
+                        run_btn = gr.Button("Generate", variant="primary", elem_id="speclab-generate")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="speclab-stop", size="sm")
+                view = _view_panels(P, lab.limits)
+                with gr.Accordion("example prompts", open=False):
+                    gr.Examples([[e] for e in EXAMPLES], inputs=[run["prompt"]], label="images")
+                    gr.Examples([[e] for e in VIDEO_EXAMPLES], inputs=[run["prompt"]], label="video")
         view["trace"] = trace_state
 
         def generate(session: Session = None, **controls):
             yield from lab.generate(session, **controls)
 
+        knob_names = list(knobs)
+        _with_signature(generate, RUN_CONTROLS + tuple(knob_names))
         generate.__doc__ = lab.api_doc()
         run_btn.click(generate, inputs_kwargs={"session": session, **{k: run[k] for k in RUN_CONTROLS}, **knobs},
                       outputs=[view[k] for k in OUTPUTS], api_name="generate",
                       concurrency_limit=lab.limits.waiting,
+                      # progress (and an error's badge) on the summary only: the panels stay readable as they stream
+                      show_progress_on=[view["summary"]],
                       preprocess=False)  # raw values to Lab.parse: Gradio's Radio/Dropdown echo a bad value whole
         stop_btn.click(lab.stop, session, None, queue=False, api_name="stop")
-        run["method"].change(lambda m: [gr.update(visible=m == label) for label in groups], run["method"],
-                             list(groups.values()), api_visibility="private", queue=False)
-        run["model"].change(_on_model(presets), [run["model"], run["prompt"]],
-                            [run["status"], run["prompt"], run["steps"], run["width"], run["height"],
-                             run["guidance"], run["frames"], view["video"], view["frame"]],
+
+        def sweep(session: Session = None, sweep_from=None, sweep_to=None, sweep_count=4, **controls):
+            yield from lab.sweep(session, sweep_from, sweep_to, sweep_count, **controls)
+
+        _with_signature(sweep, ("sweep_from", "sweep_to", "sweep_count") + RUN_CONTROLS + tuple(knob_names))
+        sweep.__doc__ = Lab.sweep.__doc__
+        view["sweep_btn"].click(
+            sweep, inputs_kwargs={"session": session, "sweep_from": view["sweep_from"], "sweep_to": view["sweep_to"],
+                                  "sweep_count": view["sweep_count"], **{k: run[k] for k in RUN_CONTROLS}, **knobs},
+            outputs=[view["sweep_plot"], view["sweep_table"], view["sweep_pick"]], api_name="sweep",
+            show_progress_on=[view["sweep_table"]],
+            concurrency_limit=lab.limits.waiting, preprocess=False)
+        view["sweep_pick"].input(
+            lambda label, s: lab.pick(label, s), [view["sweep_pick"], session],
+            [view[k] for k in ("image", "summary", "error_plot", "timeline_plot", "maps_plot", "step")] + [trace_state],
+            api_visibility="private")
+        view["play"].click(lab.play, [trace_state, view["frame"]], [view["maps_plot"], view["step"]],
+                           api_visibility="private", concurrency_limit=None)
+        run["method"].change(lambda m: [gr.update(visible=m == label) for label in groups] + [_how(m)],
+                             run["method"], list(groups.values()) + [how], api_visibility="private", queue=False)
+        model_outputs = [status, run["prompt"], run["steps"], run["width"], run["height"], run["guidance"],
+                         run["frames"], view["video"], view["frame"]]
+        run["model"].change(_on_model(presets), [run["model"], run["prompt"]], model_outputs,
                             api_visibility="private", queue=False)
+        on_model = _on_model(presets)
+
+        def on_load(model, prompt):  # one event: the preset's size controls, then the example's panels
+            return (*on_model(model, prompt), *lab.example())
+
+        demo.load(on_load, [run["model"], run["prompt"]],
+                  model_outputs + [view[k] for k in Lab.EXAMPLE_OUTPUTS], api_visibility="private", queue=False)
         for slider in (view["step"], view["frame"]):
             slider.input(lab.scrub, [view["step"], trace_state, view["frame"]], view["maps_plot"],
                          api_visibility="private", concurrency_limit=None)
+        restorable = [run[k] for k in RUN_CONTROLS if k not in ("compare", "target_speedup")] + list(knobs.values())
+        restorable_keys = [k for k in RUN_CONTROLS if k not in ("compare", "target_speedup")] + knob_names
+
+        def restore(trace):
+            values = lab.restore(trace)
+            return [gr.update(value=values[k]) if k in values else gr.skip() for k in restorable_keys]
+
         view["upload"].upload(lab.load_trace, view["upload"],
                               [view[k] for k in ("summary", "error_plot", "timeline_plot", "maps_plot", "step",
                                                  "frame")] + [trace_state],
-                              api_name="load_trace", concurrency_limit=1)  # one trace parsed at a time: bounds
-        # the memory of parsing (a 20 MB trace is briefly millions of Python objects) and what it leaves fragmented
+                              api_name="load_trace", concurrency_limit=1,  # one trace parsed at a time: bounds
+                              # the memory of parsing (a 20 MB trace is briefly millions of Python objects)
+                              ).success(restore, trace_state, restorable, api_visibility="private", queue=False)
         demo.unload(_forget_session(demo, lab, session))
     demo.lab = lab
     return demo
+
+
+def _with_signature(fn, names) -> None:
+    """Give `fn` (which takes **controls) a signature naming every control with a default of None: the API then
+    lists each as optional, and a control left out reaches `Lab.parse` as None (the model's default)."""
+    params = [inspect.Parameter("session", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names]
+    fn.__signature__ = inspect.Signature(params)
 
 
 def _forget_session(demo: gr.Blocks, lab: Lab, session_state: gr.State):

@@ -13,6 +13,7 @@ Importable without Gradio or Plotly.
 
 from . import baselines, speca, specdiff  # noqa: F401  (each module registers its methods)
 from .api import Method, apply, method, methods, register_method
+from .calibrate import Calibration, calibrate, speed_knob
 from .baselines import FirstBlockConfig, FullConfig, TaylorSeerConfig
 from .config import ConfigBase, Knob, knob, knobs
 from .runtime import Handle
@@ -20,7 +21,7 @@ from .speca import SpeCaConfig
 from .specdiff import SpecDiffConfig
 from .trace import StepRecord, Trace
 
-__all__ = ["ConfigBase", "FirstBlockConfig", "FullConfig", "Handle", "Knob", "Method", "SpeCaConfig",
-           "SpecDiffConfig", "StepRecord", "TaylorSeerConfig", "Trace", "apply", "knob", "knobs", "method",
-           "methods", "register_method"]
+__all__ = ["Calibration", "ConfigBase", "FirstBlockConfig", "FullConfig", "Handle", "Knob", "Method", "SpeCaConfig",
+           "SpecDiffConfig", "StepRecord", "TaylorSeerConfig", "Trace", "apply", "calibrate", "knob", "knobs", "method",
+           "methods", "register_method", "speed_knob"]
 __version__ = "0.1.0"

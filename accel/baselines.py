@@ -20,6 +20,7 @@ per-token change as `maps["error"]`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -52,6 +53,9 @@ class FullConfig(ConfigBase):
 class TaylorSeerConfig(ConfigBase):
     """diffusers' `TaylorSeerCacheConfig` (arXiv 2503.06923): the attention outputs of every block are
     forecast with a Taylor series between full steps taken every `cache_interval` steps."""
+
+    SPEED_KNOB: ClassVar[str] = "cache_interval"
+    """The field that trades quality for speed: a larger value skips more work (`accel.calibrate`)."""
 
     cache_interval: int = knob(
         5, "Steps between full computations (a full step, then cache_interval - 1 forecast steps).",
@@ -96,6 +100,9 @@ class FirstBlockConfig(ConfigBase):
     """diffusers' `FirstBlockCacheConfig` (ParaAttention's First Block Cache, after TeaCache): the first block
     always runs; if its residual changed by less than `threshold` (relative mean absolute change since the
     last full step) the other blocks are skipped and their cached residual is added instead."""
+
+    SPEED_KNOB: ClassVar[str] = "threshold"
+    """The field that trades quality for speed: a larger value skips more work (`accel.calibrate`)."""
 
     threshold: float = knob(
         0.05, "Relative change of the first block's residual below which the rest of the model is skipped.",

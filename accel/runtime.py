@@ -47,6 +47,11 @@ class RunState(BaseState):
         self.blocks_computed = 0.0
 
 
+def _host_floats(values) -> list[float]:
+    """A schedule (tensor on any device, array or list) as Python floats: one device read for all of it."""
+    return [float(v) for v in torch.as_tensor(values).detach().float().cpu().tolist()]
+
+
 class StepDriverHook(ModelHook):
     """Model-level hook: locates the step, keeps the per-context state, times and traces the call.
     Subclasses implement `run_step` (the method's decision and compute)."""
@@ -71,7 +76,9 @@ class StepDriverHook(ModelHook):
         """The state of the denoiser call in progress (read by the method's inner hooks)."""
         self.run_states: dict[str, RunState] = {}
         """This run's state of every cache context seen so far (cleared when the run ends)."""
-        self._timesteps_cpu: torch.Tensor | None = None
+        self._timesteps_cpu: list[float] | None = None
+        self._sigmas_ref = None
+        self._sigmas_cpu: list[float] | None = None
 
     # ---- step location -------------------------------------------------------------------
     def _locate(self, state: RunState, args, kwargs) -> StepInfo:
@@ -87,13 +94,19 @@ class StepDriverHook(ModelHook):
         if n and (timesteps is not self._schedule_ref or self._timesteps_cpu is None):
             # The scheduler was set (again) since this hook's last call: a new run, or another call on this
             # pipeline reset the shared scheduler in the middle of this one.
-            self._timesteps_cpu = timesteps.detach().float().cpu()
+            self._timesteps_cpu = _host_floats(timesteps)
             self._schedule_ref = timesteps
             if state.last_step is not None and idx < n:
                 self._check_schedule(idx, args, kwargs)
         t = float(self._timesteps_cpu[idx]) if n and idx < n else None
         sigmas = getattr(sched, "sigmas", None)
-        sigma = float(sigmas[idx]) if sigmas is not None and idx < len(sigmas) else None
+        if sigmas is not None and sigmas is not self._sigmas_ref:
+            # A host copy, taken once per schedule: the sigmas live on the device after `set_timesteps(device=...)`,
+            # and reading one there every step would wait for the device (the speculative step's GPU work would
+            # then wait for the host to issue it, instead of the host running ahead).
+            self._sigmas_cpu = _host_floats(sigmas)
+            self._sigmas_ref = sigmas
+        sigma = float(self._sigmas_cpu[idx]) if sigmas is not None and idx < len(self._sigmas_cpu) else None
         name = self.states.context.name
         return StepInfo(step=idx, num_steps=max(n, idx + 1), context=name, timestep=t, sigma=sigma)
 

@@ -17,20 +17,27 @@ Two forecasts (`SpeCaConfig.forecast`):
 - "stack": the blocks' summed contributions. A full step records the streams entering the first block and
   entering the verify block (and leaving it and the last block, when the verify block is not the last); the
   forecast is of their differences (the gated sum of the blocks' contributions, one tensor per stream and Taylor
-  order) and of the verify block's feature. Memory: (order + 1) x (streams + the feature).
+  order) and of the verify block's feature. Memory: (order + 1) x (streams + the feature). When a speculative
+  step may keep the verify block's forecast output (verify_in_grace=False, verify_output="forecast"), the
+  streams' growth through the verify block is forecast too.
 - "per_block" (the paper's): every block's features, each multiplied by this step's exact gate (from the
   modulation linears, one matrix product for all blocks) and summed by one fused kernel (`kernels.accumulate`).
   Memory: (order + 1) x every feature of every block, plus the stacked gate rows.
 Both verify the same thing: the verify block's own feature (before its gate) against its forecast.
 
 Batch > 1: the error is taken per sample and the step is accepted only if every sample passes (the decision
-is shared because the batch runs through one forward); the trace keeps every sample's error.
+is shared because the batch runs through one forward); the trace keeps every sample's error
+(`batch_error="whole_batch"`: one error over the batch, as the released code).
+
+Speculative steps never wait for the device unless a decision needs the error: with `sync_timing=False`, errors
+that only go to the trace are read at the end of the run (`Trace.refresh` then rebuilds its series).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -70,6 +77,9 @@ class SpeCaConfig(ConfigBase):
     Defaults are the paper's FLUX settings; `SpeCaConfig.reference()` gives the behaviour of the authors'
     released code instead (docs/speca.md lists every difference and why the defaults differ).
     """
+
+    SPEED_KNOB: ClassVar[str] = "threshold"
+    """The field that trades quality for speed: a larger value skips more work (`accel.calibrate`)."""
 
     threshold: float = knob(
         7.0, """Base of the acceptance threshold. The threshold at step i of n is `threshold * decay ** (i / n)`.

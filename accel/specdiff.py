@@ -26,18 +26,24 @@ One host sync per step, for the trace (level counts and maps); the compute path 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .adapters import Adapter
 from .adapters.kv_attention import AttnControl, AttnMode
 from .api import register_method
-from .config import ConfigBase, knob
+from .config import ConfigBase, check, knob
 from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
 from .trace import FULL, PARTIAL, StepRecord
 
 HOOK_NAME = "speclab_specdiff"
+MODULATION_HOOK = "speclab_specdiff_modulation"
 _TINY = 1e-12
 
 
@@ -53,6 +59,9 @@ class SpecDiffConfig(ConfigBase):
     the bottom `c2_share` of the total importance: their last output is reused) and C3 (the rest: a weighted
     average of their last `history_window` computed outputs). See docs/specdiff.md.
     """
+
+    SPEED_KNOB: ClassVar[str] = "cache_rate"
+    """The field that trades quality for speed: a larger value skips more work (`accel.calibrate`)."""
 
     cache_rate: float = knob(
         0.85, """Share of the image tokens NOT computed on a partial step. C1 holds
@@ -74,9 +83,20 @@ class SpecDiffConfig(ConfigBase):
         label="C2 share (reused)", minimum=0, maximum=1, exclusive_maximum=True, ui_range=(0, 0.9), step=0.01,
         advanced=True)
     history_window: int = knob(
-        3, """How many of a token's last computed outputs C3 averages (paper: 3), with weights e^-i for the i-th
-        most recent, over the outputs that exist, normalised to sum 1.""",
+        3, """How many of a token's last computed outputs are kept for C3 (paper: 3). With c3_mode "history" C3
+        averages them, with weights e^-i for the i-th most recent, over the outputs that exist, normalised to
+        sum 1.""",
         label="history window", minimum=1, maximum=8, advanced=True)
+    c3_mode: str = knob(
+        "history", """How a C3 token's output is estimated from its last computed outputs. "history": the paper's
+        weighted average (weights e^-i). "taylor": a Taylor forecast in the step index, as TaylorSeer's but per
+        token, through the token's newest c3_order + 1 computed outputs at the steps they were computed
+        (Newton's interpolating polynomial evaluated at this step; order 1 = linear extrapolation).""",
+        label="C3 estimate", choices=("history", "taylor"), advanced=True)
+    c3_order: int = knob(
+        1, """Order of the C3 Taylor forecast (c3_mode "taylor"): 1 extrapolates linearly from the last two computed
+        outputs; needs history_window > c3_order. Tokens with fewer outputs use a lower order.""",
+        label="C3 Taylor order", minimum=0, maximum=4, advanced=True)
     starvation_scale: float = knob(
         0.1, """Importance grows by exp(starvation_scale * k) for a token not computed for k consecutive steps (as
         in RAS), so no token stays cached forever. 0 turns it off.""",
@@ -97,12 +117,37 @@ class SpecDiffConfig(ConfigBase):
         1 uses all layers as the paper; larger values make the side computation proportionally cheaper (measured
         choice of the default: docs/specdiff.md). On partial steps only the computed queries are scored.""",
         label="score every n-th layer", minimum=1, maximum=10_000, ui_range=(1, 16), advanced=True)
+    score_query_stride: int = knob(
+        2, """Score every k-th query only (attention received = column means over those queries). 1 scores every
+        query the step computes (the paper's definition); larger values make scoring proportionally cheaper
+        (measured choice: docs/specdiff.md).""",
+        label="score every n-th query", minimum=1, maximum=1 << 16, ui_range=(1, 16), advanced=True)
+    cuda_graphs: bool = knob(
+        True, """On CUDA, replay each partial step's transformer call as a CUDA graph (captured the second time a
+        call of that shape is seen; its inputs are copied into the graph's buffers), which removes the per-layer
+        Python and launch cost of a step that computes few tokens. The K/V caches then live in buffers kept
+        between runs (freed by remove()). Only for model families whose subset call is a plain call (FLUX);
+        others run eagerly.""",
+        label="CUDA graphs for partial steps", advanced=True)
+    hoist_modulation: bool = knob(
+        True, """On partial steps, take every block's adaLN modulation (a linear of the step embedding: the same
+        for all tokens, so its cost does not shrink with the tokens computed) from a table computed once per run
+        for all remaining steps, one matrix product per linear, instead of once per step. Same values up to the
+        rounding of a batched product. Eager only (off under torch.compile) and for families that can tell
+        the step embeddings ahead (FLUX).""",
+        label="hoist modulation", advanced=True)
     record_maps: bool = knob(
         True, "Store per-step importance and level maps (image-token grid) in the trace.",
         label="record token maps", advanced=True)
     sync_timing: bool = knob(
-        True, "Synchronise CUDA around each step so traced times are real (costs a little overlap).",
+        True, """Synchronise CUDA around each step so traced times are real (costs a little overlap). When off, no
+        step waits for the device: partial steps' level counts and maps reach the trace at the end of the run.""",
         label="synchronised timing", advanced=True)
+
+    def check_relations(self) -> None:
+        if self.c3_mode == "taylor":
+            check(self.history_window > self.c3_order, "history_window",
+                  f"an integer > c3_order={self.c3_order} when c3_mode='taylor'", self.history_window)
 
     def n_computed(self, n_image: int) -> int:
         """C1 size for `n_image` image tokens."""
@@ -115,6 +160,27 @@ def history_weights(window: int, available: torch.Tensor) -> torch.Tensor:
     i = torch.arange(1, window + 1, device=available.device, dtype=torch.float32)
     w = torch.exp(-i)[:, None] * (i[:, None] <= available[None, :].float())
     return w / w.sum(0, keepdim=True).clamp_min(_TINY)
+
+
+def taylor_weights(order: int, positions: torch.Tensor, available: torch.Tensor, x: float) -> torch.Tensor:
+    """C3 weights of the "taylor" mode, [W, tokens] float32: the Lagrange weights that evaluate, at step `x`,
+    the polynomial through each token's newest m + 1 computed outputs (m = min(order, available - 1, W - 1)),
+    at their steps `positions` [W, tokens] (newest first). The same forecast as the Newton form of
+    `accel.taylor.TaylorForecaster`, per token (tokens are computed at different steps); m = 0 repeats the
+    newest output, m = 1 extrapolates the line through the last two."""
+    window, n = positions.shape
+    pos = positions.float()
+    m = (available.clamp(min=1) - 1).clamp(max=min(order, window - 1))
+    w = torch.zeros(window, n, dtype=torch.float32, device=positions.device)
+    for k in range(int(min(order, window - 1)) + 1):
+        sel = (m == k).float()
+        for i in range(k + 1):
+            li = torch.ones(n, dtype=torch.float32, device=positions.device)
+            for j in range(k + 1):
+                if j != i:
+                    li = li * (x - pos[j]) / (pos[i] - pos[j]).where(sel > 0, torch.ones_like(pos[i]))
+            w[i] += sel * li
+    return w
 
 
 def normalise_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -139,20 +205,90 @@ def assign_levels(score: torch.Tensor, n_c1: int, c2_share: float) -> tuple[torc
     return c1, level
 
 
+def _hashable(x):
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
+class _SubsetGraph:
+    """One captured partial-step transformer call: its static inputs (tensor leaves of the call, the joint
+    rows), the outputs and scores it writes, and the control counters its capture recorded."""
+
+    @classmethod
+    def capture(cls, forward, leaves, spec, rows: torch.Tensor, ctl: AttnControl) -> "_SubsetGraph":
+        self = cls()
+        self.leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        self.rows = rows.clone()
+        ctl.rows = self.rows
+        sub_args, sub_kwargs = tree_unflatten(self.leaves, spec)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = forward(*sub_args, **sub_kwargs)
+        self.scores = ctl.scores
+        self.counters = (ctl.score_pairs, ctl.score_layers, ctl.attn_pairs)
+        self.graph.replay()  # capturing records the kernels without running them
+        return self
+
+    def replay(self, leaves, rows: torch.Tensor, ctl: AttnControl) -> None:
+        for dst, src in zip(self.leaves, leaves):
+            if isinstance(dst, torch.Tensor) and dst is not src:
+                dst.copy_(src)
+        self.rows.copy_(rows)
+        self.graph.replay()
+        ctl.scores = self.scores
+        ctl.score_pairs, ctl.score_layers, ctl.attn_pairs = self.counters
+
+
+class _Modulation:
+    """The modulation linears' outputs of the step in flight, one buffer [B, sum of their widths]: the
+    step's row of the run's table is copied in before the call (CUDA graphs read this buffer)."""
+
+    def __init__(self, cur: torch.Tensor, offsets: list[int], sizes: list[int]):
+        self.cur, self.offsets, self.sizes = cur, offsets, sizes
+
+    def row(self, i: int) -> torch.Tensor:
+        return self.cur[:, self.offsets[i]:self.offsets[i] + self.sizes[i]]
+
+
+class _ModulationHook(ModelHook):
+    """On a modulation linear: its output from `control.modulation` when set (partial steps), else the
+    linear itself."""
+
+    def __init__(self, control: AttnControl, index: int):
+        super().__init__()
+        self.control = control
+        self.index = index
+
+    def new_forward(self, module, *args, **kwargs):
+        mod = self.control.modulation
+        if mod is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return mod.row(self.index)
+
+
 class SpecDiffState(RunState):
     def reset(self, *args, **kwargs) -> None:
         super().reset()
         self.first_step: int | None = None
+        self.graphs = False  # partial steps replay CUDA graphs (persistent K/V buffers)
         self.any_partial = False
         self.kv: dict = {}
+        self.kv_ready = False  # the K/V caches hold this run's last full step (a partial step may follow)
         self.hist: torch.Tensor | None = None  # [W, B, N, C] outputs per image token, newest first
         self.hist_count: torch.Tensor | None = None  # [N] how many history entries exist
+        self.hist_pos: torch.Tensor | None = None  # [W, N] the step index of each history entry
         self.cached_for: torch.Tensor | None = None  # [N] consecutive steps not computed
         self.his: torch.Tensor | None = None  # [N] attention received at the last step (normalised)
         self.fut: torch.Tensor | None = None  # [S, N] attention received at the speculative sigmas
         self.fut_sigmas: list[float] = []
         self.prerun: dict | None = None  # inputs of the first step, while the pre-run is pending
         self.consecutive_partial = 0
+        self.mod_table: torch.Tensor | None = None  # [steps, B, width] modulation outputs from mod_step0 on
+        self.mod_step0 = 0
 
 
 class SpecDiffModelHook(StepDriverHook):
@@ -160,8 +296,17 @@ class SpecDiffModelHook(StepDriverHook):
 
     def __init__(self, pipe, adapter: Adapter, config: SpecDiffConfig, state_cls, handle: Handle):
         super().__init__(pipe, adapter, config, state_cls, handle)
-        self.control = AttnControl(config.score_every, config.score_chunk)
+        self.control = AttnControl(config.score_every, config.score_chunk, config.score_query_stride)
         self.attn_modules = adapter.attention_modules()
+        self._pending: list = []  # (record, packed device tensor, grid) of partial steps not yet read back
+        self._host_bufs: list[torch.Tensor] = []  # pinned buffers for those read-backs
+        self._graphable = type(adapter).run_subset is Adapter.run_subset  # the subset call is a plain call
+        self._kv_store: dict[str, dict] = {}  # context -> layer -> (K, V): persistent buffers (CUDA graphs)
+        self._graphs: dict = {}  # key -> _SubsetGraph
+        self._seen: set = set()  # keys seen once (run eagerly; captured the second time)
+        self.mod_linears = adapter.modulation_linears() if config.hoist_modulation else []
+        self._mod_cur: dict[str, _Modulation] = {}  # context -> the step's modulation buffer (kept across runs)
+        self._mod_hooked = False
 
     # ---- schedule ------------------------------------------------------------------------
     def _scheduled_partial(self, step: int, num_steps: int, state: SpecDiffState) -> bool:
@@ -183,7 +328,7 @@ class SpecDiffModelHook(StepDriverHook):
             return False, "warmup"
         if not self._scheduled_partial(info.step, info.num_steps, state):
             return False, "refresh"
-        if state.his is None or state.fut is None or state.hist is None or len(state.kv) < len(self.attn_modules):
+        if state.his is None or state.fut is None or state.hist is None or not state.kv_ready:
             return False, "no_history"
         return True, "partial"
 
@@ -195,6 +340,9 @@ class SpecDiffModelHook(StepDriverHook):
         if state.first_step is None:
             state.first_step = info.step
             state.any_partial = cfg.n_computed(n_img) < n_img and info.step + cfg.warmup_steps < info.num_steps
+            state.graphs = self._graphs_on(module)
+            if state.graphs:  # graphs read fixed K/V buffers: keep them across runs, per cache context
+                state.kv = self._kv_store.setdefault(info.context, {})
         partial, reason = self._plan(info, state)
         next_partial = self._scheduled_partial(info.step + 1, info.num_steps, state)
         prerun_here = state.any_partial and state.first_step == info.step
@@ -208,11 +356,13 @@ class SpecDiffModelHook(StepDriverHook):
                 score = next_partial or (prerun_here and cfg.share_first_step)
                 ctl.begin(AttnMode.DENSE, state.kv, store_kv=next_partial, score=score,
                           key_start=self.adapter.image_key_start(layout))
-                if not next_partial:
+                ctl.persistent_kv = state.graphs
+                state.kv_ready = next_partial
+                if not next_partial and not state.graphs:
                     state.kv.clear()
                 out = self.fn_ref.original_forward(*args, **kwargs)
                 sample = self.adapter.output_sample(out)
-                self._after_full(state, self.adapter.sample_tokens(sample), rec)
+                self._after_full(state, self.adapter.sample_tokens(sample), rec, info.step)
                 if prerun_here:
                     state.prerun = {"args": args, "kwargs": kwargs, "sample": sample,
                                     "scores": None if ctl.scores is None else normalise_scores(ctl.scores)}
@@ -220,7 +370,7 @@ class SpecDiffModelHook(StepDriverHook):
             ctl.end()
         return out
 
-    def _after_full(self, state: SpecDiffState, sample: torch.Tensor, rec: StepRecord) -> None:
+    def _after_full(self, state: SpecDiffState, sample: torch.Tensor, rec: StepRecord, step: int) -> None:
         cfg: SpecDiffConfig = self.config
         ctl = self.control
         n_img = state.layout.n_image
@@ -235,8 +385,11 @@ class SpecDiffModelHook(StepDriverHook):
                 state.hist = sample.new_zeros((w, *sample.shape))
                 state.hist_count = torch.zeros(n_img, dtype=torch.long, device=sample.device)
                 state.cached_for = torch.zeros(n_img, dtype=torch.float32, device=sample.device)
+                state.hist_pos = torch.zeros(w, n_img, dtype=torch.float32, device=sample.device)
             state.hist = torch.roll(state.hist, 1, dims=0)
             state.hist[0] = sample
+            state.hist_pos = torch.roll(state.hist_pos, 1, dims=0)
+            state.hist_pos[0] = float(step)
             state.hist_count.add_(1).clamp_(max=w)
             state.cached_for.zero_()
         rec.extra = {"c1": n_img, "c2": 0, "c3": 0, "score_pairs": ctl.score_pairs, "score_layers": ctl.score_layers,
@@ -262,12 +415,19 @@ class SpecDiffModelHook(StepDriverHook):
         rows = adapter.joint_rows(layout, c1)
         ctl.begin(AttnMode.SUBSET, state.kv, store_kv=False, score=next_partial, rows=rows,
                   key_start=adapter.image_key_start(layout))
-        out, new = adapter.run_subset(self.fn_ref.original_forward, args, kwargs, c1)  # new: [B, n_c1, C]
+        ctl.modulation = self._modulation(args, kwargs, info, state)
+        if state.graphs:
+            out, new = self._graph_subset(args, kwargs, c1, rows, info.context)
+        else:
+            out, new = adapter.run_subset(self.fn_ref.original_forward, args, kwargs, c1)  # new: [B, n_c1, C]
         state.his = normalise_scores(ctl.scores) if ctl.scores is not None else None
 
-        # assemble: C2 = last value, C3 = weighted history, C1 = new
+        # assemble: C2 = last value, C3 = weighted history or Taylor forecast, C1 = new
         hist = state.hist
-        w = history_weights(cfg.history_window, state.hist_count)  # [W, N]
+        if cfg.c3_mode == "taylor":
+            w = taylor_weights(cfg.c3_order, state.hist_pos, state.hist_count, float(info.step))  # [W, N]
+        else:
+            w = history_weights(cfg.history_window, state.hist_count)  # [W, N]
         weighted = torch.einsum("wn,wbnc->bnc", w, hist.float()).to(hist.dtype)
         full = torch.where((level == 2)[None, :, None], hist[0], weighted)
         full.index_copy_(1, c1, new.to(full.dtype))
@@ -275,6 +435,8 @@ class SpecDiffModelHook(StepDriverHook):
         # history of C1 tokens shifts by one; the others keep theirs
         sub = hist.index_select(2, c1)
         hist.index_copy_(2, c1, torch.cat([new.to(hist.dtype).unsqueeze(0), sub[:-1]], dim=0))
+        pos = state.hist_pos.index_select(1, c1)
+        state.hist_pos.index_copy_(1, c1, torch.cat([pos.new_full((1, n_c1), float(info.step)), pos[:-1]], dim=0))
         state.hist_count.index_add_(0, c1, torch.ones_like(c1)).clamp_(max=cfg.history_window)
         state.cached_for.add_(1.0).index_fill_(0, c1, 0.0)
         state.consecutive_partial += 1
@@ -283,16 +445,137 @@ class SpecDiffModelHook(StepDriverHook):
         rec.tokens_computed = n_c1
         state.blocks_computed = self.n_blocks * (n_text + n_c1) / (n_text + n_img)
         counts = torch.stack([(level == k).sum() for k in (1, 2, 3)]).float()
-        if cfg.record_maps:
-            packed = torch.cat([counts, score.float(), level.float()]).cpu()  # the step's one host sync
-            rec.set_map("importance", packed[3:3 + n_img].reshape(layout.grid))
-            rec.set_map("level", packed[3 + n_img:].to(torch.int8).reshape(layout.grid))
-        else:
-            packed = counts.cpu()
-        c = [int(x) for x in packed[:3].tolist()]
-        rec.extra = {"c1": c[0], "c2": c[1], "c3": c[2], "score_pairs": ctl.score_pairs,
+        packed = torch.cat([counts, score.float(), level.float()]) if cfg.record_maps else counts
+        rec.extra = {"c1": n_c1, "c2": None, "c3": None, "score_pairs": ctl.score_pairs,
                      "score_layers": ctl.score_layers, "attn_pairs": ctl.attn_pairs, "spec_sigma": state.fut_sigmas[j]}
+        self._defer(rec, packed, layout.grid)
         return adapter.with_output_sample(out, adapter.tokens_sample(full.to(new.dtype), layout))
+
+    # ---- modulation hoisting ----------------------------------------------------------------------
+    def _blocks_compiled(self) -> bool:
+        return any(getattr(b.module, "_compiled_call_impl", None) is not None for b in self.adapter.blocks())
+
+    def _install_modulation_hooks(self) -> None:
+        """Hooks on the modulation linears, for one run (eager only: a hook replaces a module's `forward`
+        attribute, which compiled blocks would guard on per module)."""
+        if not self._mod_hooked:
+            for i, lin in enumerate(self.mod_linears):
+                register(lin, _ModulationHook(self.control, i), MODULATION_HOOK)
+            self._mod_hooked = True
+
+    def remove_modulation_hooks(self) -> None:
+        """Take the modulation hooks off and leave the linears as they were (no `forward` instance attribute,
+        no hook registry)."""
+        if not self._mod_hooked:
+            return
+        for lin in self.mod_linears:
+            registry = getattr(lin, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook(MODULATION_HOOK, recurse=False)
+                if not registry.hooks:
+                    lin.__dict__.pop("forward", None)
+                    del lin._diffusers_hook
+        self._mod_hooked = False
+
+    @torch.no_grad()
+    def _modulation(self, args, kwargs, info: StepInfo, state: SpecDiffState) -> _Modulation | None:
+        """This step's modulation buffer (its row of the run's table copied in), or None (not hoisted)."""
+        if not self.mod_linears or self._blocks_compiled():
+            return None
+        if state.mod_table is None or not 0 <= info.step - state.mod_step0 < state.mod_table.shape[0]:
+            sched_t = self.pipe.scheduler.timesteps[info.step:info.num_steps]
+            temb = self.adapter.step_embeddings(args, kwargs, sched_t)
+            if temb is None:  # the family cannot tell its step embeddings ahead: no hoisting
+                self.remove_modulation_hooks()
+                self.mod_linears = []
+                return None
+            x = F.silu(temb)
+            state.mod_table = torch.cat([F.linear(x.to(m.weight.dtype), m.weight, m.bias) for m in self.mod_linears],
+                                        dim=-1)
+            state.mod_step0 = info.step
+        row = state.mod_table[info.step - state.mod_step0]
+        mod = self._mod_cur.get(info.context)
+        if mod is None or mod.cur.shape != row.shape or mod.cur.dtype != row.dtype or mod.cur.device != row.device:
+            sizes = [m.out_features for m in self.mod_linears]
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            mod = self._mod_cur[info.context] = _Modulation(torch.empty_like(row), offsets, sizes)
+            self.control.kv_generation += 1  # graphs recorded against an older buffer are stale
+        mod.cur.copy_(row)
+        self._install_modulation_hooks()
+        return mod
+
+    # ---- CUDA graphs of partial steps -------------------------------------------------------------
+    def _graphs_on(self, module) -> bool:
+        return bool(self.config.cuda_graphs) and self._graphable and self._device(module).type == "cuda"
+
+    def _graph_subset(self, args, kwargs, c1: torch.Tensor, rows: torch.Tensor, context: str):
+        """`adapter.run_subset` as a CUDA graph replay. The graph is keyed by everything the recorded kernels
+        depend on: the cache context (its K/V buffers), the K/V buffers' generation, whether layers score, and
+        the call's structure (non-tensor arguments, tensor shapes and dtypes). A key's first call runs
+        eagerly (warming up kernels, handles and compilation), its second is captured, later ones replay with
+        the tensor arguments and the rows copied into the graph's buffers. (out, new) as run_subset."""
+        adapter, ctl = self.adapter, self.control
+        forward = self.fn_ref.original_forward
+        sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1)
+        leaves, spec = tree_flatten((sub_args, sub_kwargs))
+        desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
+        key = (context, ctl.kv_generation, ctl.score, str(spec), _hashable(desc))
+        g = self._graphs.get(key)
+        if g is None:
+            if key not in self._seen:
+                self._seen.add(key)
+                out = forward(*sub_args, **sub_kwargs)
+                return out, adapter.output_sample(out)
+            for old in [k for k in self._graphs if k[1] != ctl.kv_generation]:
+                del self._graphs[old]  # recorded against K/V buffers that may no longer exist
+            try:
+                g = _SubsetGraph.capture(forward, leaves, spec, rows, ctl)
+            except RuntimeError as e:  # e.g. a kernel that cannot be captured: run eagerly from now on
+                self._graphable = False
+                warnings.warn(f"SpecDiff: CUDA graph capture failed, partial steps run eagerly ({e})", stacklevel=2)
+                ctl.rows, ctl.scores, ctl.score_pairs, ctl.score_layers, ctl.attn_pairs = rows, None, 0, 0, 0
+                out = forward(*sub_args, **sub_kwargs)
+                return out, adapter.output_sample(out)
+            self._graphs[key] = g
+        else:
+            g.replay(leaves, rows, ctl)
+        return g.out, adapter.output_sample(g.out)
+
+    # ---- trace fields read back from the device ------------------------------------------------------
+    def _defer(self, rec: StepRecord, packed: torch.Tensor, grid) -> None:
+        """A partial step's level counts (and maps) for the trace, packed in one tensor. Read now when the
+        step waits for the device anyway (`sync_timing`, or on the CPU): the runtime synchronises right after
+        this step. Else copied to a reused pinned buffer without waiting and read at the end of the run
+        (`_resolve`), so that no step waits for the device; the trace's series are refreshed then."""
+        if not packed.is_cuda or self.config.sync_timing:
+            self._fill(rec, packed.cpu(), grid)
+            return
+        i = len(self._pending)  # pinned buffers are reused run after run (allocating one can synchronise)
+        if i >= len(self._host_bufs) or self._host_bufs[i].shape != packed.shape:
+            self._host_bufs[i:i + 1] = [torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)]
+        host = self._host_bufs[i]
+        host.copy_(packed, non_blocking=True)
+        self._pending.append((rec, host, grid))
+
+    @staticmethod
+    def _fill(rec: StepRecord, packed: torch.Tensor, grid) -> None:
+        c = [int(x) for x in packed[:3].tolist()]
+        rec.extra["c1"], rec.extra["c2"], rec.extra["c3"] = c
+        if packed.numel() > 3:
+            n_img = (packed.numel() - 3) // 2
+            rec.set_map("importance", packed[3:3 + n_img].reshape(grid))
+            rec.set_map("level", packed[3 + n_img:].to(torch.int8).reshape(grid))
+
+    def _resolve(self) -> None:
+        if not self._pending:
+            return
+        torch.cuda.synchronize()
+        for rec, packed, grid in self._pending:
+            self._fill(rec, packed, grid)
+        self._pending.clear()
+        trace = self.handle.running_trace
+        if trace is not None:
+            trace.refresh()  # the records changed after they were appended
 
     # ---- speculative pre-run -------------------------------------------------------------------
     def _call(self, module, args, kwargs):
@@ -363,6 +646,8 @@ class SpecDiffModelHook(StepDriverHook):
 
     def reset_state(self, module):
         self.control.end()
+        self._resolve()
+        self.remove_modulation_hooks()
         return super().reset_state(module)
 
 
@@ -385,9 +670,10 @@ def attach_specdiff(pipe, adapter: Adapter, config: SpecDiffConfig) -> Handle:
             adapter.set_attention_processor(m, p)
 
     handle.cleanups.append(restore)
+    handle.cleanups.append(driver.remove_modulation_hooks)
     register(adapter.transformer, driver, HOOK_NAME)
     return handle
 
 
 __all__ = ["SpecDiffConfig", "SpecDiffModelHook", "SpecDiffState", "assign_levels", "attach_specdiff", "history_weights",
-           "normalise_scores"]
+           "normalise_scores", "taylor_weights"]

@@ -31,6 +31,10 @@ class LabMethod:
     linked: dict = field(default_factory=dict)
     """{knob: (other knob, {value: other's value})}: choosing `value` for `knob` sets `other` (a sensible
     starting point, e.g. SpeCa's threshold scale differs per error metric)."""
+    how: str = ""
+    """How it works, for a visitor (Markdown): what is forecast, what is verified, what the levels are."""
+    defaults: dict = field(default_factory=dict)
+    """The lab's starting values where the config's default does nothing useful on the bundled models."""
 
     @property
     def config_cls(self) -> type:
@@ -46,6 +50,15 @@ class LabMethod:
         return sorted(shown, key=lambda k: (k.name not in self.main, self.main.index(k.name)
                                             if k.name in self.main else 0))
 
+    def default(self, knob: Knob):
+        """The control's starting value: the lab's override, else the field's default."""
+        return self.defaults.get(knob.name, knob.default)
+
+    @property
+    def speed_knob(self) -> str | None:
+        """The config's field that trades quality for speed (`SPEED_KNOB`), if any."""
+        return getattr(self.config_cls, "SPEED_KNOB", None)
+
     def is_main(self, knob: Knob) -> bool:
         return knob.name in self.main
 
@@ -56,6 +69,8 @@ class LabMethod:
             key = self.param(k.name)
             if key in values and values[key] is not None:
                 by_name[k.name] = coerce(self, k, values[key])
+            elif k.name in self.defaults:
+                by_name[k.name] = self.defaults[k.name]
         try:
             return self.config_cls(**by_name, **self.fixed)
         except ValueError as e:  # a rule between fields (check_relations): name the controls it mentions
@@ -98,15 +113,45 @@ FULL, SPECA, SPECDIFF, TAYLORSEER, FBCACHE = (
     "Full", "SpeCa", "SpecDiff", "TaylorSeerCache (diffusers)", "FirstBlockCache (diffusers)",
 )
 
+SPECA_HOW = """**SpeCa — forecast, then verify** ([arXiv 2509.11628](https://arxiv.org/abs/2509.11628)).
+After a few full steps, each step's block features are *forecast* with a Taylor series fitted on past full steps
+(TaylorSeer, [arXiv 2503.06923](https://arxiv.org/abs/2503.06923)), so most blocks are not computed. One block is
+then *verified*: computed for real from the forecast input and compared with its forecast. An error above the
+threshold (it tightens over the run: *decay*) rejects the step and it is computed fully. A higher threshold
+accepts more steps: faster, further from the full run."""
+
+SPECDIFF_HOW = """**SpecDiff — compute only the tokens that matter** ([arXiv 2509.13848](https://arxiv.org/abs/2509.13848)).
+A short speculative pre-run of the same model records how much attention each image token will receive. Each
+later step ranks tokens by importance (that future attention × past attention, boosted for tokens cached long)
+and splits them in three *levels*: C1 is computed through the model, C2 reuses its last output, C3 averages its
+last few outputs. The *cache rate* is the share of tokens not computed."""
+
+TAYLORSEER_HOW = """**TaylorSeerCache (diffusers)** ([arXiv 2503.06923](https://arxiv.org/abs/2503.06923)). A full step every
+*cache interval* steps; in between, every block's attention output is forecast by a Taylor series. Nothing is
+verified: the schedule is fixed, so the error plot stays empty."""
+
+FBCACHE_HOW = """**FirstBlockCache (diffusers)**, after TeaCache. The first block always runs; when its residual changed
+by less than the *threshold* since the last full step, the other blocks are skipped and their cached residual is
+reused. Nothing is forecast or verified; the map shows the residual change. diffusers' default threshold 0.05
+computes every step on the bundled tiny FLUX (its residual changes 0.09-0.18 a step), so the lab starts at 0.25."""
+
+FULL_HOW = """**Full** — the plain pipeline, every block at every step: the reference the others are compared with."""
+
 TABLE: list[LabMethod] = [
-    LabMethod(FULL, "full"),
+    LabMethod(FULL, "full", how=FULL_HOW),
     LabMethod(SPECA, "speca", ("threshold", "decay", "order"),
-              linked={"metric": ("threshold", {"rel_l1": 7.0, "rel_l2": 0.15, "cosine": 0.05})}),
-    LabMethod(SPECDIFF, "specdiff", ("cache_rate", "starvation_scale")),
-    LabMethod(TAYLORSEER, "taylorseer", ("cache_interval", "max_order"), fixed={"taylor_factors_dtype": "float32"}),
-    LabMethod(FBCACHE, "fbcache", ("threshold",)),
+              linked={"metric": ("threshold", {"rel_l1": 7.0, "rel_l2": 0.15, "cosine": 0.05})}, how=SPECA_HOW),
+    LabMethod(SPECDIFF, "specdiff", ("cache_rate", "starvation_scale"), how=SPECDIFF_HOW),
+    LabMethod(TAYLORSEER, "taylorseer", ("cache_interval", "max_order"), fixed={"taylor_factors_dtype": "float32"},
+              how=TAYLORSEER_HOW),
+    LabMethod(FBCACHE, "fbcache", ("threshold",), how=FBCACHE_HOW, defaults={"threshold": 0.25}),
 ]
 METHODS = [m.label for m in TABLE]
+
+
+def by_name(name: str) -> LabMethod | None:
+    """The table's entry for an accel method name (a trace's `method`), or None."""
+    return next((m for m in TABLE if m.name == name), None)
 
 
 def by_label(label) -> LabMethod:

@@ -80,6 +80,8 @@ class RunSpec:
     guidance: float
     frames: int | None = None
     """Video presets: number of frames; None for image presets."""
+    target_speedup: float = 0.0
+    """> 0: the method's speed knob is calibrated to this ideal speedup first (`accel.calibrate`); not in `key`."""
 
     def key(self) -> tuple:
         return (self.preset, self.prompt, self.seed, self.steps, self.width, self.height, round(self.guidance, 4),

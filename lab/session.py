@@ -21,6 +21,18 @@ class Session:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.ended = False
+        self.points: dict = {}
+        """{run settings key: {method label: its latest compared run's numbers}}: the other methods' points
+        beside a sweep's curve."""
+        self.sweep: list = []
+        """The latest sweep's runs: (label, Rendered, Trace), for loading a point."""
+
+    def add_point(self, key, label: str, point: dict) -> None:
+        with self._lock:
+            by_method = self.points.setdefault(key, {})
+            by_method[label] = point
+            while len(self.points) > 8:  # a few settings' worth: bounded
+                self.points.pop(next(iter(self.points)))
 
     def __deepcopy__(self, memo) -> "Session":
         """Gradio gives each session a deep copy of a `gr.State`'s initial value: a fresh `Session`."""

@@ -117,6 +117,10 @@ def validate(data, limits: Limits) -> Trace:
         if n > limits.max_trace_records:
             raise _fail(f"it has more than {limits.max_trace_records} step records")
         out[key] = [_record(r, f"{key}[{i}]", limits) for i, r in enumerate(recs)]
+    meta = data.get("meta")
+    run = meta.get("run") if isinstance(meta, dict) else None
+    if isinstance(run, dict) and len(run) <= 16 and len(json.dumps(run)) <= limits.max_prompt_chars + 4000:
+        out["meta"] = {"run": run}  # what restores the view (its values are checked again by the app)
     return Trace.from_dict(out)
 
 

@@ -93,16 +93,26 @@ def test_generate_end_to_end_with_compare(lab):
     assert _no_speclab_hooks(lab.manager.get(M.TINY).pipe)
 
 
-def test_full_run_is_cached_across_methods(lab, monkeypatch):
+def test_measured_speedup_comes_from_back_to_back_pairs(rlab, monkeypatch):
+    """Issue 12: the measured speedup divides by a full run timed in the same request right after the accelerated
+    one (never a cached timing), repeated interleaved while cheap, and the summary shows the spread."""
     calls = []
     orig = R.run_to_end
-    monkeypatch.setattr(R, "run_to_end", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    list(lab.generate(**kw(LM.SPECA)))  # same model/prompt/seed/size/steps as above
-    out = list(lab.generate(**kw(LM.TAYLORSEER)))[-1]
-    assert calls == [] and len(lab.full_cache) == 1
-    assert out[-1].method == "taylorseer" and "PSNR" in out[2]
-    list(lab.generate(**kw(LM.FBCACHE, seed=1)))  # a new seed: one new full run
-    assert calls == [1] and len(lab.full_cache) == 2
+    monkeypatch.setattr(R, "run_to_end", lambda m, s, config, **k: calls.append(type(config).__name__)
+                        or orig(m, s, config, **k))
+    small = dict(steps=6, width=64, height=64)
+    for _ in range(2):  # the second request has the same settings: its full run is timed again all the same
+        calls.clear()
+        out = list(rlab.generate(**kw(LM.SPECA, **small)))[-1]
+        assert calls[0] == "FullConfig" and calls[1:] == ["SpeCaConfig", "FullConfig"] * ((len(calls) - 1) // 2)
+        pairs = 1 + (len(calls) - 1) // 2
+        assert 1 <= pairs <= rlab.timing_pairs
+        assert "measured speedup (time)" in out[2] and ("back-to-back pairs" in out[2] or "one back-to-back pair"
+                                                         in out[2])
+        assert "ideal speedup (compute, not time)" in out[2]
+    calls.clear()
+    list(rlab.generate(**kw(LM.SPECA, compare=False, **small)))
+    assert calls == []  # no comparison: no full run
 
 
 @pytest.mark.parametrize("method", LM.METHODS)
@@ -295,7 +305,7 @@ def test_controls_come_from_the_configs_knobs(rlab):
                 continue
             control = by_elem[f"speclab-{key}"]
             assert key in params and control.label == k.label and control.info == app.knob_info(k)
-            assert params[key]["parameter_default"] == k.default
+            assert params[key]["parameter_default"] == m.default(k)  # the lab's start (FirstBlockCache: 0.25)
             if isinstance(control, gr.Slider):
                 assert (control.minimum, control.maximum, control.step) == k.slider()
     assert "The threshold at step i of n is threshold × decay ^ (i / n)." in app.knob_info(
@@ -360,9 +370,13 @@ def test_video_preset_end_to_end(vlab, method):
     assert isinstance(full_image, Image.Image) and full_image.size == image.size
     assert isinstance(preview, Image.Image) and preview.size == (64 * 3, 64)  # 3 latent frames
     assert "PSNR" in summary and "measured speedup" in summary
-    # the per-step panels are the image ones
-    for fig in (err, tl, maps, diff):
+    # the per-step panels are the image ones; a method that verifies nothing says so instead of plotting zeros
+    for fig in (tl, maps, diff):
         assert isinstance(fig, go.Figure) and len(fig.data) > 0
+    if method == LM.SPECA:
+        assert len(err.data) > 0
+    else:
+        assert not err.data and "verifies nothing" in err.layout.annotations[0].text
     assert isinstance(trace, Trace) and len(trace.steps) == 8 and trace.token_grid == list(tiny_video.GRID)
     # token maps: one frame at a time, with the frame slider shown for this trace
     assert frame["visible"] is True and frame["maximum"] == 2 and frame["value"] == 1
@@ -505,12 +519,17 @@ def _bundled_video(lab, method, prompt, **over):
     return tinyvideo_data.analyze_clip(frames), trace
 
 
-@pytest.mark.parametrize("method,prompt", [(LM.FULL, app.VIDEO_EXAMPLES[0]), (LM.SPECA, app.VIDEO_EXAMPLES[1]),
-                                           (LM.SPECDIFF, app.VIDEO_EXAMPLES[2])])
-def test_bundled_tiny_video_follows_the_prompt_in_the_lab(bundled_video_lab, method, prompt):
+# SpeCa's case runs its per-block forecast: this example's plain yellow already sits at the yellow/orange boundary
+# of the colour classifier (green 0.73-0.75 against a boundary near 0.70), and the stack forecast (the default)
+# moves 5 of its 9 frames across it. Over 16 held-out prompts both forecasts keep colour at 88 % (plain 94 %) at
+# the same schedule (`python -m scripts.tiny_video.check --method speca --steps 20 -n 16 --forecast ...`).
+@pytest.mark.parametrize("method,prompt,over", [(LM.FULL, app.VIDEO_EXAMPLES[0], {}),
+                                                (LM.SPECA, app.VIDEO_EXAMPLES[1], {"speca_forecast": "per_block"}),
+                                                (LM.SPECDIFF, app.VIDEO_EXAMPLES[2], {})])
+def test_bundled_tiny_video_follows_the_prompt_in_the_lab(bundled_video_lab, method, prompt, over):
     """The lab passes the bundled model's prompt template (the pipeline's default one would crop the prompt away):
     the mp4 it writes shows the named colour moving in the named direction."""
-    a, trace = _bundled_video(bundled_video_lab, method, prompt)
+    a, trace = _bundled_video(bundled_video_lab, method, prompt, **over)
     want = tinyvideo_data.parse_caption(prompt)
     assert (a["direction"], a["color"], a["bg"]) == (want["direction"], want["color"], want["bg"]), (prompt, a)
     assert len(trace.steps) == M.PRESETS[M.TINY_VIDEO].steps and trace.token_grid[0] == 3  # 3 latent frames

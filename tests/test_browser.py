@@ -74,9 +74,9 @@ def server():
     demo.close()
 
 
-def _shot(page, tmp_path, name):
+def _shot(page, tmp_path, name, full_page=True):
     path = tmp_path / name
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     keep = os.environ.get("SPECLAB_SCREENSHOTS")
     if keep:
         os.makedirs(keep, exist_ok=True)
@@ -85,8 +85,17 @@ def _shot(page, tmp_path, name):
     return path
 
 
+def _wait_loaded(page) -> None:
+    """The page's load event filled the size controls with the preset's values (and the example's panels)."""
+    page.wait_for_function(
+        "() => { const e = document.querySelector('#speclab-steps input[type=number]'); "
+        "const s = document.querySelector('#speclab-summary'); "
+        "return e && e.value && s && !s.innerText.includes('No run yet'); }", timeout=30_000)
+
+
 def _set_steps(page, n: int) -> None:
     """Type `n` into the steps box, as a user would, and wait until the slider took it."""
+    _wait_loaded(page)
     box = page.locator("#speclab-steps input[type=number]")
     box.fill(str(n))
     box.press("Enter")
@@ -152,6 +161,7 @@ def test_stop_button_ends_a_run(browser, server, tmp_path):
     try:
         page.goto(server, wait_until="domcontentloaded", timeout=60_000)
         page.locator("#speclab-generate").wait_for(timeout=60_000)
+        _wait_loaded(page)
         for box, value in (("#speclab-steps", "100"), ("#speclab-width", "256"), ("#speclab-height", "256")):
             field = page.locator(f"{box} input[type=number]")  # a long run, so that Stop comes mid-way
             field.fill(value)
@@ -198,5 +208,165 @@ def test_bundled_video_preset_in_a_real_browser(browser, server, tmp_path):
         page.locator("#speclab-frame").wait_for(state="visible", timeout=30_000)
         assert "frame" in page.locator("#speclab-maps .gtitle").first.text_content()
         _shot(page, tmp_path, "lab_video_after_run.png")
+    finally:
+        page.close()
+
+
+def _open(page, server, width=1440, height=900):
+    page.set_viewport_size({"width": width, "height": height})
+    page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+    page.locator("#speclab-generate").wait_for(timeout=60_000)
+    _wait_loaded(page)
+
+
+def _small_run(page, steps=6, size=64):
+    _set_steps(page, steps)
+    for box in ("#speclab-width", "#speclab-height"):
+        field = page.locator(f"{box} input[type=number]")
+        field.fill(str(size))
+        field.press("Enter")
+
+
+def _in_view(page, selector) -> bool:
+    return page.evaluate(
+        "s => { const r = document.querySelector(s).getBoundingClientRect(); "
+        "return r.top >= 0 && r.bottom <= window.innerHeight && r.height > 0; }", selector)
+
+
+def test_generate_and_image_stay_in_view_while_a_run_streams(browser, server, tmp_path):
+    """1440x900: press Generate and watch: both the button and the image are on screen while the run streams,
+    the summary explains the numbers (ideal = compute, measured = back-to-back timing)."""
+    page = browser.new_page()
+    try:
+        _open(page, server)
+        _set_steps(page, 20)
+        page.locator("#speclab-generate").click()
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-summary').innerText.match(/running|timing/)", timeout=60_000)
+        assert page.evaluate("() => window.scrollY") == 0
+        assert _in_view(page, "#speclab-generate") and _in_view(page, "#speclab-image")
+        assert _in_view(page, "#speclab-preview")
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-summary').innerText.includes('PSNR')", timeout=120_000)
+        text = page.locator("#speclab-summary").inner_text()
+        assert "ideal speedup (compute, not time)" in text and "back-to-back" in text or "back to back" in text
+        assert "SpeCa on tiny" in text.replace("*", "") or "SpeCa" in text
+        _shot(page, tmp_path, "lab-desktop.png", full_page=False)  # what a visitor sees: docs/screenshots/
+    finally:
+        page.close()
+
+
+def test_explanation_and_knob_help_are_visible(browser, server):
+    page = browser.new_page()
+    try:
+        _open(page, server)
+        how = page.locator("#speclab-how")
+        assert how.is_visible() and "forecast" in how.inner_text().lower()
+        assert page.locator("#speclab-how a[href*='2509.11628']").count() == 1
+        assert page.get_by_text("The threshold at step i of n").first.is_visible()
+        page.get_by_label("SpecDiff").check()
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-how a[href*=\"2509.13848\"]')", timeout=10_000)
+        for key in ("maps", "timeline", "error", "diff"):
+            assert page.locator(f"#speclab-caption-{key}").is_visible()
+    finally:
+        page.close()
+
+
+def test_phone_shows_prompt_generate_and_image_first(browser, server, tmp_path):
+    page = browser.new_page()
+    try:
+        _open(page, server, 390, 844)
+        assert _in_view(page, "#speclab-prompt") and _in_view(page, "#speclab-generate")
+        top = page.evaluate("() => document.querySelector('#speclab-image').getBoundingClientRect().top")
+        knobs = page.evaluate("() => document.querySelector('#speclab-method').getBoundingClientRect().top")
+        assert top < knobs and top < 844, (top, knobs)
+        _shot(page, tmp_path, "lab-phone.png", full_page=False)
+    finally:
+        page.close()
+
+
+def test_play_animates_the_token_maps(browser, server):
+    page = browser.new_page()
+    try:
+        _open(page, server)
+        _small_run(page, 10)
+        _generate_and_wait(page, 10)
+        seen = set()
+        page.locator("#speclab-play").click()
+        deadline = time.time() + 30
+        while time.time() < deadline and len(seen) < 3:
+            t = page.locator("#speclab-maps .gtitle").first.text_content() or ""
+            seen.add(t.split("(")[0])
+            time.sleep(0.05)
+        assert len(seen) >= 3, seen  # the title went through several steps
+    finally:
+        page.close()
+
+
+def test_sweep_draws_the_speed_quality_curve(browser, server):
+    page = browser.new_page()
+    try:
+        _open(page, server)
+        _small_run(page, 6)
+        page.get_by_text("Sweep: this method's speed/quality curve").click()
+        count = page.locator("#speclab-sweep-count input[type=number]")
+        count.fill("3")
+        count.press("Enter")
+        page.locator("#speclab-sweep").click()
+        page.wait_for_function(
+            "() => document.querySelectorAll('#speclab-sweep-plot .scatterlayer .point').length >= 6",
+            timeout=120_000)
+        assert "PSNR" in page.locator("#speclab-sweep-table").inner_text()
+    finally:
+        page.close()
+
+
+def test_loading_a_trace_restores_the_controls(browser, server, tmp_path):
+    import json
+
+    import accel
+    import tiny as tiny_mod
+
+    pipe = tiny_mod.tiny_flux_pipe()
+    handle = accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.5))
+    tiny_mod.run(pipe, steps=6)
+    handle.remove()
+    trace = handle.trace
+    trace.meta["run"] = dict(model=M.TINY, prompt="a small yellow triangle at the top, on a black background",
+                             seed=5, steps=6, width=64, height=64, guidance=1.0, method="SpecDiff",
+                             config=dict(trace.config))
+    path = tmp_path / "restore_me.json"
+    trace.to_json(str(path))
+    assert json.loads(path.read_text())["meta"]["run"]["steps"] == 6
+    page = browser.new_page()
+    try:
+        _open(page, server)
+        page.get_by_text("Export / load a trace").click()
+        page.locator("#speclab-upload input[type=file]").set_input_files(str(path))
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-prompt textarea').value.includes('yellow triangle')",
+            timeout=30_000)
+        page.wait_for_function(
+            "() => document.querySelector('#speclab-steps input[type=number]').value === '6'", timeout=10_000)
+        assert page.locator("#speclab-specdiff_cache_rate input[type=number]").input_value() == "0.5"
+        assert "loaded from restore_me.json" in page.locator("#speclab-summary").inner_text()
+    finally:
+        page.close()
+
+
+def test_a_typo_names_the_field_and_leaves_the_panels_readable(browser, server):
+    page = browser.new_page()
+    try:
+        _open(page, server)
+        field = page.locator("#speclab-width input[type=number]")
+        field.fill("100")
+        field.press("Enter")
+        page.locator("#speclab-generate").click()
+        toast = page.locator(".toast-body, [data-testid='toast-body']").first
+        toast.wait_for(timeout=30_000)
+        assert "width=100" in toast.inner_text()
+        for pid in ("speclab-image", "speclab-maps", "speclab-timeline"):  # the example's panels, no error badge
+            assert "Error" not in page.locator(f"#{pid}").inner_text()
     finally:
         page.close()

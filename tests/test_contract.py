@@ -481,9 +481,11 @@ class AttentionTap:
         return (out[0] if isinstance(out, tuple) else out.sample), self.layers
 
 
-def attention_received(fam: Family, layers: list[dict], every: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+def attention_received(fam: Family, layers: list[dict], every: int, rows: torch.Tensor | None = None,
+                       stride: int = 1) -> torch.Tensor:
     """Naive: per scored layer, softmax(q k^T / sqrt(d)) with the key mask, averaged over heads and over the valid
-    queries (`rows` of the joint sequence, or all), column of every image key; summed over layers. [B, N]."""
+    scored queries (every `stride`-th of `rows` of the joint sequence, or of all), column of every image key;
+    summed over layers. [B, N]."""
     total = 0.0
     for i, layer in enumerate(layers):
         if i % every:
@@ -491,9 +493,9 @@ def attention_received(fam: Family, layers: list[dict], every: int, rows: torch.
         q, k = layer["q"].double(), layer["k"].double()
         b, s = k.shape[:2]
         valid = torch.ones(b, s, dtype=torch.bool) if layer["mask"] is None else layer["mask"].reshape(b, s).bool()
-        qvalid = valid if rows is None else valid[:, rows]
-        if rows is not None:
-            q = q[:, rows]
+        rows_ = (torch.arange(q.shape[1]) if rows is None else rows)[::stride]
+        qvalid = valid[:, rows_]
+        q = q[:, rows_]
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
         logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1).mean(dim=1)  # B q k
@@ -540,7 +542,7 @@ def specdiff_replay(env):
     ref = {"trace": trace, "accel_out": [fam.out_tokens(o) for _, o in calls], "ref_out": {}, "stale_out": {},
            "importance": {}, "c1": {}}
     t = pipe.transformer
-    every = cfg.score_every
+    every, stride = cfg.score_every, cfg.score_query_stride
     with pytest.MonkeyPatch.context() as mp:
         tap = AttentionTap(fam, mp)
         # the pre-run ("future"): its first call is step 0, the others Euler steps from there
@@ -550,7 +552,7 @@ def specdiff_replay(env):
         for j, s in enumerate(sigmas):
             kw = dict(kw0, hidden_states=x, timestep=torch.full_like(kw0["timestep"], s * 1000.0 / fam.timestep_scale))
             v, layers = tap.call(t, kw)
-            fut.append(per_sample_mean_one(attention_received(fam, layers, every)))
+            fut.append(per_sample_mean_one(attention_received(fam, layers, every, stride=stride)))
             if j + 1 < len(sigmas):
                 x = (x.float() + (sigmas[j + 1] - s) * v.float()).to(x.dtype)
         cache: dict[int, tuple] = {}
@@ -561,7 +563,7 @@ def specdiff_replay(env):
             if rec.decision == "full":
                 _, layers = tap.call(t, kw)
                 cache = {l: (L["k"].clone(), L["v"].clone()) for l, L in enumerate(layers)}
-                his = per_sample_mean_one(attention_received(fam, layers, every))
+                his = per_sample_mean_one(attention_received(fam, layers, every, stride=stride))
                 cached_for.zero_()
                 continue
             assert rec.decision == "partial"
@@ -584,7 +586,7 @@ def specdiff_replay(env):
 
             out, layers = tap.call(t, kw, rewrite=merge)
             ref["ref_out"][i] = fam.out_tokens(out)[:, c1]
-            his = per_sample_mean_one(attention_received(fam, layers, every, rows=fresh))
+            his = per_sample_mean_one(attention_received(fam, layers, every, rows=fresh, stride=stride))
             cached_for += 1
             cached_for[c1] = 0
     return ref
@@ -605,7 +607,7 @@ def test_specdiff_partial_steps_match_the_dense_reference(env, specdiff_replay):
 
 def test_specdiff_importance_term_by_term(env, specdiff_replay):
     """importance = history (attention received at the previous step: all queries after a full step, text + C1
-    after a partial one) x future (the pre-run call at the nearest sigma) x exp(starvation_scale x steps cached),
+    after a partial one, every `score_query_stride`-th of them) x future (the pre-run call at the nearest sigma) x exp(starvation_scale x steps cached),
     scaled to max 1: the trace's map, step by step."""
     ref, trace = specdiff_replay, specdiff_replay["trace"]
     assert ref["importance"]

@@ -74,6 +74,14 @@ def test_nan_and_inf_are_refused_naming_the_field(lab, field):
         assert msg.startswith(f"{field} must be a finite number"), msg
 
 
+def test_nan_target_speedup_and_sweep_range_refused(lab):
+    assert _error(lab, target_speedup=float("nan")).startswith("target speedup must be a finite number")
+    with pytest.raises(gr.Error, match="sweep from must be a finite number"):
+        list(lab.sweep(None, float("nan"), None, 3, **kw()))
+    with pytest.raises(gr.Error, match="sweep points=9 is out of range"):
+        list(lab.sweep(None, None, None, 9, **kw()))
+
+
 def test_nan_frames_refused(lab):
     msg = _error(lab, model=M.TINY_VIDEO, frames=float("nan"))
     assert msg.startswith("frames must be a finite number")
@@ -387,3 +395,33 @@ def test_a_closed_session_is_forgotten_with_its_files(server, tmp_path):
 def test_stop_has_no_client_supplied_session(server):
     info = server[0].get_api_info()["named_endpoints"]
     assert info["/stop"]["parameters"] == []
+
+
+def test_api_uses_the_chosen_models_defaults(server, client):
+    """Issue 12: a call with only `model` and `prompt` runs at that model's size, steps and frames; the size
+    controls' API defaults are None (not the tiny FLUX's 128), and sliders do not cap another model's size."""
+    params = {p["parameter_name"]: p for p in server[0].get_api_info()["named_endpoints"]["/generate"]["parameters"]}
+    for name in app.SIZE_CONTROLS:
+        assert params[name]["parameter_has_default"] and params[name]["parameter_default"] is None, name
+    video = M.PRESETS[M.TINY_VIDEO]
+    out = client.predict(model=M.TINY_VIDEO, prompt=app.VIDEO_EXAMPLES[0], compare=False, api_name="/generate")
+    summary = out[2]
+    assert f"step {video.steps}/{video.steps}" in summary and "tiny HunyuanVideo" in summary
+    # FLUX.1-dev's own size (here a random pipe stands in for it): its 1024 is not capped at tiny FLUX's 512
+    spec = server[0].lab.parse(dict(model=M.DEV, prompt="a cat", method=LM.SPECA, width=1024, height=1024))[0]
+    assert (spec.width, spec.height, spec.steps, spec.guidance) == (1024, 1024, 28, 3.5)
+
+
+def test_long_prompt_is_refused_with_a_message(client):
+    msg = _api_error(client, "/generate", prompt="a red circle " * 400)
+    assert "prompt is 5200 characters long: at most 4000 are accepted" in msg
+
+
+def test_sweep_endpoint_returns_the_curve(client):
+    plot, table, pick = client.predict(method=LM.SPECDIFF, steps=4, width=64, height=64, sweep_count=3,
+                                       api_name="/sweep")
+    assert table.count("| cache rate") == 3 and "PSNR" in table
+    assert "measured speedup (time)" in json.dumps(plot) and "ideal speedup (compute)" in json.dumps(plot)
+    assert len(pick["choices"]) == 3
+    msg = _api_error(client, "/sweep", method=LM.FULL, steps=4, width=64, height=64)
+    assert "Full has no speed knob" in msg

@@ -754,3 +754,43 @@ def test_controlnet_residuals_are_refused_on_a_speculative_step(pipe):
                 run(pipe, STEPS)
     finally:
         hook.remove()
+
+
+class _CountedReads(torch.Tensor):
+    """A tensor that counts the reads that would wait for a device (float(), item(), cpu(), tolist())."""
+
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__float__, torch.Tensor.item, torch.Tensor.cpu, torch.Tensor.tolist):
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_locating_a_step_reads_the_schedule_once_per_run(pipe):
+    """The scheduler's sigmas (and timesteps) live on the device during a run: a step's location reads a host copy
+    taken once per schedule, never the device tensor each step (that would stall every speculative step)."""
+    from types import SimpleNamespace
+
+    from diffusers.hooks import HookRegistry
+
+    with accel.apply(pipe, accel.SpeCaConfig()):
+        driver = HookRegistry.check_if_exists_or_initialize(pipe.transformer).get_hook("speclab_speca")
+        sigmas = torch.linspace(1.0, 0.0, STEPS + 1).as_subclass(_CountedReads)
+        timesteps = (torch.linspace(1.0, 0.0, STEPS + 1)[:-1] * 1000).as_subclass(_CountedReads)
+        real = driver.pipe
+        driver.pipe = SimpleNamespace(scheduler=SimpleNamespace(timesteps=timesteps, sigmas=sigmas, step_index=0))
+        state = accel.speca.SpeCaState()
+        reads = []
+        try:
+            with pipe.transformer.cache_context("cond"):
+                for i in range(STEPS):
+                    driver.pipe.scheduler.step_index = i
+                    info = driver._locate(state, (), {})
+                    reads.append(_CountedReads.reads)
+                    state.last_step = i
+                    assert info.sigma == pytest.approx(1.0 - i / STEPS) and info.step == i
+        finally:
+            driver.pipe = real
+    assert reads[0] > 0 and reads[-1] == reads[0]  # the first step copies the schedule; later steps read nothing

@@ -16,7 +16,7 @@ from tiny import TXT_LEN, embeds, run, tiny_flux_pipe
 # accel internals these tests reach, imported in this one place (a moved module is a one-line change here)
 from accel.adapters import TokenLayout, adapter_for
 from accel.adapters.kv_attention import AttnControl, attention_received
-from accel.specdiff import assign_levels, history_weights, normalise_scores
+from accel.specdiff import assign_levels, history_weights, normalise_scores, taylor_weights
 
 STEPS = 12
 SIZE = 128  # 8 x 8 = 64 image tokens
@@ -188,7 +188,8 @@ def test_partial_step_cost_accounting(pipe):
     """(Token rows entering every leaf Linear, call by call: tests/test_contract.py.) What the trace charges a
     partial step: blocks in proportion to the tokens computed, attention and score pairs of text + C1 queries
     against every key, and the pre-run in the ideal speedup."""
-    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9, spec_steps=3, score_every=1)) as h:
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9, spec_steps=3, score_every=1,
+                                                score_query_stride=1)) as h:
         run(pipe, STEPS, size=SIZE)
         trace = h.trace
     assert len(trace.overhead) == 2
@@ -206,6 +207,7 @@ def test_partial_step_cost_accounting(pipe):
     pairs = 5 * 2 * (TXT_LEN + n1) * (TXT_LEN + N_IMG)
     assert all(r.extra["attn_pairs"] == pairs for r in part)
     assert all(r.extra["score_pairs"] == pairs for r in part[:-1]) and part[-1].extra["score_pairs"] == 0
+    assert all(isinstance(r.extra[k], int) for r in trace.steps for k in ("c1", "c2", "c3"))
     s = trace.summary()
     done = 4 * 5 + len(part) * 5 * (TXT_LEN + n1) / (TXT_LEN + N_IMG) + 2 * 5
     assert s["ideal_speedup"] == round(STEPS * 5 / done, 4) and s["overhead_calls"] == 2
@@ -216,7 +218,8 @@ def test_prerun_calls_are_traced_like_steps():
     scheduler's timestep for it, a full dense call's cost, its own wall time."""
     p = tiny_flux_pipe()
     p.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=500)  # timestep = 500 * sigma
-    cfg = accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3, share_first_step=False, score_every=1)
+    cfg = accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3, share_first_step=False, score_every=1,
+                                 score_query_stride=1)
     start = time.perf_counter()
     with accel.apply(p, cfg) as h:
         run(p, 9, size=SIZE)
@@ -438,6 +441,136 @@ def test_attention_received_equals_naive_softmax(chunk, key_start):
     torch.testing.assert_close(attention_received(q, k, chunk=chunk).sum(-1), torch.ones(2))
 
 
+def test_score_query_stride_scores_every_kth_query(pipe):
+    """Scored query x key pairs follow the stride; the partial steps' outputs barely move (the ranking of
+    64 tokens from half the queries)."""
+    outs, traces = [], []
+    for stride in (1, 2, 3):
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, score_every=1, score_query_stride=stride)) as h:
+            outs.append(run(pipe, STEPS, size=SIZE))
+            traces.append(h.trace)
+    for stride, trace in zip((1, 2, 3), traces):
+        r = trace.steps[3]  # last warm-up step: all 8 + 64 queries scored in 5 layers x 2 heads
+        assert r.extra["score_pairs"] == 5 * 2 * -(-(TXT_LEN + N_IMG) // stride) * (TXT_LEN + N_IMG)
+    assert rel(outs[1], outs[0]) < 0.05
+
+
+# ---- C3 as a Taylor forecast ------------------------------------------------------------------------------
+def test_taylor_weights_are_exact_on_polynomials():
+    """Lagrange weights through each token's newest order + 1 computed outputs, at uneven steps: exact for
+    polynomials of degree <= order; tokens with fewer outputs fall back to a lower order."""
+    pos = torch.tensor([[9.0, 9.0, 7.0, 8.0], [6.0, 5.0, 6.0, 3.0], [2.0, 4.0, 5.0, 1.0]])  # [W=3, tokens], newest first
+    avail = torch.tensor([3, 2, 3, 1])
+    x = 11.0
+    w1 = taylor_weights(1, pos, avail, x)
+    f = lambda p: 3.0 * p - 2.0  # noqa: E731  (degree 1)
+    got = (w1 * f(pos)).sum(0)
+    torch.testing.assert_close(got[:3], torch.full((3,), f(x)))
+    assert got[3] == f(pos[0, 3])  # one output: repeated
+    torch.testing.assert_close(w1.sum(0), torch.ones(4))
+    w2 = taylor_weights(2, pos, avail, x)
+    g = lambda p: 0.5 * p ** 2 - p + 4.0  # noqa: E731  (degree 2)
+    got2 = (w2 * g(pos)).sum(0)
+    torch.testing.assert_close(got2[[0, 2]], torch.full((2,), g(x)))  # three outputs: exact to degree 2
+    torch.testing.assert_close(w2[:, 1], w1[:, 1])  # two outputs: order 1
+    assert (w2[2:, 1] == 0).all() and (w1[2] == 0).all()
+
+
+def test_c3_taylor_is_linear_extrapolation_of_computed_outputs(pipe):
+    """A whole run with c3_mode="taylor": every C3 output is the line through the token's last two computed
+    outputs (at the steps they were computed) evaluated at this step; C2 still repeats the last one."""
+    outs = []
+    hh = pipe.transformer.register_forward_hook(lambda mod, args, kwargs, out: outs.append(out[0].clone()),
+                                                with_kwargs=True)
+    try:
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2, c3_mode="taylor")) as h:
+            run(pipe, 9, size=SIZE)
+            trace = h.trace
+    finally:
+        hh.remove()
+    levels = [torch.tensor(r.maps["level"]).flatten() for r in trace.steps]
+    computed: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(N_IMG)]
+    n3 = 0
+    for step, (lv, out) in enumerate(zip(levels, outs)):
+        for tok in range(N_IMG):
+            hist = computed[tok]
+            if lv[tok] == 2:
+                assert torch.equal(out[0, tok], hist[-1][1])
+            elif lv[tok] == 3:
+                (s1, f1), (s2, f2) = hist[-1], hist[-2]
+                ref = f1 + (f1 - f2) * (step - s1) / (s1 - s2)
+                torch.testing.assert_close(out[0, tok], ref, rtol=1e-4, atol=1e-5)
+                n3 += 1
+            else:
+                hist.append((step, out[0, tok]))
+    assert n3 > 100
+
+
+# ---- fewer host syncs, hoisted modulation, regional compilation ----------------------------------------------
+def test_unsynchronised_steps_fill_the_trace(pipe):
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, sync_timing=False)) as h:
+        run(pipe, STEPS, size=SIZE)
+        trace = h.trace
+    part = [r for r in trace.steps if r.decision == "partial"]
+    assert part and all(isinstance(r.extra["c2"], int) and len(r.maps["level"]) == 8 for r in part)
+    assert all(sum(r.extra[k] for k in ("c1", "c2", "c3")) == N_IMG for r in part)
+
+
+def test_hoisted_modulation_matches_and_leaves_no_trace(pipe):
+    """Partial steps take every block's adaLN modulation from one table per run: the same values up to the
+    rounding of a batched product (and the same decisions); the hooks come off at the end of each run and
+    leave the linears as they were."""
+    baseline = run(pipe, STEPS, size=SIZE)
+    ad = adapter_for(pipe.transformer)
+    mods = ad.modulation_linears()
+    assert len(mods) == 2 * 2 + 3 + 1  # norm1/norm1_context per double block, norm per single block, norm_out
+    outs, traces = [], []
+    for hoist in (True, False):
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, hoist_modulation=hoist)) as h:
+            outs.append(run(pipe, STEPS, size=SIZE))
+            traces.append(h.trace)
+            assert all("forward" not in m.__dict__ and not hasattr(m, "_diffusers_hook") for m in mods)
+    assert rel(outs[0], outs[1]) < 1e-5
+    assert all(torch.equal(torch.tensor(a.maps["level"]), torch.tensor(b.maps["level"]))
+               for a, b in zip(traces[0].steps, traces[1].steps))
+    assert torch.equal(run(pipe, STEPS, size=SIZE), baseline)
+
+
+def test_regional_compilation_stays_under_the_recompile_limit():
+    """Under diffusers' compile_repeated_blocks (backend "eager": dynamo's guards and graph breaks, no code
+    generation) a SpecDiff run recompiles a bounded number of times, whatever the number of blocks: the
+    per-layer state (layer index, mode, cache, rows) is read outside the compiled graphs (`attend` is not
+    compiled). The output equals the uncompiled run's."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    p = tiny_flux_pipe(seed=3, double=3, single=10)  # more blocks of each kind than the recompile limit
+    cfg = accel.SpecDiffConfig(cache_rate=0.85, score_every=3)
+    with accel.apply(p, cfg):
+        eager = run(p, 10, size=SIZE)
+    dynamo.reset()
+    counters.clear()
+    old = dynamo.config.recompile_limit, dynamo.config.fail_on_recompile_limit_hit
+    dynamo.config.recompile_limit, dynamo.config.fail_on_recompile_limit_hit = 8, True
+    try:
+        p.transformer.compile_repeated_blocks(backend="eager")
+        run(p, 10, size=SIZE)  # plain, compiled
+        plain_frames = counters["frames"]["total"]
+        with accel.apply(p, cfg):
+            out = run(p, 10, size=SIZE)
+            again = run(p, 10, size=SIZE)
+        with accel.apply(p, accel.SpecDiffConfig(cache_rate=0.5, score_every=1, c3_mode="taylor")):
+            run(p, 10, size=SIZE)
+        frames = counters["frames"]["total"]
+    finally:
+        dynamo.config.recompile_limit, dynamo.config.fail_on_recompile_limit_hit = old
+        dynamo.reset()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    assert torch.equal(again, out)
+    print("compiled frames: plain", plain_frames, "with SpecDiff", frames)
+    assert frames - plain_frames <= 24, frames  # a per-layer guard would add one per block
+
+
 # ---- isolation, CFG, configs -------------------------------------------------------------------------
 # (interleaved pipelines, runs one after another, true-CFG exactness and separation: tests/test_contract.py)
 def test_true_cfg_runs_one_prerun_per_branch(pipe):
@@ -496,7 +629,10 @@ def test_refresh_every_and_score_every(pipe):
     (dict(starvation_scale=-1), "starvation_scale"), (dict(warmup_steps=0), "warmup_steps"),
     (dict(refresh_every=-1), "refresh_every"), (dict(score_chunk=0), "score_chunk"),
     (dict(score_every=0), "score_every"), (dict(share_first_step=1), "share_first_step"),
-    (dict(record_maps="yes"), "record_maps"),
+    (dict(record_maps="yes"), "record_maps"), (dict(c3_mode="linear"), "c3_mode"), (dict(c3_order=5), "c3_order"),
+    (dict(c3_mode="taylor", c3_order=3, history_window=3), "history_window"),
+    (dict(score_query_stride=0), "score_query_stride"), (dict(cuda_graphs="no"), "cuda_graphs"),
+    (dict(hoist_modulation=0), "hoist_modulation"),
 ])
 def test_bad_config_raises_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -11,6 +11,7 @@ from .figures import (
     THRESHOLD_COLOR,
     difference_figure,
     empty_figure,
+    sweep_figure,
     error_figure,
     map_frames,
     map_steps,
@@ -20,5 +21,5 @@ from .figures import (
 
 __all__ = [
     "DECISION_COLORS", "LEVEL_COLORS", "OVERHEAD_COLOR", "THRESHOLD_COLOR", "difference_figure", "empty_figure",
-    "error_figure", "map_frames", "map_steps", "timeline_figure", "token_maps_figure",
+    "error_figure", "map_frames", "map_steps", "sweep_figure", "timeline_figure", "token_maps_figure",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import textwrap
 
 import numpy as np
 import plotly.graph_objects as go
@@ -77,7 +78,7 @@ def _timeline_axes() -> tuple[dict, tuple]:
 @functools.lru_cache(maxsize=None)
 def _maps_axes(n: int) -> tuple[dict, tuple]:
     """`n` token maps side by side, with a title annotation each (computed once per `n`)."""
-    fig = make_subplots(rows=1, cols=n, subplot_titles=["-"] * n, horizontal_spacing=0.12)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=["-"] * n, horizontal_spacing=0.2)
     return _axes_layout(fig, [(1, c, False) for c in range(1, n + 1)])
 
 
@@ -129,6 +130,7 @@ def _customdata(*columns) -> list:
 
 def empty_figure(message: str, title: str = "") -> go.Figure:
     """A blank figure carrying a centred message (e.g. before a run, or a method without token maps)."""
+    message = "<br>".join(textwrap.wrap(message, 56)) or message  # a long message wraps instead of being clipped
     layout = dict(
         annotations=[dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
                           font=dict(size=14, color="#666"))],
@@ -260,7 +262,7 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
              hovertemplate="step %{x}: %{y:.2f}x measured<extra></extra>", **_on(right)),
     ]
     summary = trace.summary()
-    sub = f" — ideal {summary['ideal_speedup']}x" if summary.get("ideal_speedup") else ""
+    sub = f" — ideal {summary['ideal_speedup']:.2f}x" if summary.get("ideal_speedup") else ""
     x0 = -len(over) - 0.5 if len(over) else -0.5
     top_share = max([1.0, *step_share.max(initial=0.0, keepdims=True), *over.share.max(initial=0.0, keepdims=True)])
     layout[top[0]]["range"] = [x0, _x_range(trace)[1]]
@@ -268,9 +270,9 @@ def timeline_figure(trace, context: str | None = None, reference=None) -> go.Fig
     layout[top[1]].update(title=dict(text="share of a step"), range=[0, top_share * 1.05], tickformat=".0%")
     layout[bottom[1]].update(title=dict(text="full steps"), rangemode="tozero")
     layout[right[1]].update(title=dict(text="speedup (x)"), rangemode="tozero", showgrid=False)
-    layout.update(title=dict(text=f"{trace.method}: compute timeline{sub}"), height=HEIGHT + 80,
-                  margin=dict(_MARGIN), barmode="overlay", hovermode="closest",
-                  legend=dict(orientation="h", y=-0.14, font=dict(size=10)))
+    layout.update(title=dict(text=f"{trace.method}: compute timeline{sub}"), height=HEIGHT + 110,
+                  margin=dict(_MARGIN, b=110), barmode="overlay", hovermode="closest",  # the legend below "step"
+                  legend=dict(orientation="h", y=-0.2, yanchor="top", font=dict(size=10)))
     return _figure(data, layout)
 
 
@@ -349,12 +351,13 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
     layout, axes = _maps_axes(len(keys))
     layout = copy.deepcopy(layout)
     for note, key in zip(layout["annotations"], keys):
-        note["text"] = MAP_TITLES.get(key, key)
+        note["text"] = ("first-block residual change" if key == "error" and trace.method == "fbcache"
+                        else MAP_TITLES.get(key, key))
     n_frames = max((m.shape[0] for m in maps.values() if m.ndim == 3), default=0)
     data = []
     for i, (key, (xa, ya)) in enumerate(zip(keys, axes), start=1):
         z = _grid2d(maps[key], frame)
-        bar = dict(len=0.8, x=i / len(keys) - 0.02, thickness=12)
+        bar = dict(len=0.8, x=layout[xa]["domain"][1] + 0.005, xanchor="left", thickness=10)  # beside its map
         if key == "level":
             levels = sorted(LEVEL_COLORS)
             scale = []
@@ -394,10 +397,44 @@ def difference_figure(a, b, title: str = "|accelerated - full|") -> go.Figure:
     d = np.abs(x - y)
     if d.ndim == 3:
         d = d.mean(axis=2)
-    fig = go.Figure(go.Heatmap(z=d, colorscale="Magma", zmin=0, name="difference",
+    fig = go.Figure(go.Heatmap(z=d, colorscale="Magma", zmin=0, zmax=max(float(d.max()), 1.0), name="difference",
                                hovertemplate="x %{x}, y %{y}<br>|diff| %{z:.1f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
     fig.update_xaxes(showticklabels=False)
-    fig.update_layout(title=f"{title} (mean {d.mean():.2f}, max {d.max():.0f})", height=HEIGHT, margin=_MARGIN,
+    identical = " — identical" if not d.any() else ""  # a flat map: 0..1 on the bar, not an autoscaled ±0.5
+    fig.update_layout(title=f"{title} (mean {d.mean():.2f}, max {d.max():.0f}){identical}", height=HEIGHT,
+                      margin=_MARGIN,
                       template="plotly_white")
     return fig
+
+
+def sweep_figure(points: list[dict], others: list[dict] = (), title: str = "speedup vs quality") -> go.Figure:
+    """A method's Pareto curve for one prompt: measured and ideal speedup against PSNR vs the full run, one point
+    per setting (`points`: dicts with `value`, `psnr`, `ssim`, `measured`, `ideal`, `label`), and other methods'
+    runs of the same prompt beside it (`others`: dicts with `label`, `psnr`, `ssim`, `measured`, `ideal`)."""
+    if not points and not others:
+        return empty_figure("press Sweep: the method runs at several settings", title=title)
+
+    def px(p):  # an identical image has an infinite PSNR: drawn at 60 dB
+        return 60.0 if p["psnr"] is None or not np.isfinite(p["psnr"]) else p["psnr"]
+
+    pts = sorted(points, key=px)
+    data = []
+    for key, name, dash, sym in (("measured", "measured speedup (time)", "solid", "circle"),
+                                 ("ideal", "ideal speedup (compute)", "dot", "diamond-open")):
+        data.append(dict(type="scatter", mode="lines+markers+text", name=name, x=[px(p) for p in pts],
+                         y=[p[key] for p in pts], text=[p["label"] if key == "ideal" else "" for p in pts],
+                         textposition="top center", line=dict(dash=dash, color=DECISION_COLORS[ACCEPTED]),
+                         marker=dict(symbol=sym, size=9),
+                         customdata=[[p["label"], p["ssim"]] for p in pts],
+                         hovertemplate="%{customdata[0]}<br>PSNR %{x:.2f} dB<br>SSIM %{customdata[1]:.4f}<br>"
+                                       f"{key} %{{y:.2f}}x<extra></extra>"))
+    for o in others:
+        data.append(dict(type="scatter", mode="markers", name=f"{o['label']} (measured)", x=[px(o)],
+                         y=[o["measured"]], marker=dict(symbol="square", size=11),
+                         hovertemplate=f"{o['label']}<br>PSNR %{{x:.2f}} dB<br>measured %{{y:.2f}}x<extra></extra>"))
+    layout = dict(title=dict(text=title), height=HEIGHT, margin=dict(_MARGIN, b=90),
+                  xaxis=dict(title=dict(text="PSNR vs the full run (dB; identical = 60)")),
+                  yaxis=dict(title=dict(text="speedup (x)"), rangemode="tozero"),
+                  legend=dict(orientation="h", y=-0.3, x=0))
+    return _figure(data, layout)

@@ -246,6 +246,19 @@ class Adapter:
         out = forward(*sub_args, **sub_kwargs)
         return out, self.output_sample(out)
 
+    def modulation_linears(self) -> list[nn.Module]:
+        """The linears whose input is a function of the step's embedding only (adaLN modulation of every
+        block and of the output norm; they take silu(temb)). SpecDiff computes their outputs for all
+        remaining steps at once when `step_embeddings` can tell the embeddings ahead. Default: none."""
+        return []
+
+    def step_embeddings(self, args: tuple, kwargs: dict, scheduler_timesteps: torch.Tensor) -> torch.Tensor | None:
+        """temb [steps, batch, dim] of the calls the pipeline will make at `scheduler_timesteps` [steps] (the
+        scheduler's timesteps), everything else as in the call (args, kwargs); None when the family cannot
+        tell (no hoisting). Must equal what the model computes in those calls, up to the rounding of a
+        batched matrix product."""
+        return None
+
     def sample_tokens(self, sample: torch.Tensor) -> torch.Tensor:
         """A model output tensor as per-image-token values [batch, image tokens, channels] (token order of
         the layout grid). Default: the output already is."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import Adapter, BlockSpec, CallArgs, Contribution, FeatureSite, GateSite, TokenLayout
 
@@ -116,6 +117,17 @@ class DualStreamAdapter(Adapter):
         if self.text_first:
             return torch.cat([text, image_index + layout.n_text])
         return torch.cat([image_index, text + layout.n_image])
+
+    def modulation_linears(self) -> list:
+        t = self.transformer
+        mods = []
+        for b in t.transformer_blocks:
+            mods += [b.norm1.linear, b.norm1_context.linear]
+        mods += [b.norm.linear for b in t.single_transformer_blocks]
+        norm_out = getattr(t, "norm_out", None)
+        if norm_out is not None and isinstance(getattr(norm_out, "linear", None), nn.Linear):
+            mods.append(norm_out.linear)
+        return mods
 
     def image_key_start(self, layout: TokenLayout) -> int:
         return layout.n_text if self.text_first else 0

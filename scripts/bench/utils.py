@@ -36,13 +36,19 @@ def best_of(repeats: int, call, handle=None):
     """The fastest of `repeats` calls of `call()` (which returns `timed_call`'s triple), as (output, wall, peak,
     trace); `trace` is `handle.trace` read right after that call (the run's `accel` trace), None without a
     handle. The first of equally fast calls counts."""
-    best = None
+    return best_and_walls(repeats, call, handle)[0]
+
+
+def best_and_walls(repeats: int, call, handle=None):
+    """`best_of`'s (output, wall, peak, trace), and every call's wall seconds in call order (the spread)."""
+    best, walls = None, []
     for _ in range(repeats):
         out, wall, peak = call()
+        walls.append(wall)
         trace = handle.trace if handle is not None else None
         if best is None or wall < best[1]:
             best = (out, wall, peak, trace)
-    return best
+    return best, walls
 
 
 def _float64(x) -> torch.Tensor:

@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--adaptive", action="store_true",
                     help="also run SpeCa adaptively (HunyuanVideo defaults) and replay its schedule")
     ap.add_argument("--cache-rates", default="0.85,0.95", help="comma list of SpecDiff cache rates")
+    ap.add_argument("--c3-modes", default="history", help="comma list of SpecDiff c3_mode values")
     ap.add_argument("--spec-steps", type=int, default=2)
     ap.add_argument("--warmup-steps", type=int, default=4, help="SpecDiff warm-up steps")
     ap.add_argument("--repeats", type=int, default=None,
@@ -124,12 +125,15 @@ def main():
             out, wall, peak, trace = best_of(args.repeats, lambda: call(pipe, kw, args, device), h)
         record(name, out, wall, peak, trace)
 
-    for rate in [float(x) for x in args.cache_rates.split(",") if x]:
-        cfg = accel.SpecDiffConfig(cache_rate=rate, spec_steps=args.spec_steps, warmup_steps=args.warmup_steps)
-        with accel.apply(pipe, cfg) as h:
-            call(pipe, kw, args, device, steps=args.warmup_steps + 2)  # allocate the caches once
-            out, wall, peak, trace = best_of(args.repeats, lambda: call(pipe, kw, args, device), h)
-        record(f"specdiff {rate:.2f}", out, wall, peak, trace)
+    for c3 in [x for x in args.c3_modes.split(",") if x]:
+        for rate in [float(x) for x in args.cache_rates.split(",") if x]:
+            # timed without per-step device syncs, as the plain run
+            cfg = accel.SpecDiffConfig(cache_rate=rate, spec_steps=args.spec_steps, warmup_steps=args.warmup_steps,
+                                       c3_mode=c3, sync_timing=False)
+            with accel.apply(pipe, cfg) as h:
+                call(pipe, kw, args, device, steps=args.warmup_steps + 2)  # allocate the caches once
+                out, wall, peak, trace = best_of(args.repeats, lambda: call(pipe, kw, args, device), h)
+            record(f"specdiff {rate:.2f}" + (f" {c3}" if c3 != "history" else ""), out, wall, peak, trace)
 
     print()
     print(f"plain run: {t_base:.3f} s ({1000 * t_base / args.steps:.1f} ms/step), {dev_name}, {args.steps} steps, "

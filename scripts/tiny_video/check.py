@@ -37,6 +37,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--strip", default=None, help="write the clips as a PNG, one row each")
     ap.add_argument("--method", choices=["full", "speca", "specdiff"], default="full")
     ap.add_argument("--batch", type=int, default=8, help="prompts per pipeline call")
+    ap.add_argument("--forecast", choices=["stack", "per_block"], default=None, help="SpeCa's forecast (default: the library's)")
+    ap.add_argument("--threshold", type=float, default=None, help="SpeCa's threshold base (default: the library's)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     from diffusers import HunyuanVideoPipeline
@@ -51,7 +53,8 @@ def main(argv=None) -> dict:
     if args.method != "full":
         import accel
 
-        handle = accel.apply(pipe, accel.SpeCaConfig() if args.method == "speca" else accel.SpecDiffConfig())
+        speca = {k: v for k, v in (("forecast", args.forecast), ("threshold", args.threshold)) if v is not None}
+        handle = accel.apply(pipe, accel.SpeCaConfig(**speca) if args.method == "speca" else accel.SpecDiffConfig())
     t = time.perf_counter()
     try:
         res = evaluate(pipe, prompts, seed=args.seed, strip=args.strip, batch=args.batch, **call)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..base import TokenLayout
 from ..dual_stream import DualStreamAdapter
 from .attention import FluxSpecDiffAttnProcessor
@@ -56,3 +58,21 @@ class FluxAdapter(DualStreamAdapter):
             new["img_ids"] = img_ids.index_select(img_ids.ndim - 2, image_index)
         new["hidden_states"] = hidden
         return self.call_args.replace(args, kwargs, **new)
+
+    def step_embeddings(self, args, kwargs, scheduler_timesteps):
+        # FluxPipeline calls the model with timestep = t.expand(B).to(latents.dtype) / 1000, and the model
+        # embeds timestep.to(hidden dtype) * 1000 (and guidance likewise) with the pooled text projection.
+        t = self.transformer
+        get = self.call_args.get
+        hidden, call_ts = get(args, kwargs, "hidden_states"), get(args, kwargs, "timestep")
+        pooled, guidance = get(args, kwargs, "pooled_projections"), get(args, kwargs, "guidance")
+        n, b = scheduler_timesteps.shape[0], call_ts.shape[0]
+        ts = scheduler_timesteps.to(call_ts.device)[:, None].expand(n, b).to(call_ts.dtype) / self.timestep_scale
+        ts = ts.reshape(-1).to(hidden.dtype) * 1000
+        pooled = pooled.repeat(n, 1)
+        with torch.no_grad():
+            if guidance is None:
+                temb = t.time_text_embed(ts, pooled)
+            else:
+                temb = t.time_text_embed(ts, guidance.repeat(n).to(hidden.dtype) * 1000, pooled)
+        return temb.reshape(n, b, -1)

@@ -57,7 +57,7 @@ class FluxSpecDiffAttnProcessor(KVCacheAttnProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         # ---- the shared K/V cache, score and attention call ----
-        hidden_states = self.attend(query, key, value, slice(self.control.key_start, None), attention_mask)
+        hidden_states = self.attend(query, key, value, None, attention_mask)  # image keys from control.key_start
 
         # ---- exactly FluxAttnProcessor after the attention call ----
         if encoder_hidden_states is not None:

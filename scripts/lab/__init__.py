@@ -1,0 +1,1 @@
+"""Tools for the Gradio lab (python -m scripts.lab.<name>)."""
