@@ -130,7 +130,9 @@ def test_errors_from_sums_are_the_metrics():
             assert got.shape == ((1,) if whole else (2,)), (metric, whole)
             torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-9)
             torch.testing.assert_close(got_map.double(), want_map.double(), rtol=1e-6, atol=1e-9)
-    assert K.errors_from_sums(sums, 6, "rel_l1", eps)[1] is None
+    err, tok = K.errors_from_sums(sums, 6, "rel_l1", eps)  # per sample unless asked otherwise
+    assert tok is None and torch.equal(err, K.errors_from_sums(sums, 6, "rel_l1", eps, whole_batch=False)[0])
+    assert err.shape == (2,)
     # forecast_error, on the CPU: the torch forecast, then the definition (per sample unless asked otherwise)
     err, tok = K.forecast_error(terms, coefs, real, "rel_l2", eps)
     assert tok is None and torch.equal(err, verification_errors(pred, real, "rel_l2", eps)[0])
@@ -150,6 +152,10 @@ def test_torch_forecast_and_add_terms():
     # terms kept in another dtype: the sum in x's dtype
     out = K.add_terms(x.double(), [t0, t1.half()], [3.0, 1.0])
     assert out.dtype == torch.float64 and out.tolist() == [13.5, 18.0]
+    # a stream in lower precision than the terms (a bf16 model, terms kept in float32): still x's dtype
+    for terms in ([t0, t1], [t0.bfloat16(), t1], [t0, t1.bfloat16()]):
+        out = K.add_terms(x.bfloat16(), terms, [2.0, 0.5])
+        assert out.dtype == torch.bfloat16 and out.tolist() == [12.25, 18.0]
 
 
 # ---- GPU: each Triton kernel against its fallback ----------------------------------------------------------------

@@ -383,6 +383,8 @@ def test_per_sample_error_is_the_verification_error():
             err = per_sample_error(pred, real, metric, 1e-3, whole_batch=whole)
             assert err.dtype == torch.float32 and err.shape == ((1,) if whole else (2,))
             assert torch.equal(err, verification_errors(pred, real, metric, 1e-3, whole_batch=whole)[0])
+    assert torch.equal(per_sample_error(pred, real, "rel_l2", 1e-3),  # per sample unless asked otherwise
+                       verification_errors(pred, real, "rel_l2", 1e-3)[0])
     small, large = (per_sample_error(pred, real, "rel_l1", eps) for eps in (1e-3, 10.0))
     assert (small > large).all()  # eps is passed on
 
@@ -607,6 +609,24 @@ def test_a_speculative_step_repeating_a_full_step_reproduces_it(pipe, forecast):
                                            msg=f"verify_block={verify_block}, verify_output={verify_output}")
     finally:
         hook.remove()
+
+
+def test_per_block_gates_of_modulation_linears_with_and_without_bias():
+    """The per-block forecast's gates come from every modulation linear's rows in one product: with every other
+    linear bias-free (the others keep their biases), or all of them, step 2 repeating step 1 still gives step 1's
+    output."""
+    for unbiased in ("every other", "all"):
+        p = tiny_flux_pipe()
+        for i, lin in enumerate(adapter_for(p.transformer).modulation_linears()):
+            if unbiased == "all" or i % 2 == 0:
+                lin.bias = None
+        outs = []
+        p.transformer.register_forward_hook(lambda mod, args, kwargs, out: outs.append(out[0].clone()),
+                                            with_kwargs=True)
+        with accel.apply(p, accel.SpeCaConfig(schedule=[True, True, False, True], order=0, forecast="per_block")) as h:
+            run(p, 4, sigmas=[1.0, 0.6, 0.6, 0.3])
+        assert h.trace.steps[2].error < 1e-4, unbiased
+        torch.testing.assert_close(outs[2], outs[1], rtol=1e-5, atol=1e-5, msg=unbiased)
 
 
 def test_stack_forecast_after_a_verify_block_in_the_middle(pipe):
