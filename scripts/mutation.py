@@ -135,6 +135,43 @@ EQUIVALENT: list[tuple[str, str]] = [
     # stored K/V because the same schedule said the next step is partial (a defensive check)
     (_SD + "_plan__mutmut_*", "if state.his is None or state.fut is None or state.hist is None and not "
                               "state.kv_ready:"),
+    # x * 1.0 instead of x (torch_forecast), p - r instead of in place (a copy, the same values), cosine
+    # similarity's default dim=1, mean over all dims of a 1-d tensor
+    ("accel.kernels.x_torch_forecast__mutmut_*",
+     "p = terms[0] if (coefs[0] == 1.0) and False else terms[0] * coefs[0]"),
+    ("accel.metrics.x_verification_errors__mutmut_*", "diff = p.sub_(r) if (p is not pred) and False else p - r # p is "
+                                                      "a fresh copy unless pred was already float32"),
+    ("accel.metrics.x_verification_errors__mutmut_*", "err = 1.0 - torch.nn.functional.cosine_similarity("
+                                                      "pred.float().flatten(1), r.flatten(1), eps=eps)"),
+    ("accel.metrics.x_verification_errors__mutmut_*", "err = err.mean(dim=None, keepdim=True)"),
+    # SpeCa: a speculative step's reason from _plan is replaced by its verdict's; blocks_computed is 0 when a
+    # speculative step computes its verify block (reset per step); every adapter's block_output ignores the block
+    # it is given, as output_streams does; coefficients are only asked of a forecaster that has a node (predict
+    # and every SpeCa step check that first)
+    (_SC + "_plan__mutmut_*", 'return False, "XXXX"'),
+    (_SC + "_spec_block__mutmut_*", "state.blocks_computed = 1"),
+    (_SC + "_spec_block__mutmut_*", "streams = adapter.output_streams(None, out)"),
+    (_SC + "_spec_block__mutmut_*", "return adapter.block_output(None, streams)"),
+    (f"accel.taylor.x{_S}TaylorForecaster{_S}coefficients__mutmut_*",
+     "m = len(self.nodes) - 1 if (self.nodes) or True else 0"),
+    (f"accel.taylor.x{_S}TaylorForecaster{_S}coefficients__mutmut_*", "m = len(self.nodes) - 1 if self.nodes else 1"),
+    # SpeCa state set to a falsy None for False; FLUX's transformer called with keywords only; a speculative step's
+    # consecutive_spec is None only after a deferred rejection, and the next step is full before it is compared;
+    # one running trace per call (its id as the key, or id(None)); an extra refresh of the trace's series; Taylor
+    # nodes kept one beyond the order (coefficients use order + 1 at most)
+    (_SC + "_full__mutmut_*", "state.force_full_next = None"),
+    (_SC + "_full__mutmut_*", "out = self.fn_ref.original_forward(**kwargs)"),
+    (_SC + "run_step__mutmut_*", "out = self.fn_ref.original_forward(**kwargs)"),
+    (_SC + "run_step__mutmut_*", "state.last_full = None"),
+    (_SC + "run_step__mutmut_*", "state.consecutive_spec = None"),
+    (_SC + "run_step__mutmut_*", "_read_errors([entry], appended=None) # the decision (or a viewer) needs it now: "
+                                 "one host sync"),
+    (_SC + "run_step__mutmut_*", "_read_errors([entry], ) # the decision (or a viewer) needs it now: one host sync"),
+    (_SC + "run_step__mutmut_*", "_read_errors([entry], appended=True) # the decision (or a viewer) needs it now: "
+                                 "one host sync"),
+    ("accel.speca.x__read_errors__mutmut_*", "traces[id(None)] = trace"),
+    ("accel.speca.x__read_errors__mutmut_*", "if appended or trace is not None:"),
+    (f"accel.taylor.x{_S}TaylorForecaster{_S}update__mutmut_*", "self.nodes = ([x] + old_nodes)[: self.order + 2]"),
     # topk sorted or not: C1's indices are sorted right after
     ("accel.specdiff.x_assign_levels__mutmut_*", "c1 = torch.topk(score, n_c1, ).indices.sort().values"),
     ("accel.specdiff.x_assign_levels__mutmut_*", "c1 = torch.topk(score, n_c1, sorted=True).indices.sort().values"),
@@ -153,6 +190,10 @@ EQUIVALENT: list[tuple[str, str]] = [
      'feats[f"{name}.{s}"] = x.to(dtype) - y.to(dtype) if (dtype is not None) or True else x - y'),
     (f"accel.taylor.x{_S}Forecast{_S}__getitem____mutmut_*",
      "p = terms[0] if (self.coefs[0] == 1.0) and False else terms[0] * self.coefs[0]"),
+    # a float32 weight's Lagrange factor built in torch's default dtype (float32; with float64 it is only more
+    # exact, and the weights stay float32)
+    ("accel.specdiff.x_taylor_weights__mutmut_*", "li = torch.ones(n, dtype=None, device=positions.device)"),
+    ("accel.specdiff.x_taylor_weights__mutmut_*", "li = torch.ones(n, device=positions.device)"),
     # the C3 mix rounded to the model dtype once at the end instead of first: the same single rounding
     (_SD + "_partial_step__mutmut_*", 'weighted = torch.einsum("wn,wbnc->bnc", w, hist.float()).to(None)'),
     # store_kv is read only outside SUBSET calls (kv_attention.attend): a partial step writes its C1 rows anyway
@@ -179,8 +220,18 @@ EQUIVALENT: list[tuple[str, str]] = [
     (_SD + "_prerun__mutmut_*", 'n_train = float(getattr(sched.config, "num_train_timesteps", 1001))'),
     (_SD + "_prerun__mutmut_*", "ctl.begin(AttnMode.DENSE, None, store_kv=None, score=True, "
                                 "key_start=adapter.image_key_start(layout))"),
+    (_SD + "run_step__mutmut_*", "out = self.fn_ref.original_forward(**kwargs)"),
     # consecutive_partial is written, never read
     (_SD + "_partial_step__mutmut_*", "- state.consecutive_partial += 1"),
+    (_SD + "_after_full__mutmut_*", "- state.consecutive_partial = 0"),
+    # a full step's level map: set_map stores "level" as int8 whatever it is given
+    (_SD + "_after_full__mutmut_*", 'rec.set_map("level", torch.ones(h, dtype=None))'),
+    (_SD + "_after_full__mutmut_*", 'rec.set_map("level", torch.ones(h, ))'),
+    # float32 state made in torch's default dtype (float32)
+    (_SD + "_after_full__mutmut_*", "state.cached_for = torch.zeros(n_img, dtype=None, device=sample.device)"),
+    (_SD + "_after_full__mutmut_*", "state.cached_for = torch.zeros(n_img, device=sample.device)"),
+    (_SD + "_after_full__mutmut_*", "state.hist_pos = torch.zeros(w, n_img, dtype=None, device=sample.device)"),
+    (_SD + "_after_full__mutmut_*", "state.hist_pos = torch.zeros(w, n_img, device=sample.device)"),
     # _fill: the packed level counts and maps have 3 + 2 x n_image >= 5 entries; set_map stores "level" as int8
     # whatever it is given; the count of level 1 is C1's size, which the step already wrote into extra["c1"]
     (_SD + "_fill__mutmut_*", "if packed.numel() > 4:"),
@@ -205,12 +256,55 @@ EXPLAINED: list[tuple[str, str]] = [
     (_SC + "_update_stack__mutmut_*", "rec, dtype = state.recorded, _DTYPES.get(None)"),
     (_SC + "_update_stack__mutmut_*", '- feats[f"{name}.{s}"] = x.to(dtype) - y.to(dtype) if dtype is not None '
                                       "else x - y"),
+    # a zero bias where no gate linear has one: the same gates; only the trace's cache_bytes counts the zeros
+    (_SC + "all_gates__mutmut_*",
+     "state.gate_weights = (torch.cat(ws), torch.cat(bs) if (has_bias) or True else None)"),
     # CUDA only: CUDA graphs of partial steps keep their K/V caches in persistent buffers per cache context
     # (state.graphs is False on the CPU; clearing the dict before a full step that refills it changes nothing)
     (_SD + "run_step__mutmut_*", "- state.graphs = self._graphs_on(module)"),
     (_SD + "run_step__mutmut_*", "- state.kv = self._kv_store.setdefault(info.context, {})"),
     (_SD + "run_step__mutmut_*", "- ctl.persistent_kv = state.graphs"),
     (_SD + "run_step__mutmut_*", "- if not next_partial and not state.graphs:"),
+    # CUDA only: SpecDiff's per-token state made on the CPU instead of the sample's device (the same on the CPU;
+    # on CUDA the next partial step would mix devices)
+    (_SD + "_after_full__mutmut_*", "state.hist_count = torch.zeros(n_img, dtype=torch.long, device=None)"),
+    (_SD + "_after_full__mutmut_*", "state.hist_count = torch.zeros(n_img, dtype=torch.long, )"),
+    (_SD + "_after_full__mutmut_*", "state.cached_for = torch.zeros(n_img, dtype=torch.float32, device=None)"),
+    (_SD + "_after_full__mutmut_*", "state.cached_for = torch.zeros(n_img, dtype=torch.float32, )"),
+    (_SD + "_after_full__mutmut_*", "state.hist_pos = torch.zeros(w, n_img, dtype=torch.float32, device=None)"),
+    (_SD + "_after_full__mutmut_*", "state.hist_pos = torch.zeros(w, n_img, dtype=torch.float32, )"),
+    # memory only: a full step that no partial step follows keeps the K/V caches of the step before alive (until
+    # the next full step that stores K/V replaces them) instead of freeing them; no partial step reads them
+    (_SD + "run_step__mutmut_*", "if next_partial and not state.graphs:"),
+    (_SD + "run_step__mutmut_*", "if not next_partial and state.graphs:"),
+    # per-block forecast: a stream with no contribution in a segment gets the default [] (nothing added); no
+    # family has such a stream (every block writes every stream), so None or no default is never reached
+    (_SC + "_spec_block__mutmut_*",
+     "return {s: accumulate(x, entries[segment].get(s, None), gates, coefs) for s, x in streams.items()}"),
+    (_SC + "_spec_block__mutmut_*",
+     "return {s: accumulate(x, entries[segment].get(s, ), gates, coefs) for s, x in streams.items()}"),
+    # a Taylor restart that keeps the old nodes: the restarted terms are one (order 0), so the extra coefficients
+    # multiply nothing on the torch paths; the fused verification (CUDA) would be handed more coefficients than
+    # terms
+    (f"accel.taylor.x{_S}TaylorForecaster{_S}update__mutmut_*",
+     "old_nodes = [] if (restart) and False else self.nodes"),
+    # tau with max(2, num_steps): differs only in a 1-step run, whose one step is full (tau recorded, not used)
+    (f"accel.speca.x{_S}SpeCaConfig{_S}threshold_at__mutmut_*",
+     "tau = float(self.threshold) * float(self.decay) ** (step / max(2, num_steps))"),
+    # the verdict at error == threshold exactly (a float tie; the released code accepts it, as ours)
+    (_SC + "run_step__mutmut_*",
+     'verdict, reason = (rec.error is None or rec.error < rec.threshold), "verified"'),
+    # gaps, no test yet: the refusal of ControlNet residuals on speculative steps (no ControlNet pipeline in the
+    # tests: its condition and message), and the warm-up restart of the step before the last warm-up step
+    # (restart_taylor at step warmup_steps - 2: the tests' schedules have no full step there after a restart)
+    (_SC + "run_step__mutmut_*", '- if any(k.startswith("controlnet_") and k.endswith("_samples") and v is not None '
+                                 "for k, v in kwargs.items()):"),
+    (_SC + "run_step__mutmut_*", '- "SpeCa\'s speculative steps do not take ControlNet residuals '
+                                 '(controlnet_*_samples): a speculative "'),
+    (_SC + "run_step__mutmut_*", '- "step runs only the verify block. Use a schedule of full steps, or no '
+                                 'ControlNet, with SpeCa.")'),
+    (_SC + "run_step__mutmut_*",
+     "state.restart_taylor = cfg.warmup_restarts_taylor and info.step < cfg.warmup_steps - 2"),
     # CUDA only: the pre-run's synchronisation around its timed calls (sync_timing on a CUDA device)
     (_SD + "_prerun__mutmut_*",
      '- on_cuda = cfg.sync_timing and torch.cuda.is_available() and x.device.type == "cuda"'),
@@ -362,7 +456,8 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true",
                     help="with --rerun: also the survivors the last report called equivalent or explained")
     ap.add_argument("--report-only", action="store_true",
-                    help="run nothing: report what mutants/ holds (kept by --keep)")
+                    help="run nothing: report out/mutation/results.json again (the diffs from mutants/, kept by "
+                         "--keep), e.g. after editing EQUIVALENT / EXPLAINED")
     args = ap.parse_args(argv)
 
     os.chdir(ROOT)
@@ -407,7 +502,10 @@ def main(argv=None) -> int:
     finished = outcome == "finished"
     minutes = (time.monotonic() - t0) / 60
 
-    res = load_results(globs)
+    if args.report_only and results_path.exists():  # the last run's statuses, merged over its re-runs
+        res = {n: st for n, st in json.loads(results_path.read_text())["status"].items() if in_scope(n, globs)}
+    else:
+        res = load_results(globs)
     if previous:  # a mutant this run did not reach keeps its earlier status
         res = {**previous, **{n: st for n, st in res.items() if st != "not checked" or n not in previous}}
     if not args.report_only:  # (mutants/ may hold an older tree's results: the hashes would not be theirs)

@@ -147,6 +147,7 @@ def test_torch_forecast_and_add_terms():
     t0, t1, t2 = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 4.0]), torch.tensor([8.0, 8.0])
     assert K.torch_forecast([t0, t1, t2], [0.5, 2.0]).tolist() == [1.5, 7.0]  # fewer coefficients: fewer terms
     assert K.torch_forecast([t0, t1], [1.0, -1.0]).tolist() == [0.5, -6.0]
+    assert K.torch_forecast([t0, t1], [2.0, 1.0]).tolist() == [2.5, 0.0]
     x = torch.tensor([10.0, 20.0])
     assert K.add_terms(x, [t0, t1, t2], [0.5, 2.0]).tolist() == [11.5, 27.0] and x.tolist() == [10.0, 20.0]
     # terms kept in another dtype: the sum in x's dtype

@@ -718,6 +718,33 @@ def test_cache_bytes_count_what_is_kept(pipe, forecast):
         gates = (4 * n_double + n_single) * (C * C + C) * f32  # stacked gate rows of the modulation linears
     assert meta["cache_bytes_terms"] == terms
     assert meta["cache_bytes"] == terms + gates
+    # cache_dtype="bfloat16": the terms take half the bytes (the gate rows stay in the model's dtype)
+    cfg = accel.SpeCaConfig(threshold=1e9, order=order, forecast=forecast, cache_dtype="bfloat16")
+    with accel.apply(pipe, cfg) as handle:
+        run(pipe, STEPS)
+    assert handle.trace.meta["cache_bytes_terms"] == terms // 2
+    assert handle.trace.meta["cache_bytes"] == terms // 2 + gates
+
+
+def test_unsynchronised_runs_decide_alike(pipe):
+    """sync_timing=False defers only the errors no decision needs: the steps judged by the threshold are still
+    verified at once, so the decisions (rejections included) and the output are the synchronised run's."""
+    runs = []
+    for sync in (True, False):
+        with accel.apply(pipe, accel.SpeCaConfig(threshold=0.05, decay=1.0, sync_timing=sync)) as handle:
+            out = run(pipe, STEPS)
+        runs.append((out, [(r.decision, r.reason, r.error) for r in handle.trace.steps]))
+    assert any(d == "rejected" for d, _, _ in runs[0][1]) and any(d == "accepted" for d, _, _ in runs[0][1])
+    assert runs[1][1] == runs[0][1] and torch.equal(runs[1][0], runs[0][0])
+
+
+def test_warmup_steps_are_full_and_say_so(pipe):
+    cfg = accel.SpeCaConfig(threshold=1e9, warmup_steps=3, spec_after_full=False)
+    with accel.apply(pipe, cfg) as handle:
+        run(pipe, STEPS)
+    steps = handle.trace.steps
+    assert [(r.decision, r.reason) for r in steps[:3]] == [("full", "warmup")] * 3
+    assert all(r.reason != "warmup" for r in steps[3:])
 
 
 def test_errors_read_at_the_end_of_an_unsynchronised_run(pipe):

@@ -555,18 +555,23 @@ def test_taylor_weights_stay_on_the_device_in_float32():
     assert taylor_weights(2, pos.to("meta"), available.to("meta"), 6.0).device.type == "meta"
 
 
-def test_c3_taylor_is_linear_extrapolation_of_computed_outputs(pipe):
+@pytest.mark.parametrize("refresh_every", [0, 2])
+def test_c3_taylor_is_linear_extrapolation_of_computed_outputs(pipe, refresh_every):
     """A whole run with c3_mode="taylor": every C3 output is the line through the token's last two computed
-    outputs (at the steps they were computed) evaluated at this step; C2 still repeats the last one."""
+    outputs (at the steps they were computed) evaluated at this step; C2 still repeats the last one. With refresh
+    steps, full steps come after partial ones, when the tokens' last computed steps differ."""
     outs = []
     hh = pipe.transformer.register_forward_hook(lambda mod, args, kwargs, out: outs.append(out[0].clone()),
                                                 with_kwargs=True)
+    cfg = accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2, c3_mode="taylor", refresh_every=refresh_every)
     try:
-        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2, c3_mode="taylor")) as h:
-            run(pipe, 9, size=SIZE)
+        with accel.apply(pipe, cfg) as h:
+            run(pipe, 10, size=SIZE)
             trace = h.trace
     finally:
         hh.remove()
+    kinds = "".join("F" if r.decision == "full" else "p" for r in trace.steps)
+    assert kinds == ("FFppFppFpp" if refresh_every else "FFpppppppp")
     levels = [torch.tensor(r.maps["level"]).flatten() for r in trace.steps]
     computed: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(N_IMG)]
     n3 = 0
