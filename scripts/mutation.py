@@ -172,6 +172,8 @@ EQUIVALENT: list[tuple[str, str]] = [
     ("accel.speca.x__read_errors__mutmut_*", "traces[id(None)] = trace"),
     ("accel.speca.x__read_errors__mutmut_*", "if appended or trace is not None:"),
     (f"accel.taylor.x{_S}TaylorForecaster{_S}update__mutmut_*", "self.nodes = ([x] + old_nodes)[: self.order + 2]"),
+    (f"accel.taylor.x{_S}TaylorForecaster{_S}update__mutmut_*",  # with no dtype: f.to(None), a no-op
+     "if self.dtype is not None or f.dtype != self.dtype:"),
     # topk sorted or not: C1's indices are sorted right after
     ("accel.specdiff.x_assign_levels__mutmut_*", "c1 = torch.topk(score, n_c1, ).indices.sort().values"),
     ("accel.specdiff.x_assign_levels__mutmut_*", "c1 = torch.topk(score, n_c1, sorted=True).indices.sort().values"),

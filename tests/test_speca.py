@@ -13,7 +13,7 @@ from torch import nn
 
 import accel
 from families import FLUX
-from tiny import run, tiny_flux_pipe
+from tiny import embeds, run, tiny_flux_pipe
 
 # accel internals these tests reach, imported in this one place (a moved module is a one-line change here)
 from accel.adapters import TokenLayout, adapter_for
@@ -85,6 +85,10 @@ def test_forecast_coefficients_by_hand():
     one = TaylorForecaster(3, "reference")
     one.update(2.0, {"a": torch.zeros(1)})
     assert one.coefficients(6.0) == [1.0] and one.active_order == 0
+    default = TaylorForecaster(2)  # the Newton form unless asked otherwise
+    for x in (0.0, 1.0, 3.0):
+        default.update(x, {"a": torch.zeros(1)})
+    assert default.coefficients(5.0) == [1.0, 2.0, 8.0]
 
 
 def test_forecast_is_the_coefficients_times_the_terms():
@@ -736,6 +740,23 @@ def test_unsynchronised_runs_decide_alike(pipe):
         runs.append((out, [(r.decision, r.reason, r.error) for r in handle.trace.steps]))
     assert any(d == "rejected" for d, _, _ in runs[0][1]) and any(d == "accepted" for d, _, _ in runs[0][1])
     assert runs[1][1] == runs[0][1] and torch.equal(runs[1][0], runs[0][0])
+
+
+def test_a_run_that_starts_late_is_full_until_it_has_history(pipe):
+    """img2img (strength 0.5): the run starts at step 6, past the warm-up steps' numbers, with no forecast history:
+    its first step is full ("no_history"), the others then follow the threshold."""
+    from diffusers import FluxImg2ImgPipeline
+
+    p = FluxImg2ImgPipeline(**pipe.components)
+    p.set_progress_bar_config(disable=True)
+    pe, pooled = embeds()
+    x = torch.randn(1, 16, pipe.transformer.config.in_channels, generator=torch.Generator().manual_seed(3))
+    with accel.apply(p, accel.SpeCaConfig(threshold=1e9, warmup_steps=3)) as handle:
+        p(prompt_embeds=pe, pooled_prompt_embeds=pooled, image=torch.zeros(1, 3, 64, 64), latents=x, height=64,
+          width=64, num_inference_steps=STEPS, strength=0.5, output_type="latent")
+    steps = handle.trace.steps
+    assert steps[0].step == STEPS // 2 and (steps[0].decision, steps[0].reason) == ("full", "no_history")
+    assert all(r.decision != "full" for r in steps[1:])
 
 
 def test_warmup_steps_are_full_and_say_so(pipe):
