@@ -571,9 +571,11 @@ class SpeCaModelHook(StepDriverHook):
             for _, g in self.gate_sites:
                 d = g.linear.out_features // g.n_chunks
                 ws.append(g.linear.weight[g.chunk * d:(g.chunk + 1) * d])
-                if g.linear.bias is not None:
-                    bs.append(g.linear.bias[g.chunk * d:(g.chunk + 1) * d])
-            state.gate_weights = (torch.cat(ws), torch.cat(bs) if len(bs) == len(ws) else None)
+                b = g.linear.bias
+                bs.append(ws[-1].new_zeros(d) if b is None else b[g.chunk * d:(g.chunk + 1) * d])
+            # a bias-free linear's rows get zeros, so that the others keep theirs
+            has_bias = any(g.linear.bias is not None for _, g in self.gate_sites)
+            state.gate_weights = (torch.cat(ws), torch.cat(bs) if has_bias else None)
         w, b = state.gate_weights
         x = self.adapter.gate_input(temb).to(w.dtype)
         return torch.nn.functional.linear(x, w, b).unflatten(1, (len(self.gate_sites), -1)).transpose(0, 1).contiguous()

@@ -79,9 +79,9 @@ def test_torch_accumulate_is_the_documented_sum(blocks, n_terms):
 def test_torch_accumulate_scales_the_first_term():
     """A first coefficient other than 1 (Taylor forecasts always start with 1) still multiplies the first term."""
     x, entries, gates, _ = accumulate_inputs(2, 5, 4, 2, 3, torch.float64, "cpu", seed=3)
-    coefs = [0.5, 2.0, -1.5]
-    torch.testing.assert_close(K.torch_accumulate(x, entries, gates, coefs), naive_accumulate(x, entries, gates, coefs),
-                               rtol=1e-12, atol=1e-12)
+    for coefs in ([0.5, 2.0, -1.5], [2.0, 0.5, -1.5]):
+        torch.testing.assert_close(K.torch_accumulate(x, entries, gates, coefs),
+                                   naive_accumulate(x, entries, gates, coefs), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("n_higher", [0, 1, 2, 4])
@@ -97,6 +97,66 @@ def test_torch_taylor_update_is_newtons_recurrence(n_higher):
         for got, want in zip(new, naive_taylor_update(f, old, inv)):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         assert all(torch.equal(o, k) for o, k in zip(old, keep))  # old terms are read, never written
+
+
+def naive_row_sums(terms, coefs, real, eps):
+    """The per-row sums `kernels.row_sums` (Triton) documents, in float64: sum |d|/(|r|+eps), sum |d|, sum |r|,
+    sum d^2, sum r^2, sum p*r, sum p^2, sum (|d|/(|r|+eps))^2, with p the forecast and d = p - r."""
+    p = sum(c * t.double() for c, t in zip(coefs, terms))
+    r = real.double()
+    d = p - r
+    q = d.abs() / (r.abs() + eps)
+    parts = [q, d.abs(), r.abs(), d * d, r * r, p * r, p * p, q * q]
+    return torch.stack([x.sum(-1) for x in parts], dim=-1)
+
+
+def test_errors_from_sums_are_the_metrics():
+    """The fused verification's last step (plain torch, run on the GPU after the Triton sums): every metric, per
+    sample and over the whole batch, and the token map, as `metrics.verification_errors` defines them."""
+    from accel.metrics import verification_errors
+
+    g = torch.Generator().manual_seed(5)
+    terms = [torch.randn(2, 7, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    coefs = [1.0, 0.5, -0.25]
+    real = torch.randn(2, 7, 6, generator=g, dtype=torch.float64)
+    real[1] *= 30.0  # samples of different scale: a pooled or unnormalised error cannot pass
+    eps = 1e-3
+    sums = naive_row_sums(terms, coefs, real, eps)
+    pred = K.torch_forecast(terms, coefs)
+    for metric in ("rel_l1", "rel_rms", "rel_l2", "cosine"):
+        for whole in (False, True):
+            want, want_map = verification_errors(pred, real, metric, eps, slice(2, 6), whole)
+            got, got_map = K.errors_from_sums(sums, 6, metric, eps, slice(2, 6), whole)
+            assert got.shape == ((1,) if whole else (2,)), (metric, whole)
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(got_map.double(), want_map.double(), rtol=1e-6, atol=1e-9)
+    err, tok = K.errors_from_sums(sums, 6, "rel_l1", eps)  # per sample unless asked otherwise
+    assert tok is None and torch.equal(err, K.errors_from_sums(sums, 6, "rel_l1", eps, whole_batch=False)[0])
+    assert err.shape == (2,)
+    # forecast_error, on the CPU: the torch forecast, then the definition (per sample unless asked otherwise)
+    err, tok = K.forecast_error(terms, coefs, real, "rel_l2", eps)
+    assert tok is None and torch.equal(err, verification_errors(pred, real, "rel_l2", eps)[0])
+    err, tok = K.forecast_error(terms, coefs, real, "cosine", eps, slice(1, 3), whole_batch=True)
+    want, want_map = verification_errors(pred, real, "cosine", eps, slice(1, 3), True)
+    assert torch.equal(err, want) and torch.equal(tok, want_map)
+    with pytest.raises(ValueError, match=r"^metric='l3' is unknown: use one of rel_l1, rel_rms, rel_l2, cosine$"):
+        K.errors_from_sums(sums, 6, "l3", eps)
+
+
+def test_torch_forecast_and_add_terms():
+    t0, t1, t2 = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 4.0]), torch.tensor([8.0, 8.0])
+    assert K.torch_forecast([t0, t1, t2], [0.5, 2.0]).tolist() == [1.5, 7.0]  # fewer coefficients: fewer terms
+    assert K.torch_forecast([t0, t1], [1.0, -1.0]).tolist() == [0.5, -6.0]
+    assert K.torch_forecast([t0, t1], [2.0, 1.0]).tolist() == [2.5, 0.0]
+    x = torch.tensor([10.0, 20.0])
+    assert K.add_terms(x, [t0, t1, t2], [0.5, 2.0]).tolist() == [11.5, 27.0] and x.tolist() == [10.0, 20.0]
+    # terms kept in another dtype: the sum in x's dtype
+    out = K.add_terms(x.double(), [t0, t1.half()], [3.0, 1.0])
+    assert out.dtype == torch.float64 and out.tolist() == [13.5, 18.0]
+    # a stream in lower precision than the terms (a bf16 model, terms kept in float32): still x's dtype
+    for terms in ([t0, t1], [t0.bfloat16(), t1], [t0, t1.bfloat16()]):
+        out = K.add_terms(x.bfloat16(), terms, [2.0, 0.5])
+        assert out.dtype == torch.bfloat16 and out.tolist() == [12.25, 18.0]
 
 
 # ---- GPU: each Triton kernel against its fallback ----------------------------------------------------------------

@@ -13,12 +13,12 @@ from torch import nn
 
 import accel
 from families import FLUX
-from tiny import run, tiny_flux_pipe
+from tiny import embeds, run, tiny_flux_pipe
 
 # accel internals these tests reach, imported in this one place (a moved module is a one-line change here)
 from accel.adapters import TokenLayout, adapter_for
 from accel.kernels import accumulate
-from accel.metrics import verification_errors
+from accel.metrics import per_sample_error, verification_errors
 from accel.taylor import Forecast, TaylorForecaster
 
 STEPS = 12
@@ -85,6 +85,10 @@ def test_forecast_coefficients_by_hand():
     one = TaylorForecaster(3, "reference")
     one.update(2.0, {"a": torch.zeros(1)})
     assert one.coefficients(6.0) == [1.0] and one.active_order == 0
+    default = TaylorForecaster(2)  # the Newton form unless asked otherwise
+    for x in (0.0, 1.0, 3.0):
+        default.update(x, {"a": torch.zeros(1)})
+    assert default.coefficients(5.0) == [1.0, 2.0, 8.0]
 
 
 def test_forecast_is_the_coefficients_times_the_terms():
@@ -92,6 +96,7 @@ def test_forecast_is_the_coefficients_times_the_terms():
     assert Forecast({"a": [t0, t1]}, [0.5, 2.0])["a"].tolist() == [1.5, 7.0]
     assert Forecast({"a": [t0, t1]}, [1.0, -1.0])["a"].tolist() == [0.5, -6.0]
     assert Forecast({"a": [t0, t1]}, [3.0])["a"].tolist() == [3.0, -6.0]  # fewer coefficients: fewer terms
+    assert Forecast({"a": [t0, t1]}, [2.0, 0.0])["a"].tolist() == [2.0, -4.0]
 
 
 def test_threshold_schedule():
@@ -374,6 +379,20 @@ def test_metrics_eps_where_the_real_features_vanish():
         verification_errors(pred, real, "l3", eps)
 
 
+def test_per_sample_error_is_the_verification_error():
+    """`metrics.per_sample_error` (the benchmarks' error of a forecast): verification_errors' error, float32."""
+    pred, real = _metric_inputs(torch.float64)
+    for metric in ("rel_l1", "rel_rms", "rel_l2", "cosine"):
+        for whole in (False, True):
+            err = per_sample_error(pred, real, metric, 1e-3, whole_batch=whole)
+            assert err.dtype == torch.float32 and err.shape == ((1,) if whole else (2,))
+            assert torch.equal(err, verification_errors(pred, real, metric, 1e-3, whole_batch=whole)[0])
+    assert torch.equal(per_sample_error(pred, real, "rel_l2", 1e-3),  # per sample unless asked otherwise
+                       verification_errors(pred, real, "rel_l2", 1e-3)[0])
+    small, large = (per_sample_error(pred, real, "rel_l1", eps) for eps in (1e-3, 10.0))
+    assert (small > large).all()  # eps is passed on
+
+
 def test_whole_batch_error_in_a_run():
     """batch_error="whole_batch": one error for the batch, the elementwise metric over both samples, between the
     two samples' own errors."""
@@ -530,6 +549,158 @@ def test_output_forecast_is_the_polynomial_through_the_full_steps_outputs(pipe, 
     assert all((r.error is not None) == (r.decision != "full") for r in handle.trace.steps)
 
 
+def _record_stack(pipe, cfg, steps):
+    """Per step: the streams entering the first block ("img", "txt") and the verify block (the last one: "v_img",
+    "v_txt"), in float64, from plain torch hooks."""
+    t = pipe.transformer
+    seen: dict[int, dict] = {}
+    step = {"i": -1}
+
+    def count(mod, args, kwargs):
+        step["i"] += 1
+
+    def first_in(name):
+        def hook(mod, inp, out):
+            seen.setdefault(step["i"], {})[name] = out.double()
+        return hook
+
+    def verify_in(mod, args, kwargs):
+        seen.setdefault(step["i"], {}).update(v_img=kwargs["hidden_states"].double(),
+                                              v_txt=kwargs["encoder_hidden_states"].double())
+
+    handles = [t.register_forward_pre_hook(count, with_kwargs=True),
+               t.x_embedder.register_forward_hook(first_in("img")),
+               t.context_embedder.register_forward_hook(first_in("txt")),
+               t.single_transformer_blocks[-1].register_forward_pre_hook(verify_in, with_kwargs=True)]
+    try:
+        with accel.apply(pipe, cfg):
+            run(pipe, steps)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_stack_forecast_restarts_in_the_warmup(pipe):
+    """warmup_restarts_taylor: the full steps before step warmup_steps - 1 start the terms again, so step 5 of
+    F s F s F s ... (warm-up 5) is forecast from steps 2 and 4 only (a line), not from 0, 2 and 4."""
+    schedule = [True, False, True, False, True, False, False, True, False]
+    cfg = accel.SpeCaConfig(schedule=schedule, order=2, forecast="stack", warmup_steps=5, warmup_restarts_taylor=True)
+    seen = _record_stack(pipe, cfg, len(schedule))
+    since = {1: [0], 3: [2], 5: [2, 4], 6: [2, 4], 8: [2, 4, 7]}  # full steps the forecast of step k goes through
+    for k, nodes in since.items():
+        for s in ("img", "txt"):
+            growth = [seen[i][f"v_{s}"] - seen[i][s] for i in nodes]
+            expected = seen[k][s] + _lagrange(nodes, growth, float(k))
+            torch.testing.assert_close(seen[k][f"v_{s}"], expected, rtol=1e-4, atol=1e-4)
+    growth = [seen[i]["v_img"] - seen[i]["img"] for i in (0, 2, 4)]
+    quadratic = seen[5]["img"] + _lagrange([0, 2, 4], growth, 5.0)  # what step 5 would be without the restarts
+    assert (seen[5]["v_img"] - quadratic).norm() / growth[-1].norm() > 0.1
+
+
+def test_stack_forecast_with_a_bf16_cache(pipe):
+    """cache_dtype="bfloat16": the recorded growth is kept in bf16 and the forecast is still the line through it,
+    to bf16 rounding of the streams whose difference the growth is (measured: at most 0.75 % of a stream)."""
+    schedule = [True, True, True, False, False, True, False, False, False]
+    seen = _record_stack(pipe, accel.SpeCaConfig(schedule=schedule, order=1, forecast="stack", cache_dtype="bfloat16"),
+                         len(schedule))
+    full = [i for i, f in enumerate(schedule) if f]
+    for k in (i for i, f in enumerate(schedule) if not f):
+        nodes = [i for i in full if i < k][-2:]
+        for s in ("img", "txt"):
+            growth = [seen[i][f"v_{s}"] - seen[i][s] for i in nodes]
+            expected = seen[k][s] + _lagrange(nodes, growth, float(k))
+            err = ((seen[k][f"v_{s}"] - expected).norm() / seen[k][s].norm()).item()
+            assert err < 0.02, (k, s, err)
+
+
+@pytest.mark.parametrize("forecast", FORECASTS)
+def test_a_speculative_step_repeating_a_full_step_reproduces_it(pipe, forecast):
+    """Sigmas 1, 0.6, 0.6, 0.3: step 2 has step 1's latents (the Euler step between them is 0) and timestep, so its
+    order-0 forecast is exactly step 1's features and gates. Whichever block verifies, and whether it keeps its
+    real output or its forecast, the speculative step 2 gives step 1's model output (to summation order)."""
+    outs = []
+    hook = pipe.transformer.register_forward_hook(lambda mod, args, kwargs, out: outs.append(out[0].clone()),
+                                                  with_kwargs=True)
+    try:
+        for verify_block in (0, 1, 3, -1):
+            for verify_output in ("real", "forecast"):
+                outs.clear()
+                cfg = accel.SpeCaConfig(schedule=[True, True, False, True], order=0, forecast=forecast,
+                                        verify_block=verify_block, verify_output=verify_output)
+                with accel.apply(pipe, cfg) as handle:
+                    run(pipe, 4, sigmas=[1.0, 0.6, 0.6, 0.3])
+                assert [r.decision for r in handle.trace.steps] == ["full", "full", "accepted", "full"]
+                assert handle.trace.steps[2].error < 1e-4
+                torch.testing.assert_close(outs[2], outs[1], rtol=1e-5, atol=1e-5,
+                                           msg=f"verify_block={verify_block}, verify_output={verify_output}")
+    finally:
+        hook.remove()
+
+
+def test_per_block_gates_of_modulation_linears_with_and_without_bias():
+    """The per-block forecast's gates come from every modulation linear's rows in one product: with every other
+    linear bias-free (the others keep their biases), or all of them, step 2 repeating step 1 still gives step 1's
+    output."""
+    for unbiased in ("every other", "all"):
+        p = tiny_flux_pipe()
+        for i, lin in enumerate(adapter_for(p.transformer).modulation_linears()):
+            if unbiased == "all" or i % 2 == 0:
+                lin.bias = None
+        outs = []
+        p.transformer.register_forward_hook(lambda mod, args, kwargs, out: outs.append(out[0].clone()),
+                                            with_kwargs=True)
+        with accel.apply(p, accel.SpeCaConfig(schedule=[True, True, False, True], order=0, forecast="per_block")) as h:
+            run(p, 4, sigmas=[1.0, 0.6, 0.6, 0.3])
+        assert h.trace.steps[2].error < 1e-4, unbiased
+        torch.testing.assert_close(outs[2], outs[1], rtol=1e-5, atol=1e-5, msg=unbiased)
+
+
+def test_stack_forecast_after_a_verify_block_in_the_middle(pipe):
+    """verify_block=1 (the last double block): on a speculative step the streams leaving the model's last block are
+    the verify block's real output plus the polynomial through the full steps' growth from the verify block's
+    output to the last block's."""
+    t = pipe.transformer
+    seen: dict[int, dict] = {}
+    step = {"i": -1}
+
+    def count(mod, args, kwargs):
+        step["i"] += 1
+
+    def verify_out(mod, args, kwargs, out):
+        seen.setdefault(step["i"], {})["v"] = out[1].double()  # a double block returns (text, image)
+
+    def last_out(mod, args, kwargs):
+        seen.setdefault(step["i"], {})["last"] = args[0].double()  # norm_out takes the image stream
+
+    handles = [t.register_forward_pre_hook(count, with_kwargs=True),
+               t.transformer_blocks[1].register_forward_hook(verify_out, with_kwargs=True),
+               t.norm_out.register_forward_pre_hook(last_out, with_kwargs=True)]
+    schedule = [True, True, True, False, False, True, False, False]
+    try:
+        with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, order=2, forecast="stack", verify_block=1)):
+            run(pipe, len(schedule))
+    finally:
+        for h in handles:
+            h.remove()
+    full = [i for i, f in enumerate(schedule) if f]
+    for k in (i for i, f in enumerate(schedule) if not f):
+        nodes = [i for i in full if i < k][-3:]
+        growth = [seen[i]["last"] - seen[i]["v"] for i in nodes]
+        expected = seen[k]["v"] + _lagrange(nodes, growth, float(k))
+        torch.testing.assert_close(seen[k]["last"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_stack_cache_bytes_with_the_first_block_verifying(pipe):
+    """verify_block=0: nothing before it, so the stack keeps only the growth after it and its feature."""
+    order = 1
+    with accel.apply(pipe, accel.SpeCaConfig(threshold=1e9, order=order, forecast="stack", verify_block=0)) as handle:
+        run(pipe, STEPS)
+    C, n_img, n_txt, f32 = pipe.transformer.inner_dim, 16, 8, 4
+    # growth after it: image + text rows; its feature: the image MLP output (image rows)
+    assert handle.trace.meta["cache_bytes_terms"] == (order + 1) * ((n_img + n_txt) + n_img) * C * f32
+
+
 @pytest.mark.parametrize("forecast", FORECASTS)
 def test_verify_block_in_the_middle(pipe, baseline, forecast):
     """A verify block that is not the last: the blocks after it are forecast too; one block computed per
@@ -578,6 +749,50 @@ def test_cache_bytes_count_what_is_kept(pipe, forecast):
         gates = (4 * n_double + n_single) * (C * C + C) * f32  # stacked gate rows of the modulation linears
     assert meta["cache_bytes_terms"] == terms
     assert meta["cache_bytes"] == terms + gates
+    # cache_dtype="bfloat16": the terms take half the bytes (the gate rows stay in the model's dtype)
+    cfg = accel.SpeCaConfig(threshold=1e9, order=order, forecast=forecast, cache_dtype="bfloat16")
+    with accel.apply(pipe, cfg) as handle:
+        run(pipe, STEPS)
+    assert handle.trace.meta["cache_bytes_terms"] == terms // 2
+    assert handle.trace.meta["cache_bytes"] == terms // 2 + gates
+
+
+def test_unsynchronised_runs_decide_alike(pipe):
+    """sync_timing=False defers only the errors no decision needs: the steps judged by the threshold are still
+    verified at once, so the decisions (rejections included) and the output are the synchronised run's."""
+    runs = []
+    for sync in (True, False):
+        with accel.apply(pipe, accel.SpeCaConfig(threshold=0.05, decay=1.0, sync_timing=sync)) as handle:
+            out = run(pipe, STEPS)
+        runs.append((out, [(r.decision, r.reason, r.error) for r in handle.trace.steps]))
+    assert any(d == "rejected" for d, _, _ in runs[0][1]) and any(d == "accepted" for d, _, _ in runs[0][1])
+    assert runs[1][1] == runs[0][1] and torch.equal(runs[1][0], runs[0][0])
+
+
+def test_a_run_that_starts_late_is_full_until_it_has_history(pipe):
+    """img2img (strength 0.5): the run starts at step 6, past the warm-up steps' numbers, with no forecast history:
+    its first step is full ("no_history"), the others then follow the threshold."""
+    from diffusers import FluxImg2ImgPipeline
+
+    p = FluxImg2ImgPipeline(**pipe.components)
+    p.set_progress_bar_config(disable=True)
+    pe, pooled = embeds()
+    x = torch.randn(1, 16, pipe.transformer.config.in_channels, generator=torch.Generator().manual_seed(3))
+    with accel.apply(p, accel.SpeCaConfig(threshold=1e9, warmup_steps=3)) as handle:
+        p(prompt_embeds=pe, pooled_prompt_embeds=pooled, image=torch.zeros(1, 3, 64, 64), latents=x, height=64,
+          width=64, num_inference_steps=STEPS, strength=0.5, output_type="latent")
+    steps = handle.trace.steps
+    assert steps[0].step == STEPS // 2 and (steps[0].decision, steps[0].reason) == ("full", "no_history")
+    assert all(r.decision != "full" for r in steps[1:])
+
+
+def test_warmup_steps_are_full_and_say_so(pipe):
+    cfg = accel.SpeCaConfig(threshold=1e9, warmup_steps=3, spec_after_full=False)
+    with accel.apply(pipe, cfg) as handle:
+        run(pipe, STEPS)
+    steps = handle.trace.steps
+    assert [(r.decision, r.reason) for r in steps[:3]] == [("full", "warmup")] * 3
+    assert all(r.reason != "warmup" for r in steps[3:])
 
 
 def test_errors_no_decision_needs_fill_the_trace_of_an_unsynchronised_run(pipe):

@@ -448,7 +448,8 @@ def test_warmup_restarts_match_transcription(random_pipe):
     cfg = accel.SpeCaConfig.reference(warmup_steps=5)
     outs = {}
     for restarts in (True, False):
-        with accel.apply(random_pipe, accel.SpeCaConfig.reference(warmup_steps=5, warmup_restarts_taylor=restarts)) as h:
+        cfg_r = accel.SpeCaConfig.reference(warmup_steps=5, warmup_restarts_taylor=restarts)
+        with accel.apply(random_pipe, cfg_r) as h:
             outs[restarts] = run(random_pipe, steps)
         if restarts:
             recs = h.trace.steps

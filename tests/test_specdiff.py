@@ -300,6 +300,33 @@ def test_starvation_refreshes_every_token():
     assert not torch.stack(never).any(0).all()
 
 
+def test_tokens_that_receive_no_attention_rank_last(pipe, monkeypatch):
+    """Attention received that underflows to exactly 0 (a float32 softmax column, with logits ~100 apart): such
+    tokens get a finite importance below every other token's (log(0) is guarded), in the step's history term and
+    in the pre-run's future term alike, and the run stays finite."""
+    import accel.adapters.kv_attention as kva
+
+    received = kva.attention_received
+
+    def underflowing(*args, **kwargs):
+        s = received(*args, **kwargs)
+        s[:, :4] = 0.0  # image tokens 0..3 receive nothing
+        return s
+
+    monkeypatch.setattr(kva, "attention_received", underflowing)
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2)) as h:
+        out = run(pipe, 8, size=SIZE)
+        trace = h.trace
+    assert torch.isfinite(out).all()
+    part = [r for r in trace.steps if r.decision == "partial"]
+    assert len(part) == 6
+    for r in part:
+        imp = torch.tensor(r.maps["importance"]).flatten()
+        assert torch.isfinite(imp).all() and imp.max() == 1.0
+        assert imp[:4].max() < imp[4:].min()
+        assert (torch.tensor(r.maps["level"]).flatten()[:4] != 1).all()
+
+
 def test_assign_levels_by_hand():
     score = torch.tensor([0.05, 0.5, 0.01, 1.0, 0.02, 0.3, 0.04, 0.08])
     c1, level = assign_levels(score, 2, 0.05)
@@ -428,6 +455,32 @@ def test_c3_is_weighted_history_and_c2_last_value(pipe):
 
 
 # ---- the chunked score ------------------------------------------------------------------------------
+def test_scores_reuse_the_attention_calls_log_sum_exp(pipe, monkeypatch):
+    """Scoring a layer costs one more pass over its keys (the column sums, in `score_chunk` queries at a time):
+    the row log-sum-exp comes from the attention call itself (the CPU's flash kernel returns it), never from a
+    second pass."""
+    import accel.kernels as K
+
+    seen = {"lse": 0, "chunks": []}
+    row_lse, column_sums = K.row_logsumexp, K.column_sums
+
+    def counting_lse(*args, **kwargs):
+        seen["lse"] += 1
+        return row_lse(*args, **kwargs)
+
+    def recording_sums(*args, **kwargs):
+        seen["chunks"].append(kwargs.get("chunk"))
+        return column_sums(*args, **kwargs)
+
+    monkeypatch.setattr(K, "row_logsumexp", counting_lse)
+    monkeypatch.setattr(K, "column_sums", recording_sums)
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, score_chunk=7)) as h:
+        run(pipe, 8, size=SIZE)
+        trace = h.trace
+    layers = sum(r.extra["score_layers"] for r in trace.steps + trace.overhead)
+    assert layers > 0 and seen["chunks"] == [7] * layers and seen["lse"] == 0
+
+
 @pytest.mark.parametrize("chunk,key_start", [(1, 0), (3, 4), (7, 5), (100, 2)])
 def test_attention_received_equals_naive_softmax(chunk, key_start):
     g = torch.Generator().manual_seed(chunk)
@@ -476,18 +529,49 @@ def test_taylor_weights_are_exact_on_polynomials():
     assert (w2[2:, 1] == 0).all() and (w1[2] == 0).all()
 
 
-def test_c3_taylor_is_linear_extrapolation_of_computed_outputs(pipe):
+def test_taylor_weights_order_and_window_limits():
+    """m = min(order, available - 1, W - 1): an order above the window, or more outputs than the window holds,
+    use the W outputs there are; a token with fewer outputs ignores the positions of its empty slots (zeros,
+    as the run initialises them), even where two of them coincide."""
+    pos = torch.tensor([[9.0, 9.0, 4.0], [6.0, 0.0, 0.0]])  # W=2, newest first
+    f = lambda p: 3.0 * p - 2.0  # noqa: E731
+    for order in (1, 2, 5):
+        w = taylor_weights(order, pos, torch.tensor([5, 1, 1]), 11.0)
+        torch.testing.assert_close((w[:, 0] * f(pos[:, 0])).sum(), torch.tensor(f(11.0)))  # the line through both
+        assert w[:, 1:].tolist() == [[1.0, 1.0], [0.0, 0.0]]  # one output: repeated
+    w = taylor_weights(2, torch.tensor([[4.0, 7.0], [0.0, 5.0], [0.0, 0.0]]), torch.tensor([1, 2]), 8.0)
+    assert w[:, 0].tolist() == [1.0, 0.0, 0.0] and w[:, 1].tolist() == [1.5, -0.5, 0.0]
+
+
+def test_taylor_weights_stay_on_the_device_in_float32():
+    pos, available = torch.tensor([[4.0, 7.0], [2.0, 5.0], [1.0, 0.0]]), torch.tensor([3, 2])
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        w = taylor_weights(2, pos, available, 6.0)
+    finally:
+        torch.set_default_dtype(prev)
+    assert w.dtype == torch.float32 and w[:, 1].tolist() == [0.5, 0.5, 0.0]
+    assert taylor_weights(2, pos.to("meta"), available.to("meta"), 6.0).device.type == "meta"
+
+
+@pytest.mark.parametrize("refresh_every", [0, 2])
+def test_c3_taylor_is_linear_extrapolation_of_computed_outputs(pipe, refresh_every):
     """A whole run with c3_mode="taylor": every C3 output is the line through the token's last two computed
-    outputs (at the steps they were computed) evaluated at this step; C2 still repeats the last one."""
+    outputs (at the steps they were computed) evaluated at this step; C2 still repeats the last one. With refresh
+    steps, full steps come after partial ones, when the tokens' last computed steps differ."""
     outs = []
     hh = pipe.transformer.register_forward_hook(lambda mod, args, kwargs, out: outs.append(out[0].clone()),
                                                 with_kwargs=True)
+    cfg = accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2, c3_mode="taylor", refresh_every=refresh_every)
     try:
-        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2, c3_mode="taylor")) as h:
-            run(pipe, 9, size=SIZE)
+        with accel.apply(pipe, cfg) as h:
+            run(pipe, 10, size=SIZE)
             trace = h.trace
     finally:
         hh.remove()
+    kinds = "".join("F" if r.decision == "full" else "p" for r in trace.steps)
+    assert kinds == ("FFppFppFpp" if refresh_every else "FFpppppppp")
     levels = [torch.tensor(r.maps["level"]).flatten() for r in trace.steps]
     computed: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(N_IMG)]
     n3 = 0
@@ -534,6 +618,38 @@ def test_hoisted_modulation_matches_and_leaves_no_trace(pipe):
     assert all(torch.equal(torch.tensor(a.maps["level"]), torch.tensor(b.maps["level"]))
                for a, b in zip(traces[0].steps, traces[1].steps))
     assert torch.equal(run(pipe, STEPS, size=SIZE), baseline)
+
+
+def test_hoisted_modulation_is_computed_once_per_run(pipe):
+    """What hoisting saves, counted: with it, the modulation linears' products run at the full steps, the pre-run
+    and once more for the run's table (at the first partial step), never on a later partial step; without it,
+    at every transformer call."""
+    from torch.overrides import TorchFunctionMode
+
+    weights = {id(m.weight) for m in adapter_for(pipe.transformer).modulation_linears()}
+    calls: list[int] = []
+
+    class CountModulation(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.linear:
+                w = args[1] if len(args) > 1 else kwargs.get("weight")
+                if id(w) in weights:
+                    calls[-1] += 1
+            return func(*args, **kwargs)
+
+    hook = pipe.transformer.register_forward_pre_hook(lambda mod, args: calls.append(0))
+    try:
+        for hoist in (True, False):
+            calls.clear()
+            with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.8, warmup_steps=2, hoist_modulation=hoist)):
+                with CountModulation():
+                    run(pipe, 8, size=SIZE)
+            n = len(weights)
+            # per step: step 0 with the pre-run's second call, step 1 (full), steps 2..7 (partial; the table at 2)
+            assert calls == ([2 * n, n, n] + [0] * 5 if hoist else [2 * n] + [n] * 7), (hoist, calls)
+    finally:
+        hook.remove()
 
 
 def test_regional_compilation_stays_under_the_recompile_limit():

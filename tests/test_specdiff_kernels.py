@@ -60,6 +60,30 @@ def test_torch_row_logsumexp_and_column_sums_match_float64_softmax(case):
     # the public entry points take the fallbacks on the CPU (no Triton there), same values
     assert torch.equal(kernels.row_logsumexp(q, k, scale, km, st, chunk=7), lse)
     assert torch.equal(kernels.column_sums(q, k, lse, scale, ks, nk, qw, st, chunk=5), sums)
+    if not masked:  # the defaults: every query scored, every key counted
+        lse1 = kernels.torch_row_logsumexp(q, k, scale)
+        torch.testing.assert_close(lse1.double(), lse64, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(kernels.torch_column_sums(q, k, lse1, scale, ks, nk).double(),
+                                   probs.sum(dim=(1, 2))[:, ks:ks + nk], rtol=1e-5, atol=1e-6)
+
+
+def test_torch_score_fallbacks_stay_on_the_device_in_float32():
+    """float32 results whatever torch's default dtype, made on the inputs' device (the meta device: nothing
+    touches the CPU)."""
+    case = CASES[1]  # masked keys, weighted queries, a stride
+    b, sq, sk, h, d, ks, nk, st, masked = case
+    q, k, km, qw = inputs(case)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        lse = kernels.torch_row_logsumexp(q, k, 0.25, km, st)
+        sums = kernels.torch_column_sums(q, k, lse, 0.25, ks, nk, qw, st)
+    finally:
+        torch.set_default_dtype(prev)
+    assert lse.dtype == sums.dtype == torch.float32
+    m = [None if t is None else t.to("meta") for t in (q, k, km, qw)]
+    lse = kernels.torch_row_logsumexp(m[0], m[1], 0.25, m[2], st)
+    assert kernels.torch_column_sums(m[0], m[1], lse, 0.25, ks, nk, m[3], st).device.type == "meta"
 
 
 @pytest.mark.parametrize("case", CASES)
