@@ -130,6 +130,16 @@ def _host_floats(values) -> list[float]:
     return [float(v) for v in torch.as_tensor(values).detach().float().cpu().tolist()]
 
 
+def hashable(x):
+    """x itself when it can be hashed, else its repr: a part of a dictionary key (e.g. a CUDA graph's, from a
+    call's non-tensor arguments)."""
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return repr(x)
+
+
 class StepDriverHook(ModelHook):
     """Model-level hook: locates the step, keeps the per-context state, times and traces the call.
     Subclasses implement `run_step` (the method's decision and compute)."""

@@ -55,7 +55,7 @@ from .adapters import Adapter, BlockSpec, FeatureSite
 from .api import register_method
 from .config import ConfigBase, check, knob
 from .kernels import MAX_TERMS, accumulate, add_terms, forecast_error
-from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
+from .runtime import Handle, RunState, StepDriverHook, StepInfo, hashable, register
 from .taylor import TaylorForecaster
 from .trace import ACCEPTED, FULL, REJECTED, StepRecord
 
@@ -316,14 +316,6 @@ class _BlockCall(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.run(self.block, args, kwargs)
-
-
-def _hashable(x):
-    try:
-        hash(x)
-        return x
-    except TypeError:
-        return repr(x)
 
 
 class _PinnedRing:
@@ -698,7 +690,7 @@ class SpeCaModelHook(StepDriverHook):
         self._coef_ring.copy_to(dev, coefs)
         state.coef_dev = dev[:I]
         terms = tuple(t.data_ptr() for name in sorted(forecaster.terms) for t in forecaster.terms[name][:I])
-        desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else _hashable(x)
+        desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else hashable(x)
                      for x in leaves)
         key = (context, state.verify_now, bool(self.config.record_maps), I, terms, str(spec), desc)
         blocks = state.blocks_computed + (1 if state.verify_now else 0)

@@ -45,7 +45,7 @@ from .adapters.kv_attention import AttnControl, AttnMode
 from .api import register_method
 from .config import ConfigBase, check, knob
 from .distributed import all_reduce_sum
-from .runtime import Handle, RunState, StepDriverHook, StepInfo, register
+from .runtime import Handle, RunState, StepDriverHook, StepInfo, hashable, register
 from .trace import FULL, PARTIAL, StepRecord
 
 HOOK_NAME = "speclab_specdiff"
@@ -210,14 +210,6 @@ def assign_levels(score: torch.Tensor, n_c1: int, c2_share: float) -> tuple[torc
     level.scatter_(0, order, torch.where(low, 2, 3))
     level.index_fill_(0, c1, 1)
     return c1, level
-
-
-def _hashable(x):
-    try:
-        hash(x)
-        return x
-    except TypeError:
-        return repr(x)
 
 
 class _SubsetGraph:
@@ -554,7 +546,7 @@ class SpecDiffModelHook(StepDriverHook):
         sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1)
         leaves, spec = tree_flatten((sub_args, sub_kwargs))
         desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
-        key = (context, ctl.kv_generation, ctl.score, str(spec), _hashable(desc))
+        key = (context, ctl.kv_generation, ctl.score, str(spec), hashable(desc))
         g = self._graphs.get(key)
         if g is None:
             if key not in self._seen:

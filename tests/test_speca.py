@@ -490,33 +490,8 @@ def test_stack_forecast_is_the_polynomial_through_the_recorded_stacks(pipe, orde
     """On a speculative step the verify block receives the streams entering the first block plus the
     interpolating polynomial (degree = order) through the full steps' recorded growth of the streams up to the
     verify block: so a stack whose growth is a polynomial of degree <= order in the step is forecast exactly."""
-    t = pipe.transformer
-    seen: dict[int, dict] = {}
-    step = {"i": -1}
-
-    def first_in(name):
-        def hook(mod, inp, out):
-            seen.setdefault(step["i"], {})[name] = out.double()
-        return hook
-
-    def verify_in(mod, args, kwargs):
-        seen.setdefault(step["i"], {}).update(v_img=kwargs["hidden_states"].double(),
-                                              v_txt=kwargs["encoder_hidden_states"].double())
-
-    def count(mod, args, kwargs):
-        step["i"] += 1
-
-    handles = [t.register_forward_pre_hook(count, with_kwargs=True),
-               t.x_embedder.register_forward_hook(first_in("img")),
-               t.context_embedder.register_forward_hook(first_in("txt")),
-               t.single_transformer_blocks[-1].register_forward_pre_hook(verify_in, with_kwargs=True)]
     schedule = [True, True, True, False, False, True, False, False, False, True, False, False]
-    try:
-        with accel.apply(pipe, accel.SpeCaConfig(schedule=schedule, order=order, forecast="stack")):
-            run(pipe, STEPS)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = _record_stack(pipe, accel.SpeCaConfig(schedule=schedule, order=order, forecast="stack"), STEPS)
     full = [i for i, f in enumerate(schedule) if f]
     for k in (i for i, f in enumerate(schedule) if not f):
         nodes = [i for i in full if i < k][-(order + 1):]
