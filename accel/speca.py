@@ -629,8 +629,7 @@ class SpeCaModelHook(StepDriverHook):
         if state.graphs and self._graphable:
             out = self._graph_spec(args, kwargs, state, info)
         else:
-            with self._view(self.spec_view):
-                out = self.fn_ref.original_forward(*args, **kwargs)
+            out = self._spec_forward(*args, **kwargs)
         if self.output_forecast:  # the step's output is the forecast of the model's output
             sample = self.adapter.output_sample(out)
             forecast = state.forecasters[STACK].predict(state.x)["output"]
@@ -700,8 +699,7 @@ class SpeCaModelHook(StepDriverHook):
                 g.replay(leaves)
             elif key not in self._seen:
                 self._seen.add(key)
-                with self._view(self.spec_view):
-                    return self.fn_ref.original_forward(*args, **kwargs)
+                return self._spec_forward(*args, **kwargs)
             else:
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
@@ -713,8 +711,7 @@ class SpeCaModelHook(StepDriverHook):
                                   stacklevel=2)
                     state.verify_errors = state.verify_map = None
                     state.blocks_computed = blocks - (1 if state.verify_now else 0)
-                    with self._view(self.spec_view):
-                        return self.fn_ref.original_forward(*args, **kwargs)
+                    return self._spec_forward(*args, **kwargs)
                 self._graphs[key] = g
         finally:
             state.coef_dev = None
@@ -724,6 +721,7 @@ class SpeCaModelHook(StepDriverHook):
         return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, g.out)
 
     def _spec_forward(self, *args, **kwargs):
+        """The model's forward over the speculative step's view of the blocks (eagerly, or being captured)."""
         with self._view(self.spec_view):
             return self.fn_ref.original_forward(*args, **kwargs)
 
