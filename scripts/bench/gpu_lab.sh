@@ -10,10 +10,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-lab/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source scripts/bench/device_env.sh .whl-lab
+export GRADIO_ANALYTICS_ENABLED=False
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   df -h /tmp /dev/shm | tail -2; free -g | head -2
   python3 -c "import torch, diffusers, gradio, transformers, cv2; print('torch', torch.__version__, 'diffusers',

@@ -8,10 +8,7 @@
 # Every stage writes as it goes, so a stage cut short by its time limit still reports what it finished.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source scripts/bench/device_env.sh .whl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout ${PARETO_S:-380} python3 -m scripts.bench.pareto_speca --device cuda --workers ${WORKERS:-8} --threads 2 \
   --json "$OUT/pareto.json" > "$OUT/pareto.log" 2>&1; echo "pareto exit $?" >> "$OUT/pareto.log"

@@ -12,10 +12,7 @@
 # stage cut short still reports the rows it finished.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source scripts/bench/device_env.sh .whl
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import torch, diffusers, cache_dit; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
 'cache-dit', cache_dit.__version__, torch.cuda.get_device_name())"; } 2>&1 | tee "$OUT/gpu.txt"

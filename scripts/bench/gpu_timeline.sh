@@ -3,9 +3,7 @@
 # From the repository root, carry [".whl"]: bash scripts/bench/gpu_timeline.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source scripts/bench/device_env.sh .whl
 timeout 100 python3 -m pytest -q -x tests/test_speca_graphs.py tests/test_speca_kernels.py 2>&1 | tail -15
 timeout 150 python3 -m scripts.bench.timeline_speca "$@" > "$OUT/timeline_eager.log" 2>&1; echo "eager exit $?"
 timeout 250 python3 -m scripts.bench.timeline_speca --compile "$@" > "$OUT/timeline_compiled.log" 2>&1; echo "compiled exit $?"
