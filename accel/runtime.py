@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+from torch.utils._pytree import tree_unflatten
 
 from .adapters import Adapter, TokenLayout
 from .distributed import ContextParallel, check_hook_order, context_parallel, shard_layout
@@ -138,6 +139,41 @@ def hashable(x):
         return x
     except TypeError:
         return repr(x)
+
+
+class CallGraph:
+    """One call captured as a CUDA graph: its static inputs (clones of the call's tensor leaves, plus any `statics`
+    the forward reads besides its arguments) and the outputs the capture left. `replay` copies this call's leaves
+    and statics into those buffers and replays; the caller reads `out` (and whatever else the forward wrote into
+    buffers it keeps) afterwards. Used by SpeCa's speculative steps and SpecDiff's partial steps."""
+
+    def __init__(self, leaves, spec, statics: tuple = ()):
+        self.leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+        self.spec = spec
+        self.statics = tuple(t.clone() for t in statics)
+        """Buffers the forward reads besides its arguments (e.g. SpecDiff's joint rows): hand them to it before
+        `capture`."""
+        self.graph = None
+        self.out = None
+
+    def capture(self, forward, pool=None):
+        """Record `forward` over the static leaves, then run it once (capturing records kernels without running
+        them). Raises what the capture raises (e.g. a host sync inside the forward)."""
+        args, kwargs = tree_unflatten(self.leaves, self.spec)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = forward(*args, **kwargs)
+        self.graph.replay()
+        return self
+
+    def replay(self, leaves, statics: tuple = ()) -> None:
+        for dst, src in zip(self.leaves, leaves):
+            if isinstance(dst, torch.Tensor) and dst is not src:
+                dst.copy_(src)
+        for dst, src in zip(self.statics, statics):
+            dst.copy_(src)
+        self.graph.replay()
 
 
 class StepDriverHook(ModelHook):

@@ -49,13 +49,13 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .adapters import Adapter, BlockSpec, FeatureSite
 from .api import register_method
 from .config import ConfigBase, check, knob
 from .kernels import MAX_TERMS, accumulate, add_terms, forecast_error
-from .runtime import Handle, RunState, StepDriverHook, StepInfo, hashable, register
+from .runtime import CallGraph, Handle, RunState, StepDriverHook, StepInfo, hashable, register
 from .taylor import TaylorForecaster
 from .trace import ACCEPTED, FULL, REJECTED, StepRecord
 
@@ -340,30 +340,6 @@ class _PinnedRing:
         ev.record()
 
 
-class _SpecGraph:
-    """One captured speculative-step call: its static inputs (the call's tensor leaves), its output and the
-    verification error (and map) it writes."""
-
-    @classmethod
-    def capture(cls, forward, leaves, spec, state: SpeCaState, pool) -> "_SpecGraph":
-        self = cls()
-        self.leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
-        args, kwargs = tree_unflatten(self.leaves, spec)
-        torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = forward(*args, **kwargs)
-        self.errors, self.emap = state.verify_errors, state.verify_map
-        self.graph.replay()  # capturing records the kernels without running them
-        return self
-
-    def replay(self, leaves) -> None:
-        for dst, src in zip(self.leaves, leaves):
-            if isinstance(dst, torch.Tensor) and dst is not src:
-                dst.copy_(src)
-        self.graph.replay()
-
-
 class SpeCaModelHook(StepDriverHook):
     method = "speca"
 
@@ -395,7 +371,7 @@ class SpeCaModelHook(StepDriverHook):
         self.full_view, self.spec_view = self._views()
         # CUDA graphs of speculative steps (stack forecast): kept across runs, like the buffers they read
         self._graphable = True
-        self._graphs: dict = {}  # key -> _SpecGraph
+        self._graphs: dict = {}  # key -> CallGraph (with the error buffers it writes)
         self._seen: set = set()  # keys called once (eagerly): the next call of a key is captured
         self._term_store: dict[str, dict] = {}  # cache context -> the stack forecaster's persistent terms
         self._coef_dev: dict[str, torch.Tensor] = {}  # cache context -> [MAX_TERMS] float32 on the device
@@ -704,7 +680,8 @@ class SpeCaModelHook(StepDriverHook):
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                 try:
-                    g = _SpecGraph.capture(self._spec_forward, leaves, spec, state, self._pool)
+                    g = CallGraph(leaves, spec).capture(self._spec_forward, self._pool)
+                    g.errors, g.emap = state.verify_errors, state.verify_map  # buffers the graph writes
                 except RuntimeError as e:  # e.g. a host sync inside the model's forward: run eagerly from now on
                     self._graphable = False
                     warnings.warn(f"SpeCa: CUDA graph capture failed, speculative steps run eagerly ({e})",

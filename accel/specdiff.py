@@ -38,14 +38,14 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from .adapters import Adapter
 from .adapters.kv_attention import AttnControl, AttnMode
 from .api import register_method
 from .config import ConfigBase, check, knob
 from .distributed import all_reduce_sum
-from .runtime import Handle, RunState, StepDriverHook, StepInfo, hashable, register
+from .runtime import CallGraph, Handle, RunState, StepDriverHook, StepInfo, hashable, register
 from .trace import FULL, PARTIAL, StepRecord
 
 HOOK_NAME = "speclab_specdiff"
@@ -212,36 +212,6 @@ def assign_levels(score: torch.Tensor, n_c1: int, c2_share: float) -> tuple[torc
     return c1, level
 
 
-class _SubsetGraph:
-    """One captured partial-step transformer call: its static inputs (tensor leaves of the call, the joint
-    rows), the outputs and scores it writes, and the control counters its capture recorded."""
-
-    @classmethod
-    def capture(cls, forward, leaves, spec, rows: torch.Tensor, ctl: AttnControl) -> "_SubsetGraph":
-        self = cls()
-        self.leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in leaves]
-        self.rows = rows.clone()
-        ctl.rows = self.rows
-        sub_args, sub_kwargs = tree_unflatten(self.leaves, spec)
-        torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = forward(*sub_args, **sub_kwargs)
-        self.scores = ctl.scores
-        self.counters = (ctl.score_pairs, ctl.score_layers, ctl.attn_pairs)
-        self.graph.replay()  # capturing records the kernels without running them
-        return self
-
-    def replay(self, leaves, rows: torch.Tensor, ctl: AttnControl) -> None:
-        for dst, src in zip(self.leaves, leaves):
-            if isinstance(dst, torch.Tensor) and dst is not src:
-                dst.copy_(src)
-        self.rows.copy_(rows)
-        self.graph.replay()
-        ctl.scores = self.scores
-        ctl.score_pairs, ctl.score_layers, ctl.attn_pairs = self.counters
-
-
 class _Modulation:
     """The modulation linears' outputs of the step in flight, one buffer [B, sum of their widths]: the
     step's row of the run's table is copied in before the call (CUDA graphs read this buffer)."""
@@ -299,7 +269,7 @@ class SpecDiffModelHook(StepDriverHook):
         self.attn_modules = adapter.attention_modules()
         self._graphable = type(adapter).run_subset is Adapter.run_subset  # the subset call is a plain call
         self._kv_store: dict[str, dict] = {}  # context -> layer -> (K, V): persistent buffers (CUDA graphs)
-        self._graphs: dict = {}  # key -> _SubsetGraph
+        self._graphs: dict = {}  # key -> CallGraph (its scores and counters kept beside)
         self._seen: set = set()  # keys seen once (run eagerly; captured the second time)
         self.mod_linears = adapter.modulation_linears() if config.hoist_modulation else []
         self._mod_cur: dict[str, _Modulation] = {}  # context -> the step's modulation buffer (kept across runs)
@@ -556,7 +526,10 @@ class SpecDiffModelHook(StepDriverHook):
             for old in [k for k in self._graphs if k[1] != ctl.kv_generation]:
                 del self._graphs[old]  # recorded against K/V buffers that may no longer exist
             try:
-                g = _SubsetGraph.capture(forward, leaves, spec, rows, ctl)
+                g = CallGraph(leaves, spec, statics=(rows,))
+                ctl.rows = g.statics[0]  # the joint rows the attention reads: the graph's own buffer
+                g.capture(forward)
+                g.scores, g.counters = ctl.scores, (ctl.score_pairs, ctl.score_layers, ctl.attn_pairs)
             except RuntimeError as e:  # e.g. a kernel that cannot be captured: run eagerly from now on
                 self._graphable = False
                 warnings.warn(f"SpecDiff: CUDA graph capture failed, partial steps run eagerly ({e})", stacklevel=2)
@@ -565,7 +538,9 @@ class SpecDiffModelHook(StepDriverHook):
                 return out, adapter.output_sample(out)
             self._graphs[key] = g
         else:
-            g.replay(leaves, rows, ctl)
+            g.replay(leaves, (rows,))
+            ctl.scores = g.scores
+            ctl.score_pairs, ctl.score_layers, ctl.attn_pairs = g.counters
         return g.out, adapter.output_sample(g.out)
 
     # ---- trace fields read back from the device ------------------------------------------------------
