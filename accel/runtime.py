@@ -423,8 +423,11 @@ class Handle:
     def _trace_for(self, info: StepInfo, layout: TokenLayout) -> Trace:
         cur = self._current
         if cur is not None:
-            seen = cur.series(info.context).step
-            if len(seen) and info.step <= seen[-1]:  # steps went backwards: a new run began without a reset
+            # The context's last recorded step, from the newest records back (one or two under CFG). Not from
+            # `cur.series()`: after a `refresh` (a step time read from the device) that rebuilds the trace's
+            # columns from every record, O(steps) of host work per step in the pipeline's thread.
+            seen = next((r.step for r in reversed(cur.steps) if r.context == info.context), None)
+            if seen is not None and info.step <= seen:  # steps went backwards: a new run began without a reset
                 self._end_run()
                 cur = None
         if cur is None:
