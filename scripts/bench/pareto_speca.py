@@ -4,6 +4,7 @@
     HF_HUB_OFFLINE=1 python -m scripts.bench.pareto_speca --device cuda --workers 6 \\
         --json $OUT/pareto.json                                                       # the full run (GPU, one call)
     python -m scripts.bench.pareto_speca --plot docs/speca-pareto.png --from-json docs/speca-pareto.json
+    python -m scripts.bench.pareto_speca --from-json a.json,b.json   # several runs merged (e.g. a companion run)
 
 For each model (the bundled tiny FLUX, 16 prompts, 28 steps, 128²; the bundled tiny HunyuanVideo, 16 prompts,
 30 steps, 64² x 9 frames) and each setting, over the prompts (prompt i with seed i, one prompt per call, so that
@@ -439,12 +440,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="write the PNG plot here")
-    ap.add_argument("--from-json", default=None, help="only tabulate / plot an earlier --json")
+    ap.add_argument("--from-json", default=None,
+                    help="only tabulate / plot earlier --json files (comma list: merged, a later file's setting "
+                         "replacing an earlier one's)")
     args = ap.parse_args(argv)
 
     if args.from_json:
-        with open(args.from_json) as f:
-            results = json.load(f)["results"]
+        results = load_results(args.from_json.split(","))
     else:
         results = sweep(args)
     print()
@@ -453,6 +455,17 @@ def main(argv=None):
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot} ({os.path.getsize(args.plot) // 1024} KiB)")
+
+
+def load_results(paths) -> list[dict]:
+    """The results of several --json files, merged: a setting (model, curve, label) in a later file replaces the
+    earlier one's; the order of first appearance is kept (curves in the table and plot)."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                merged[(r["model"], r["curve"], r["label"])] = r
+    return list(merged.values())
 
 
 def sweep(args) -> list[dict]:
