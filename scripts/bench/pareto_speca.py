@@ -4,12 +4,14 @@
     HF_HUB_OFFLINE=1 python -m scripts.bench.pareto_speca --device cuda --workers 6 \\
         --json $OUT/pareto.json                                                       # the full run (GPU, one call)
     python -m scripts.bench.pareto_speca --plot docs/speca-pareto.png --from-json docs/speca-pareto.json
+    python -m scripts.bench.pareto_speca --from-json a.json,b.json   # several runs merged (e.g. a companion run)
 
 For each model (the bundled tiny FLUX, 16 prompts, 28 steps, 128²; the bundled tiny HunyuanVideo, 16 prompts,
 30 steps, 64² x 9 frames) and each setting, over the prompts (prompt i with seed i, one prompt per call, so that
 SpeCa's adaptive decisions are per sample; `--batch` puts several prompts in one call):
 - ideal speedup: blocks a plain run computes / blocks this run computed, verification included (SpeCa's verify
-  block, cache-dit's first block), from the trace (accel methods) or the step mask (cache-dit);
+  block, cache-dit's first block of each block list), from the trace (accel methods) or counted block calls
+  (cache-dit);
 - `ideal_full_size`: the same schedule costed for the full-size model of the family (a block 1/57 of a FLUX.1-dev
   step, 1/60 of a HunyuanVideo step, instead of 1/7 and 1/5 here);
 - measured speedup: wall time of the plain denoising loops / this setting's (host-bound on a GPU at this size);
@@ -153,9 +155,22 @@ class _CacheDit:
                 steps_computation_mask=[int(f) for f in schedule], steps_computation_policy="static"),
             calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order))
 
+        # blocks it computes, counted per transformer call: on the tiny HunyuanVideo, F1B0 computes the first block
+        # of each of the two block lists (2 of 5 on a cached step), on the tiny FLUX one of 7
+        t = pipe.transformer
+        self.blocks = list(t.transformer_blocks) + list(t.single_transformer_blocks)
+        self.steps: list[int] = []  # blocks computed by each transformer call, over every prompt
+        self._hooks = [t.register_forward_pre_hook(lambda *_: self.steps.append(0))]
+        self._hooks += [b.register_forward_pre_hook(self._count) for b in self.blocks]
+
+    def _count(self, *_):
+        self.steps[-1] += 1
+
     def remove(self):
         import cache_dit
 
+        for h in self._hooks:
+            h.remove()
         cache_dit.disable_cache(self.pipe)
 
 
@@ -225,12 +240,17 @@ def run_setting(s: Setting) -> dict:
                              for t in traces for r in t.steps if r.error is not None
                              and _spec_run_length(t, r.step) > cfg.min_spec_steps]
     else:
-        sched = params["schedule"] if s.method == "cachedit" else None
-        if sched is not None:
-            n_full = sum(sched)
-            res["ideal"] = steps * m.n_blocks / (n_full * m.n_blocks + (steps - n_full))
-            res["ideal_full_size"] = steps / (n_full + (steps - n_full) / big)
-            res["full_steps"] = n_full
+        if cachedit is not None:  # from the counted block calls; each cached step costs its blocks at full size
+            counts = cachedit.steps
+            if len(counts) != n * steps:
+                raise RuntimeError(f"cache-dit: {len(counts)} transformer calls for {n} prompts x {steps} steps")
+            nb = len(cachedit.blocks)
+            res["ideal"] = len(counts) * nb / sum(counts)
+            res["ideal_full_size"] = len(counts) / sum(1.0 if c >= nb else c / big for c in counts)
+            res["full_steps"] = sum(c >= nb for c in counts) / n
+            res["blocks_per_cached_step"] = sorted({c for c in counts if c < nb})
+            if res["full_steps"] != sum(params["schedule"]):
+                raise RuntimeError(f"cache-dit ran {res['full_steps']} full steps, the mask has {sum(params['schedule'])}")
     res["measured"] = res["plain_wall"] / res["wall"]
     return res
 
@@ -420,12 +440,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="write the PNG plot here")
-    ap.add_argument("--from-json", default=None, help="only tabulate / plot an earlier --json")
+    ap.add_argument("--from-json", default=None,
+                    help="only tabulate / plot earlier --json files (comma list: merged, a later file's setting "
+                         "replacing an earlier one's)")
     args = ap.parse_args(argv)
 
     if args.from_json:
-        with open(args.from_json) as f:
-            results = json.load(f)["results"]
+        results = load_results(args.from_json.split(","))
     else:
         results = sweep(args)
     print()
@@ -434,6 +455,17 @@ def main(argv=None):
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot} ({os.path.getsize(args.plot) // 1024} KiB)")
+
+
+def load_results(paths) -> list[dict]:
+    """The results of several --json files, merged: a setting (model, curve, label) in a later file replaces the
+    earlier one's; the order of first appearance is kept (curves in the table and plot)."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                merged[(r["model"], r["curve"], r["label"])] = r
+    return list(merged.values())
 
 
 def sweep(args) -> list[dict]:
