@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import html
 import inspect
+import io
 import json
 import logging
 import math
@@ -32,9 +34,11 @@ import os
 import re
 import time
 import uuid
+import weakref
 
 import gradio as gr
 import numpy as np
+from PIL import Image as PILImage
 
 import accel
 import visualizers as V
@@ -94,6 +98,9 @@ SIZE_CONTROLS = ("steps", "width", "height", "guidance", "frames")
 OUTPUTS = ("preview", "image", "summary", "error_plot", "timeline_plot", "maps_plot", "step", "full_image",
            "diff_plot", "files", "video", "frame", "trace")
 """What every update of `/generate` carries, in this order (the trace goes to the session's state, not the API)."""
+PICTURE_FORMATS = {"preview": "jpeg", "image": "webp", "full_image": "webp"}
+"""The picture outputs' file formats (`PictureFiles`): JPEG for the preview, drawn at every streamed update (WebP,
+Gradio's default, costs ~10x more); WebP for the images."""
 
 CSS = """
 #speclab-controls .form { gap: 6px; }
@@ -226,23 +233,47 @@ def panels(**values) -> tuple:
     return tuple(values[k] if k in values else gr.skip() for k in OUTPUTS)
 
 
-def trace_panels(trace: Trace, **extra) -> dict:
-    """The per-step figures of a trace."""
-    if trace.method in ("speca", "fbcache"):  # FirstBlockCache: its residual change against its threshold
-        error = V.error_figure(trace)
-    else:
-        m = LM.by_name(trace.method)
-        error = V.empty_figure(f"{m.label if m else trace.method} verifies nothing: no error to plot",
-                               title="verification error vs threshold")
-    figs = dict(error_plot=error, timeline_plot=V.timeline_figure(trace, reference=extra.get("ref")),
-                maps_plot=V.token_maps_figure(trace))
+TRACE_PANELS = ("error_plot", "timeline_plot", "maps_plot")
+VERIFYING = ("speca", "fbcache")
+"""Methods whose error figure plots something (FirstBlockCache: its residual change against its threshold)."""
+
+
+def trace_panels(trace: Trace, only=TRACE_PANELS, **extra) -> dict:
+    """The per-step figures of a trace (those named in `only`)."""
     m = LM.by_name(trace.method)
+    figs = {}
+    if "error_plot" in only:
+        figs["error_plot"] = V.error_figure(trace) if trace.method in VERIFYING else V.empty_figure(
+            f"{m.label if m else trace.method} verifies nothing: no error to plot",
+            title="verification error vs threshold")
+    if "timeline_plot" in only:
+        figs["timeline_plot"] = V.timeline_figure(trace, reference=extra.get("ref"))
+    if "maps_plot" in only:
+        figs["maps_plot"] = V.token_maps_figure(trace)
     if m is not None:  # the UI's name in the subtitles ("SpeCa · ideal 2.4x", not "speca · ...")
         for key in ("error_plot", "timeline_plot"):
+            if key not in figs:
+                continue
             sub = figs[key].layout.title.subtitle
             if (sub.text or "").startswith(trace.method):
                 sub.text = m.label + sub.text[len(trace.method):]
     return figs
+
+
+def streamed_panels(trace: Trace, shown: dict) -> dict:
+    """`trace_panels` for a streamed update of a running trace: a figure is built and sent only when what it shows
+    changed since the run's last update (`shown`, kept by the caller between updates); the others are skipped
+    (`gr.skip()`: the page keeps them). A method that verifies nothing shows the same empty error figure all run,
+    and the token maps change only at a step that records maps: rebuilding those at every update was Python work
+    (the consumer's, beside the pipeline's thread) and figure JSON for nothing."""
+    steps = len(trace.steps)
+    maps = V.map_steps(trace)
+    now = dict(error_plot=steps if trace.method in VERIFYING else None, timeline_plot=steps,
+               maps_plot=maps[-1] if maps else None)
+    changed = tuple(k for k in TRACE_PANELS if k not in shown or shown[k] != now[k])
+    shown.update(now)
+    figs = trace_panels(trace, only=changed) if changed else {}
+    return {k: figs.get(k, gr.skip()) for k in TRACE_PANELS}
 
 
 def _sweep_table(points: list[dict], full_ms: float) -> str:
@@ -378,6 +409,7 @@ class Lab:
             calibrated = (f"target speedup {spec.target_speedup:g}x: {md_text(knob)} = "
                           f"{getattr(config, method.speed_knob):g} gives {cal.speedup:.2f}x ideal "
                           f"({len(cal.tried)} runs tried)")
+        shown = {}  # what the streamed figures show (streamed_panels)
         for up in R.stream_run(model, spec, config, stop=stop, every_s=self.every_s):
             if up.done:
                 final = up
@@ -386,7 +418,7 @@ class Lab:
             if up.trace is not None:
                 yield panels(preview=up.preview if up.preview is not None else gr.skip(),
                              summary=summary_markdown(up.trace, {"running": True, "model": spec.preset}),
-                             **trace_panels(up.trace))
+                             **streamed_panels(up.trace, shown))
         trace, result = final.trace, final.result
         extra, ref, pairs = {"stopped": final.stopped, "calibrated": calibrated, "compiled": compiled_note}, None, []
         diff_note = "tick 'compare with the full run' to see it"
@@ -825,15 +857,58 @@ def _size_controls(lab: Lab, P: M.Preset) -> dict:
     return c
 
 
+class PictureFiles:
+    """The pictures of one `/generate` request as files, each encoded once, for Gradio to send as they are.
+
+    `gr.Image` would encode a PIL picture at every update that carries it: the method's image goes out twice in
+    compare mode (when its run ends, then with the comparison), the last preview again with the result. Here the same
+    PIL object reuses its file. The formats are the components' (`PICTURE_FORMATS`): WebP at Gradio's quality
+    (Pillow's default, 80) with the fastest effort (`method=0`), about 3x less time than Gradio's default effort at
+    1024² for files of about the same size; JPEG previews as Gradio saved them. `Lab.generate` itself yields PIL
+    pictures (its Python callers and tests); `build_app`'s `/generate` passes them through here."""
+
+    SAVE = {"webp": dict(method=0), "jpeg": {}}
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files: dict[int, tuple] = {}  # id(picture) -> (weak reference to it, its file)
+        self.encodes = 0
+        """Pictures encoded (tests count them)."""
+        self.encoded_pixels = 0
+
+    def file(self, picture, fmt: str) -> str:
+        hit = self.files.get(id(picture))
+        if hit is not None and hit[0]() is picture:
+            return hit[1]
+        buf = io.BytesIO()
+        picture.save(buf, fmt, **self.SAVE[fmt])
+        data = buf.getvalue()
+        folder = os.path.join(self.folder, hashlib.sha256(data).hexdigest())  # Gradio's cache layout
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"image.{fmt}")
+        with open(path, "wb") as f:
+            f.write(data)
+        self.files[id(picture)] = (weakref.ref(picture), path)
+        self.encodes += 1
+        self.encoded_pixels += picture.width * picture.height
+        return path
+
+    def update(self, values: tuple) -> tuple:
+        """One update of `/generate` (`OUTPUTS` order) with its PIL pictures replaced by their files."""
+        return tuple(self.file(v, PICTURE_FORMATS[k]) if k in PICTURE_FORMATS and isinstance(v, PILImage.Image)
+                     else v for k, v in zip(OUTPUTS, values))
+
+
 def _view_panels(P: M.Preset, limits: Limits) -> dict:
     v = {}
     with gr.Row(equal_height=True):
         pictures = dict(type="pil", height=230, min_width=100, interactive=False, buttons=["download", "fullscreen"],
                         elem_classes=["speclab-picture"])
-        # JPEG: a preview is re-encoded at every streamed update, and WebP (Gradio's default) costs ~10x more
-        v["preview"] = gr.Image(label="live preview", elem_id="speclab-preview", format="jpeg", **pictures)
-        v["image"] = gr.Image(label="this method", elem_id="speclab-image", **pictures)
-        v["full_image"] = gr.Image(label="full run (same seed)", elem_id="speclab-full", **pictures)
+        v["preview"] = gr.Image(label="live preview", elem_id="speclab-preview", format=PICTURE_FORMATS["preview"],
+                                **pictures)
+        v["image"] = gr.Image(label="this method", elem_id="speclab-image", format=PICTURE_FORMATS["image"], **pictures)
+        v["full_image"] = gr.Image(label="full run (same seed)", elem_id="speclab-full",
+                                   format=PICTURE_FORMATS["full_image"], **pictures)
     v["video"] = gr.Video(label="video", visible=P.is_video, elem_id="speclab-video", interactive=False,
                           height=300)
     v["summary"] = gr.Markdown(summary_markdown(None), elem_id="speclab-summary")
@@ -975,7 +1050,9 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         view["trace"] = trace_state
 
         def generate(session: Session = None, **controls):
-            yield from lab.generate(session, **controls)
+            pictures = PictureFiles(view["image"].GRADIO_CACHE)
+            for values in lab.generate(session, **controls):
+                yield pictures.update(values)
 
         knob_names = list(knobs)
         _with_signature(generate, RUN_CONTROLS + tuple(knob_names))

@@ -308,20 +308,34 @@ def stream_run(model: LoadedModel, spec: RunSpec, config, stop: threading.Event 
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         run.thread.start()
-        pending, latest_preview, last_step, last_yield = None, None, -1, 0.0
-        while True:
+        pending, latest_preview, last_step, last_yield, ended = None, None, -1, 0.0, False
+        first_preview_by = start + 4 * max(every_s, 0.1)
+        while not ended:
             try:
-                kind, value = run.events.get(timeout=0.1)
+                events = [run.events.get(timeout=0.1)]
             except queue.Empty:
                 continue
-            if kind == "end":
+            # everything that came while the caller handled the last update: one update shows the newest of it, and
+            # a run that ended meanwhile goes straight to its result (no stale updates before the image)
+            while True:
+                try:
+                    events.append(run.events.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, value in events:
+                if kind == "end":
+                    ended = True
+                elif kind == "preview":
+                    pending = value
+                else:
+                    last_step = max(last_step, value)
+            if ended:
                 break
-            if kind == "preview":
-                pending = value
-            else:
-                last_step = max(last_step, value)
             now = time.perf_counter()
-            if now - last_yield >= every_s:
+            # the first update waits for the first preview (it follows its step's event within the same step)
+            awaiting_preview = (run.want_preview and pending is None and latest_preview is None
+                                and now < first_preview_by)
+            if now - last_yield >= every_s and not awaiting_preview:
                 last_yield = now
                 pending, latest_preview = None, run.draw(pending) if pending is not None else latest_preview
                 yield RunUpdate(snapshot(handle.trace), latest_preview, last_step, spec.steps,

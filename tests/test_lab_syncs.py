@@ -15,8 +15,10 @@ from __future__ import annotations
 import threading
 import time
 
+import gradio as gr
 import pytest
 import torch
+from PIL import Image
 
 import app
 import tiny
@@ -260,3 +262,57 @@ def test_the_pipelines_thread_adds_each_record_to_the_traces_columns_at_most_onc
     trace = _bare_run(model, _config(case), fake_cuda)
     assert len(trace.steps) == STEPS
     assert counted["n"] <= len(trace.steps)
+
+# ---- what one request costs the server beside the pipeline: figures rebuilt, pictures encoded, stale updates ------
+def test_streamed_updates_build_only_the_figures_that_changed(monkeypatch):
+    """A streamed update builds a figure only when what it shows changed: Full verifies nothing and records no token
+    maps, so its error and maps figures are built once while it streams (and again for the result), not at every
+    update; its timeline at each update that has new steps."""
+    lab = app.Lab(M.ModelManager(factory=lambda preset: tiny.tiny_flux_pipe()), every_s=0.0)
+    built = []
+    real = app.trace_panels
+    monkeypatch.setattr(app, "trace_panels",
+                        lambda trace, only=app.TRACE_PANELS, **k: built.append(tuple(only)) or real(trace, only, **k))
+    ups = [dict(zip(app.OUTPUTS, u)) for u in lab.generate(Session(), model=M.TINY, prompt="p", method=LM.FULL,
+                                                           steps=8, width=64, height=64, compare=False)]
+    streamed, final = ups[:-1], ups[-1]
+    assert len(streamed) >= 3
+    skipped = [k for k in app.TRACE_PANELS if isinstance(streamed[-1][k], dict) and streamed[-1][k] == gr.skip()]
+    assert skipped == ["error_plot", "maps_plot"]
+    assert sum("error_plot" in b for b in built) == 2 and sum("maps_plot" in b for b in built) == 2
+    timelines = sum(not isinstance(u["timeline_plot"], dict) for u in streamed)  # one per update with new steps
+    assert sum("timeline_plot" in b for b in built) == timelines + 1 and timelines <= 8
+    assert all(not isinstance(final[k], dict) for k in app.TRACE_PANELS)  # the result has every figure
+
+
+def test_each_picture_is_encoded_once_per_request():
+    """`/generate`'s pictures go out as files encoded once: in compare mode the method's image is sent when its run
+    ends and again with the comparison, the last preview again with the result, each from one encode."""
+    lab = app.Lab(M.ModelManager(factory=lambda preset: tiny.tiny_flux_pipe()), every_s=0.0, timing_pairs=1)
+    import tempfile
+
+    pictures = app.PictureFiles(tempfile.mkdtemp())
+    raw, sent = [], []
+    for values in lab.generate(Session(), model=M.TINY, prompt="p", method=LM.SPECA, steps=6, width=64, height=64,
+                               compare=True):
+        raw.append(dict(zip(app.OUTPUTS, values)))
+        sent.append(dict(zip(app.OUTPUTS, pictures.update(values))))
+    distinct = {id(u[k]) for u in raw for k in app.PICTURE_FORMATS if isinstance(u[k], Image.Image)}
+    carried = sum(isinstance(u[k], Image.Image) for u in raw for k in app.PICTURE_FORMATS)
+    assert carried > len(distinct) and pictures.encodes == len(distinct)
+    images = [u["image"] for u in sent if isinstance(u["image"], str)]
+    assert len(images) == 2 and images[0] == images[1] and images[0].endswith(".webp")
+    assert sent[-1]["full_image"].endswith(".webp") and sent[-1]["preview"].endswith(".jpeg")
+    assert Image.open(images[0]).size == raw[-1]["image"].size
+
+
+def test_a_run_that_ended_meanwhile_goes_straight_to_its_result(model):
+    """A consumer slower than the run (a figure, a send) gets the run's newest state in one update, not one update
+    per queued event: a run that ended while the consumer was away yields its result next, with no stale update
+    before the image. The first update carries its step's preview."""
+    ups = []
+    for up in R.stream_run(model, _spec(), LM.by_label(LM.FULL).build({}), every_s=0.0):
+        ups.append(up)
+        if len(ups) == 1:
+            time.sleep(1.0)  # the 10 steps of the tiny pipe end meanwhile
+    assert len(ups) == 2 and ups[1].done and ups[0].preview is not None

@@ -326,10 +326,12 @@ def _request(client, outputs, deadline, **controls) -> dict:
     first_preview = image_at = None
     last = None
     n = 0
+    arrivals = []  # (seconds, outputs carrying a file) per update, as the client had it
     for up in job:
         now = time.perf_counter() - t0
         n += 1
         last = up
+        arrivals.append((round(now, 3), [k for k, v in zip(outputs, up) if _is_file(v)]))
         if first_preview is None and _is_file(up[i_preview]):
             first_preview = now
         if image_at is None and _is_file(up[i_image]):
@@ -347,7 +349,8 @@ def _request(client, outputs, deadline, **controls) -> dict:
                 trace = json.load(f)
     meta = trace.get("meta", {})
     steps = [r for r in trace.get("steps", [])]
-    return dict(first_preview_s=first_preview, image_s=image_at, total_s=total, updates=n,
+    return dict(first_preview_s=first_preview, image_s=image_at, total_s=total, updates=n, arrivals=arrivals,
+                t0=time.time() - total,
                 shown_speedup=_summary_number(summary, r"measured speedup \(time\)[^*]*\*\*([0-9.]+)x"),
                 compile_warmup_s=_summary_number(summary, r"compile warm-up ([0-9.]+) s"),
                 denoiser_s=sum(r.get("time_ms") or 0 for r in steps) / 1e3 if steps else None,
@@ -357,8 +360,11 @@ def _request(client, outputs, deadline, **controls) -> dict:
 
 def _serve(folder: str, port: int, log_path: str, max_work: float):
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
-    cmd = [sys.executable, os.path.join(ROOT, "app.py"), "--model", folder, "--host", "127.0.0.1", "--port",
-           str(port), "--max-work", str(max_work)]
+    # app.py with a timeline of the server's side (scripts/lab/latency.py: each yield, image encode, postprocess,
+    # the pipeline's start and end), written beside the log
+    cmd = [sys.executable, "-m", "scripts.lab.latency", "serve", "--folder", folder, "--port", str(port),
+           "--max-size", "0", "--threads", "0", "--max-work", str(max_work),
+           "--timeline", os.path.splitext(log_path)[0] + "-timeline.jsonl"]
     f = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, f
