@@ -5,7 +5,7 @@
 # SpecDiff, TaylorSeer at 28 steps, Full and SpeCa at 50, SpeCa compiled at 28; HunyuanVideo 544x960, 33 frames,
 # 10 steps: Full, SpeCa, SpecDiff (python -m scripts.bench.gpu_lab all; its docstring says what and how).
 # Needs the slim wheels (bash scripts/bench/slim_wheels.sh -> .whl-lab, 10.6 MiB): carry [".whl-lab"].
-# From the repository root: bash scripts/bench/gpu_lab.sh   (writes gpu_lab.json, bare-*.json, app-*.log, gpu.txt
+# From the repository root: bash scripts/bench/gpu_lab.sh   (writes gpu_lab.json, bare-*.json, app-logs.tgz (app logs, server timelines), gpu.txt
 # under $OUT; prints the table last)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,4 +20,6 @@ diffusers.__version__, 'gradio', gradio.__version__, 'transformers', transformer
 BUDGET=$(( 560 - ($(date +%s) - START) ))
 timeout $((BUDGET + 15)) python3 -m scripts.bench.gpu_lab all --out "$OUT" --budget-s "$BUDGET" 2>&1 \
   | grep -v "it/s\]\|Loading\|Writing\|torchvision\|deprecate\|FutureWarning" | tee "$OUT/gpu_lab.log"
+# the device returns at most 8 files: the app logs and the server timelines travel as one archive
+(cd "$OUT" && rm -rf work && tar czf app-logs.tgz app-*.log app-*-timeline.jsonl 2>/dev/null && rm -f app-*.log app-*-timeline.jsonl)
 exit 0
