@@ -161,7 +161,7 @@ def test_difference_figure():
 
 
 def test_a_large_difference_map_is_drawn_as_block_means_with_the_full_size_numbers():
-    """1024² (and a video's strip) would be ~11 MB of JSON per update: at most DIFF_MAX_CELLS cells, each the mean
+    """1024² (and a video's strip) would be ~3.4-11 MB of JSON per update: at most DIFF_MAX_CELLS cells, each the mean
     of its k x k block, the title's mean and max from every pixel."""
     g = np.random.default_rng(0)
     a = g.integers(0, 256, (1024, 1000, 3)).astype(np.uint8)
@@ -170,9 +170,11 @@ def test_a_large_difference_map_is_drawn_as_block_means_with_the_full_size_numbe
     d = np.abs(a.astype(float) - b.astype(float)).mean(axis=2)
     fig = V.difference_figure(a, b)
     z = np.asarray(fig.data[0].z)
-    assert z.shape == (512, 500) and z.size <= V.figures.DIFF_MAX_CELLS
-    assert z[2, 3] == pytest.approx(d[4:6, 6:8].mean()) and z.sum() * 4 == pytest.approx(d.sum())
-    assert f"max {d.max():.0f}, 2x2 block means" in fig.layout.title.text
+    assert z.shape == (256, 250) and z.size <= V.figures.DIFF_MAX_CELLS and z.dtype == np.float32
+    assert z[2, 3] == pytest.approx(d[8:12, 12:16].mean(), rel=1e-6)
+    assert z.astype(float).sum() * 16 == pytest.approx(d.sum(), rel=1e-6)
+    assert f"max {d.max():.0f}, 4x4 block means" in fig.layout.title.text
+    assert len(fig.to_json()) < 600_000  # the JSON an update carries
     odd = V.difference_figure(a[:1023], b[:1023], max_cells=1000)  # partial blocks at the edges: still a map
     assert np.asarray(odd.data[0].z).size <= 1000
 

@@ -403,10 +403,10 @@ def token_maps_figure(trace, step: int | None = None, context: str | None = None
     return _figure(data, layout)
 
 
-DIFF_MAX_CELLS = 512 * 512
-"""A difference map larger than this is drawn as the mean of k x k blocks (1024²: 2 x 2; a video strip too): a
-1024² heatmap is ~11 MB of JSON per update, and the panel shows ~300 pixels anyway. The title's mean and max are
-the full-size map's."""
+DIFF_MAX_CELLS = 256 * 256
+"""A difference map larger than this is drawn as the mean of k x k blocks (1024²: 4 x 4; a video strip too), sent
+as float32: a 1024² float64 heatmap is ~11 MB of JSON as lists and ~3.4 MB as Plotly's base64 arrays, and the
+panel shows ~300 pixels anyway (256² float32: ~0.35 MB). The title's mean and max are the full-size map's."""
 
 
 def _block_mean(d: np.ndarray, max_cells: int) -> tuple[np.ndarray, int]:
@@ -434,7 +434,7 @@ def difference_figure(a, b, title: str = "|accelerated - full|", max_cells: int 
         d = d.mean(axis=2)
     z, k = _block_mean(d, max_cells)
     blocks = f", {k}x{k} block means" if k > 1 else ""
-    fig = go.Figure(go.Heatmap(z=z, colorscale="Magma", zmin=0, zmax=max(float(z.max()), 1.0), name="difference",
+    fig = go.Figure(go.Heatmap(z=z.astype(np.float32), colorscale="Magma", zmin=0, zmax=max(float(z.max()), 1.0), name="difference",
                                hovertemplate="x %{x}, y %{y}<br>|diff| %{z:.1f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False, showgrid=False, zeroline=False)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
