@@ -20,6 +20,8 @@ diffusers.__version__, 'gradio', gradio.__version__, 'transformers', transformer
 BUDGET=$(( 560 - ($(date +%s) - START) ))
 timeout $((BUDGET + 15)) python3 -m scripts.bench.gpu_lab all --out "$OUT" --budget-s "$BUDGET" 2>&1 \
   | grep -v "it/s\]\|Loading\|Writing\|torchvision\|deprecate\|FutureWarning" | tee "$OUT/gpu_lab.log"
+# where each request's time went on the server (the app's timelines against the client's times)
+python3 -m scripts.lab.timeline_table "$OUT" 2>&1 | tee "$OUT/timeline_table.txt"
 # the device returns at most 8 files: the app logs and the server timelines travel as one archive
 (cd "$OUT" && rm -rf work && tar czf app-logs.tgz app-*.log app-*-timeline.jsonl 2>/dev/null && rm -f app-*.log app-*-timeline.jsonl)
 exit 0
