@@ -210,12 +210,16 @@ def request(client, **controls) -> dict:
 
 def _server_part(timeline: str, t0: float, t1: float) -> dict:
     """The server's records between t0 and t1, added up."""
-    recs = []
     with open(timeline) as f:
-        for line in f:
-            r = json.loads(line)
-            if t0 <= r["t"] <= t1 + 0.5:
-                recs.append(r)
+        every = [json.loads(line) for line in f]
+    # this request's records: from its generate_start (the first after t0, less 0.5 s: the client notes t0 after
+    # the previous request's end, and the server may start first) to the next request's
+    first = next((i for i, r in enumerate(every) if r["ev"] == "generate_start" and r["t"] >= t0 - 0.5), None)
+    recs = []
+    for r in every[first:] if first is not None else []:
+        if recs and r["ev"] == "generate_start" or r["t"] > t1 + 0.5:
+            break
+        recs.append(r)
     enc = [r for r in recs if r["ev"] == "image" and r["encoded"]]
     imgs = [r for r in recs if r["ev"] == "image"]
     pipe_start = next((r["t"] - t0 for r in recs if r["ev"] == "pipe_start"), None)
