@@ -7,22 +7,14 @@ import pytest
 import torch
 
 import accel
-from scripts.bench.pipes import flux_embeds, random_flux
+import tiny
 from scripts.bench.utils import fixed_schedule
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return random_flux("tiny", "cuda", torch.float32, num_layers=2, num_single_layers=3)
-
-
 def run(pipe, steps=14):
-    kw = flux_embeds("tiny", "cuda", torch.float32)
-    out = pipe(**kw, height=64, width=64, num_inference_steps=steps, output_type="latent",
-               generator=torch.Generator("cuda").manual_seed(0))
-    return out.images
+    return tiny.run(pipe, steps, size=64, device="cuda")
 
 
 @pytest.mark.parametrize("cfg", [
@@ -30,12 +22,12 @@ def run(pipe, steps=14):
     dict(threshold=0.5, metric="rel_l2"),  # adaptive: decisions read the error of every judged step
     dict(schedule=fixed_schedule(14, 4), verify_in_grace=False, verify_output="forecast", order=2),
 ], ids=["schedule", "adaptive", "forecast-output-o2"])
-def test_graphs_match_eager(pipe, cfg):
-    base = run(pipe)
+def test_graphs_match_eager(cuda_pipe, cfg):
+    base = run(cuda_pipe)
     outs, traces = {}, {}
     for graphs in (False, True):
-        with accel.apply(pipe, accel.SpeCaConfig(cuda_graphs=graphs, sync_timing=False, **cfg)) as h:
-            outs[graphs] = [run(pipe), run(pipe)]
+        with accel.apply(cuda_pipe, accel.SpeCaConfig(cuda_graphs=graphs, sync_timing=False, **cfg)) as h:
+            outs[graphs] = [run(cuda_pipe), run(cuda_pipe)]
             traces[graphs] = h.traces[-2:]
     for t_eager, t_graph in zip(traces[False], traces[True]):
         assert [r.decision for r in t_eager.steps] == [r.decision for r in t_graph.steps]
@@ -47,16 +39,16 @@ def test_graphs_match_eager(pipe, cfg):
     for a, b in zip(outs[False], outs[True]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert not torch.equal(outs[True][0], base)  # speculative steps did run
-    assert torch.equal(run(pipe), base)  # removed: the plain pipeline again
+    assert torch.equal(run(cuda_pipe), base)  # removed: the plain pipeline again
 
 
-def test_second_run_replays_without_capturing(pipe):
+def test_second_run_replays_without_capturing(cuda_pipe):
     cfg = accel.SpeCaConfig(schedule=fixed_schedule(14, 4), sync_timing=False)
-    with accel.apply(pipe, cfg):
-        hook = pipe.transformer._diffusers_hook.get_hook("speclab_speca")
-        first = run(pipe)
+    with accel.apply(cuda_pipe, cfg):
+        hook = cuda_pipe.transformer._diffusers_hook.get_hook("speclab_speca")
+        first = run(cuda_pipe)
         graphs = dict(hook._graphs)
         assert graphs  # captured during the first run (each key's second call)
-        second = run(pipe)
+        second = run(cuda_pipe)
         assert hook._graphs == graphs  # the same graph objects: replayed, none captured again
         assert torch.equal(first, second)

@@ -7,35 +7,27 @@ import pytest
 import torch
 
 import accel
-from scripts.bench.pipes import flux_embeds, random_flux
+import tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return random_flux("tiny", "cuda", torch.float32, num_layers=2, num_single_layers=3)
-
-
 def run(pipe, steps=12):
-    kw = flux_embeds("tiny", "cuda", torch.float32)
-    out = pipe(**kw, height=128, width=128, num_inference_steps=steps, output_type="latent",
-               generator=torch.Generator("cuda").manual_seed(0))
-    return out.images
+    return tiny.run(pipe, steps, size=128, device="cuda")
 
 
 @pytest.mark.parametrize("cfg", [dict(cache_rate=0.75), dict(cache_rate=0.5, c3_mode="taylor", score_every=1)],
                          ids=["history", "taylor-every-layer"])
-def test_graphs_match_eager(pipe, cfg):
-    base = run(pipe)
+def test_graphs_match_eager(cuda_pipe, cfg):
+    base = run(cuda_pipe)
     outs, traces = {}, {}
     for graphs in (False, True):
-        with accel.apply(pipe, accel.SpecDiffConfig(cuda_graphs=graphs, warmup_steps=2, sync_timing=False,
+        with accel.apply(cuda_pipe, accel.SpecDiffConfig(cuda_graphs=graphs, warmup_steps=2, sync_timing=False,
                                                     **cfg)) as h:
-            outs[graphs] = [run(pipe), run(pipe)]  # the second run replays graphs captured in the first
+            outs[graphs] = [run(cuda_pipe), run(cuda_pipe)]  # the second run replays graphs captured in the first
             traces[graphs] = h.traces[-2:]
             if graphs:
-                assert pipe.transformer._diffusers_hook.get_hook("speclab_specdiff")._graphs
+                assert cuda_pipe.transformer._diffusers_hook.get_hook("speclab_specdiff")._graphs
     for t_eager, t_graph in zip(traces[False], traces[True]):
         assert [r.decision for r in t_eager.steps] == [r.decision for r in t_graph.steps]
         assert [r.blocks_computed for r in t_eager.steps] == [r.blocks_computed for r in t_graph.steps]
@@ -47,4 +39,4 @@ def test_graphs_match_eager(pipe, cfg):
     for a, b in zip(outs[False], outs[True]):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
     assert not torch.equal(outs[True][0], base)  # partial steps did run
-    assert torch.equal(run(pipe), base)  # removed: the plain pipeline again
+    assert torch.equal(run(cuda_pipe), base)  # removed: the plain pipeline again
