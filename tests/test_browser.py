@@ -426,6 +426,11 @@ def test_phone_image_labels_do_not_cover_buttons_or_images(browser, server):
     page = browser.new_page()
     try:
         _open(page, server, 390, 844)
+        # the example's pictures arrive after its summary (files the browser fetches): wait for all three to show
+        page.wait_for_function(
+            "() => ['#speclab-preview', '#speclab-image', '#speclab-full'].every(id => { "
+            "const i = document.querySelector(id + ' img'); return i && i.complete && i.getBoundingClientRect().width; })",
+            timeout=60_000)
         boxes = page.evaluate("""() => ['#speclab-preview', '#speclab-image', '#speclab-full'].map(id => {
             const box = (e) => { if (!e) return null; const r = e.getBoundingClientRect();
                                  return r.width && r.height ? [r.left, r.top, r.right, r.bottom] : null; };
