@@ -692,8 +692,11 @@ def test_regional_compilation_stays_under_the_recompile_limit():
 
     p = tiny_flux_pipe(seed=3, double=3, single=10)  # more blocks of each kind than the recompile limit
     cfg = accel.SpecDiffConfig(cache_rate=0.85, score_every=3)
+    text_cached = accel.SpecDiffConfig(cache_rate=0.85, score_every=3, text_tokens="cache")
     with accel.apply(p, cfg):
         eager = run(p, 10, size=SIZE)
+    with accel.apply(p, text_cached):
+        eager_text_cached = run(p, 10, size=SIZE)
     dynamo.reset()
     counters.clear()
     old = dynamo.config.recompile_limit, dynamo.config.fail_on_recompile_limit_hit
@@ -708,13 +711,18 @@ def test_regional_compilation_stays_under_the_recompile_limit():
         with accel.apply(p, accel.SpecDiffConfig(cache_rate=0.5, score_every=1, c3_mode="taylor")):
             run(p, 10, size=SIZE)
         frames = counters["frames"]["total"]
+        with accel.apply(p, text_cached):  # partial steps with 0 text tokens (a size dynamo specialises on)
+            out_text_cached = run(p, 10, size=SIZE)
+        text_frames = counters["frames"]["total"] - frames
     finally:
         dynamo.config.recompile_limit, dynamo.config.fail_on_recompile_limit_hit = old
         dynamo.reset()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_text_cached, eager_text_cached, rtol=1e-5, atol=1e-6)
     assert torch.equal(again, out)
-    print("compiled frames: plain", plain_frames, "with SpecDiff", frames)
+    print("compiled frames: plain", plain_frames, "with SpecDiff", frames, "then with text cached", text_frames)
     assert frames - plain_frames <= 24, frames  # a per-layer guard would add one per block
+    assert text_frames <= 12, text_frames  # fewer than the blocks (13): no per-layer guard either
 
 
 # ---- isolation, CFG, configs -------------------------------------------------------------------------
