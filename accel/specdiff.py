@@ -13,7 +13,9 @@ Per cache context ("cond"/"uncond" under true CFG, each with its own state):
    speculative sigma) x exp(starvation_scale x consecutive steps cached). C1 = top tokens (computed), C2 =
    bottom `c2_share` of importance mass (last output reused), C3 = the rest (weighted history of outputs).
    Only text + C1 image tokens enter the model (latents and img_ids restricted; RoPE follows the ids); every
-   attention layer overwrites its K/V cache rows of those tokens and attends over the whole cache.
+   attention layer overwrites its K/V cache rows of those tokens and attends over the whole cache. With
+   `text_tokens="cache"` (FLUX) only the C1 image tokens enter: the text rows of the caches stay those of the
+   last full step.
 
 "Value" = the model's output (velocity) per image token; a per-token history of the last `history_window`
 computed values is kept on the device ([window, batch, tokens, channels], newest first).
@@ -128,6 +130,13 @@ class SpecDiffConfig(ConfigBase):
         query the step computes (the paper's definition); larger values make scoring proportionally cheaper
         (measured choice: docs/specdiff.md).""",
         label="score every n-th query", minimum=1, maximum=1 << 16, ui_range=(1, 16), advanced=True)
+    text_tokens: str = knob(
+        "compute", """What a partial step does with the text tokens. "compute": every text token goes through the
+        model with the C1 image tokens (the paper; a cost the cache rate does not shrink). "cache": only the C1
+        image tokens go through the model; every attention layer takes the text keys and values from its K/V
+        cache, i.e. from the last full step (the text tokens' own stream, which reaches the image only through
+        those keys and values, is not advanced). FLUX only.""",
+        label="text tokens on partial steps", choices=("compute", "cache"), advanced=True)
     cuda_graphs: bool = knob(
         True, """On CUDA, replay each partial step's transformer call as a CUDA graph (captured the second time a
         call of that shape is seen; its inputs are copied into the graph's buffers), which removes the per-layer
@@ -155,6 +164,11 @@ class SpecDiffConfig(ConfigBase):
         if self.c3_mode == "taylor":
             check(self.history_window > self.c3_order, "history_window",
                   f"an integer > c3_order={self.c3_order} when c3_mode='taylor'", self.history_window)
+
+    @property
+    def computes_text(self) -> bool:
+        """Partial steps compute the text tokens (`text_tokens="compute"`)."""
+        return self.text_tokens == "compute"
 
     def n_computed(self, n_image: int) -> int:
         """C1 size for `n_image` image tokens."""
@@ -301,6 +315,10 @@ class SpecDiffModelHook(StepDriverHook):
 
     def on_new_run(self) -> None:
         cp = self.cp
+        if cp is not None and not self.config.computes_text:
+            raise NotImplementedError(
+                "SpecDiff's text_tokens='cache' is not supported under context parallelism (the plan splits the "
+                "text tokens across ranks); use text_tokens='compute'")
         if cp is not None and cp.ulysses_group is None:
             raise NotImplementedError(
                 "SpecDiff under context parallelism needs Ulysses attention "
@@ -398,6 +416,8 @@ class SpecDiffModelHook(StepDriverHook):
         adapter, ctl, layout = self.adapter, self.control, state.layout
         n_img, n_text = layout.n_image, layout.n_text
         n_c1 = self._n_c1(n_img)
+        text = cfg.computes_text
+        n_text_computed = n_text if text else 0
 
         # importance = his * fut * exp(s * cached), in log space (no overflow), scaled to max 1
         j = min(range(len(state.fut_sigmas)), key=lambda k: abs(state.fut_sigmas[k] - (info.sigma or 0.0)))
@@ -406,15 +426,16 @@ class SpecDiffModelHook(StepDriverHook):
         score = torch.exp(logs - logs.max())
         c1, level = assign_levels(score, n_c1, float(cfg.c2_share))
 
-        # the model on text + C1 only; attention over every token through the K/V caches
-        rows = adapter.joint_rows(layout, c1)
+        # the model on text + C1 only (C1 only with text_tokens="cache"); attention over every token through the
+        # K/V caches
+        rows = adapter.joint_rows(layout, c1, text=text)
         ctl.begin(AttnMode.SUBSET, state.kv, store_kv=False, score=next_partial, rows=rows,
                   key_start=adapter.image_key_start(layout))
         ctl.modulation = self._modulation(args, kwargs, info, state)
         if state.graphs:
             out, new = self._graph_subset(args, kwargs, c1, rows, info.context)
         else:
-            out, new = adapter.run_subset(self.fn_ref.original_forward, args, kwargs, c1)  # new: [B, n_c1, C]
+            out, new = adapter.run_subset(self.fn_ref.original_forward, args, kwargs, c1, text=text)  # [B, n_c1, C]
         state.his = self._scores()
 
         # assemble: C2 = last value, C3 = weighted history or Taylor forecast, C1 = new
@@ -438,7 +459,7 @@ class SpecDiffModelHook(StepDriverHook):
 
         rec.decision = PARTIAL
         rec.tokens_computed = n_c1
-        state.blocks_computed = self.n_blocks * (n_text + n_c1) / (n_text + n_img)
+        state.blocks_computed = self.n_blocks * (n_text_computed + n_c1) / (n_text + n_img)
         counts = torch.stack([(level == k).sum() for k in (1, 2, 3)]).float()
         packed = torch.cat([counts, score.float(), level.float()]) if cfg.record_maps else counts
         rec.extra = {"c1": n_c1, "c2": None, "c3": None, "score_pairs": ctl.score_pairs,
@@ -513,7 +534,7 @@ class SpecDiffModelHook(StepDriverHook):
         the tensor arguments and the rows copied into the graph's buffers. (out, new) as run_subset."""
         adapter, ctl = self.adapter, self.control
         forward = self.fn_ref.original_forward
-        sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1)
+        sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1, text=self.config.computes_text)
         leaves, spec = tree_flatten((sub_args, sub_kwargs))
         desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
         key = (context, ctl.kv_generation, ctl.score, str(spec), hashable(desc))
@@ -643,6 +664,11 @@ def attach_specdiff(pipe, adapter: Adapter, config: SpecDiffConfig) -> Handle:
             f"SpecDiff needs a flow-matching scheduler with `sigmas` (e.g. FlowMatchEulerDiscreteScheduler) for its "
             f"speculative pre-run; {type(pipe.scheduler).__name__} has none"
         )
+    if not config.computes_text and not adapter.supports_text_cache:
+        raise ValueError(
+            f"SpecDiff text_tokens='cache' is not supported for the {adapter.family} family (its text tokens are "
+            f"not reached through attention alone, or its transformer cannot take a call without them); use "
+            f"text_tokens='compute'")
     handle = Handle(pipe, adapter, "specdiff", config, HOOK_NAME)
     driver = SpecDiffModelHook(pipe, adapter, config, SpecDiffState, handle)
     modules = driver.attn_modules

@@ -315,18 +315,57 @@ def test_compute_counted_from_linears_matches_the_trace(env, method):
         assert trace.summary()["ideal_speedup"] > 1.05
 
 
-def check_token_rows(fam: Family, recs, calls, ref, batch: int = 1) -> None:
+def test_specdiff_text_cache_compute_counted_from_linears(env):
+    """SpecDiff with text_tokens="cache" (FLUX; refused for the other families): on partial calls no text row
+    enters any Linear, image rows are the C1 tokens, and the trace's blocks_computed = n_blocks x C1 / (text + N)
+    equals the multiply-accumulates counted, call by call."""
+    fam, pipe = env.fam, env.pipe
+    cfg = accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3, text_tokens="cache")
+    if fam.name != "flux":
+        with pytest.raises(ValueError, match="text_tokens='cache' is not supported"):
+            accel.apply(pipe, cfg)
+        assert not hooks_on(pipe)
+        return
+    meter = Meter(fam, pipe.transformer)
+    try:
+        fam.run(pipe)
+        ref = meter.calls[0]
+        meter.calls.clear()
+        with accel.apply(pipe, cfg) as h:
+            fam.run(pipe)
+            trace = h.trace
+    finally:
+        meter.close()
+    recs = call_records(trace)
+    assert len(meter.calls) == len(recs)
+    n1 = cfg.n_computed(fam.n_image)
+    for rec, call in zip(recs, meter.calls):
+        assert rec.blocks_computed == pytest.approx(meter.block_equivalents(call, ref, "token_macs"), rel=1e-9), rec
+        if rec.decision == "partial":
+            assert rec.blocks_computed == pytest.approx(meter.n_blocks * n1 / (fam.n_text + fam.n_image), rel=1e-12)
+    check_token_rows(fam, recs, meter.calls, ref, text_cached=True)
+
+
+def check_token_rows(fam: Family, recs, calls, ref, batch: int = 1, text_cached: bool = False) -> None:
     """SpecDiff: every Linear that carries image tokens gets exactly `tokens_computed` of them per sample; a Linear
-    that carries only text tokens gets all of them, on every call."""
+    that carries only text tokens gets all of them, on every call (with `text_cached`, none on partial calls: then
+    a Linear that carries both gets no text row either)."""
     text_rows = batch * fam.n_text
     for rec, call in zip(recs, calls):
         assert rec.tokens_total == fam.n_image
         assert set(call) == set(ref)
         skipped = batch * (fam.n_image - rec.tokens_computed)
+        no_text = text_cached and rec.decision == "partial"
         for name, plain in ref.items():
             if not plain["rows"]:
                 continue
-            expect = plain["rows"] if plain["rows"] == text_rows * plain["calls"] else plain["rows"] - skipped
+            text_only = plain["rows"] == text_rows * plain["calls"]
+            if not no_text:
+                expect = plain["rows"] if text_only else plain["rows"] - skipped
+            else:  # rows per call: text only, image only, or both (joint)
+                per_call = plain["rows"] // plain["calls"]
+                assert per_call in (text_rows, batch * fam.n_image, text_rows + batch * fam.n_image), name
+                expect = 0 if text_only else plain["calls"] * batch * rec.tokens_computed
             assert call[name]["rows"] == expect, (rec.step, name)
     assert any(r.tokens_computed < fam.n_image for r in recs)
 
@@ -524,8 +563,15 @@ def specdiff_replay(env):
     rebuilt with the plain transformer: full steps as they are; partial steps as dense calls whose attention layers
     take, for the image tokens outside C1, K/V from a cache that the reference keeps itself (the previous steps'
     dense K/V, C1 and text rows overwritten step by step); the pre-run as Euler steps from step 0's output."""
+    return replay_specdiff(env, SPECDIFF_REF)
+
+
+def replay_specdiff(env, config: dict) -> dict:
+    """`specdiff_replay` for a config. With text_tokens="cache" the reference overwrites only the C1 rows: the text
+    rows of its cache stay those of the last full step, and the history scores C1's queries only."""
     fam, pipe = env.fam, env.pipe
-    cfg = accel.SpecDiffConfig(**SPECDIFF_REF)
+    cfg = accel.SpecDiffConfig(**config)
+    text_cached = cfg.text_tokens == "cache"
     calls = []
     keep = pipe.transformer.register_forward_hook(
         lambda mod, args, kwargs, out: calls.append(({k: v.clone() if torch.is_tensor(v) else v
@@ -540,7 +586,7 @@ def specdiff_replay(env):
     assert len(calls) == len(trace.steps) == fam.steps
 
     ref = {"trace": trace, "accel_out": [fam.out_tokens(o) for _, o in calls], "ref_out": {}, "stale_out": {},
-           "importance": {}, "c1": {}}
+           "importance": {}, "c1": {}, "text_fresh_out": {}}
     t = pipe.transformer
     every, stride = cfg.score_every, cfg.score_query_stride
     with pytest.MonkeyPatch.context() as mp:
@@ -573,10 +619,23 @@ def specdiff_replay(env):
             ref["importance"][i] = (imp / imp.max(), sigmas[j])
             c1 = (torch.tensor(rec.maps["level"]).flatten() == 1).nonzero().flatten()
             ref["c1"][i] = c1
-            fresh = torch.cat([fam.joint_text_rows(), fam.joint_image_rows(c1)])
+            fresh = fam.joint_image_rows(c1) if text_cached else torch.cat([fam.joint_text_rows(),
+                                                                              fam.joint_image_rows(c1)])
             if i not in ref["stale_out"] and not ref["stale_out"]:  # the first partial step, without the row update
                 out, _ = tap.call(t, kw, rewrite=lambda l, k, v: (cache[l][0], cache[l][1]))
                 ref["stale_out"][i] = fam.out_tokens(out)[:, c1]
+
+            if text_cached:  # the same step with fresh text rows too (what text_tokens="compute" would attend to)
+                both = torch.cat([fam.joint_text_rows(), fresh])
+
+                def merge_text_too(layer, key, value):
+                    ck, cv = cache[layer][0].clone(), cache[layer][1].clone()
+                    ck[:, both] = key[:, both]
+                    cv[:, both] = value[:, both]
+                    return ck, cv
+
+                out, _ = tap.call(t, kw, rewrite=merge_text_too)
+                ref["text_fresh_out"][i] = fam.out_tokens(out)[:, c1]
 
             def merge(layer, key, value):
                 ck, cv = cache[layer]
@@ -603,6 +662,26 @@ def test_specdiff_partial_steps_match_the_dense_reference(env, specdiff_replay):
     # the reference can tell: the same step without the row update is far off
     (i, stale), = ref["stale_out"].items()
     assert (stale - ref["ref_out"][i]).norm() > 100 * 1e-5 * ref["ref_out"][i].norm()
+
+
+def test_specdiff_text_cache_partial_steps_match_the_dense_reference(env):
+    """text_tokens="cache" (FLUX): each partial step's C1 outputs = the dense reference whose cache keeps the last
+    full step's text rows; the same reference with fresh text rows (what "compute" does) is far off, so a partial
+    step that still computed the text would fail this."""
+    if env.fam.name != "flux":
+        pytest.skip("text_tokens='cache' is FLUX only (the refusal: test_specdiff_text_cache_compute_counted...)")
+    cfg = dict(SPECDIFF_REF, text_tokens="cache")
+    ref = replay_specdiff(env, cfg)
+    assert len(ref["ref_out"]) == env.fam.steps - SPECDIFF_REF["warmup_steps"]
+    for i, expect in ref["ref_out"].items():
+        close(ref["accel_out"][i][:, ref["c1"][i]], expect, rtol=1e-4, atol=1e-5)
+    # the importance follows the same reference (history from C1's queries only)
+    for i, (expect, _) in ref["importance"].items():
+        got = torch.tensor(ref["trace"].steps[i].maps["importance"], dtype=torch.float64).flatten()
+        close(got, expect, rtol=1e-4, atol=1e-6)
+    # the reference can tell: the same inputs attending to fresh text rows are far off
+    last = max(ref["ref_out"])
+    assert (ref["text_fresh_out"][last] - ref["ref_out"][last]).norm() > 100 * 1e-5 * ref["ref_out"][last].norm()
 
 
 def test_specdiff_importance_term_by_term(env, specdiff_replay):

@@ -367,3 +367,11 @@ def test_unsupported_models_raise_clear_errors(pipe):
             accel.apply(i2v, cfg)
     with pytest.raises(ValueError, match=r"verify_block=4 is out of range: this model has 4 blocks"):
         accel.apply(pipe, accel.SpeCaConfig(verify_block=4))
+    # SpecDiff's text caching: FLUX only (HunyuanVideo's text goes through the token refiner, masked); nothing is
+    # left attached by the refusal
+    with pytest.raises(ValueError, match="text_tokens='cache' is not supported for the hunyuan_video family"):
+        accel.apply(pipe, accel.SpecDiffConfig(text_tokens="cache"))
+    assert all(type(m.processor).__module__.startswith("diffusers") for m in pipe.transformer.modules()
+               if hasattr(m, "processor"))
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.0)):
+        pass

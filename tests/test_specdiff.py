@@ -78,9 +78,11 @@ def test_processor_full_path_matches_diffusers_processor_bitwise(pipe):
         assert layer in kv and kv[layer][0].shape[1] == n
 
 
-def test_partial_call_with_fresh_cache_reproduces_full_outputs(pipe):
+@pytest.mark.parametrize("text", [True, False], ids=["text-computed", "text-cached"])
+def test_partial_call_with_fresh_cache_reproduces_full_outputs(pipe, text):
     """K/V mechanics: cache every layer's K/V on a full call, then run only some image tokens (latents and
-    img_ids restricted, text kept) on the same input: their outputs equal the full call's."""
+    img_ids restricted, text kept, or with `text=False` no text token at all: `text_tokens="cache"`) on the same
+    input: their outputs equal the full call's. Without text, the text rows of every cache stay the full call's."""
     t = pipe.transformer
     ad = adapter_for(t)
     mods = ad.attention_modules()
@@ -103,15 +105,41 @@ def test_partial_call_with_fresh_cache_reproduces_full_outputs(pipe):
         ctl.end()
         idx = torch.tensor([40, 3, 10, 11, 63])  # any order: rows follow the index
         layout = TokenLayout(grid=(8, 8), n_text=TXT_LEN)
-        ctl.begin("partial", kv, store_kv=False, score=True, rows=ad.joint_rows(layout, idx), key_start=TXT_LEN)
-        a, k = ad.with_call_inputs((), kw, image_index=idx)
+        text_kv = {layer: (k_[:, :TXT_LEN].clone(), v_[:, :TXT_LEN].clone()) for layer, (k_, v_) in kv.items()}
+        rows = ad.joint_rows(layout, idx, text=text)
+        assert rows.tolist() == (list(range(TXT_LEN)) if text else []) + (idx + TXT_LEN).tolist()
+        ctl.begin("partial", kv, store_kv=False, score=True, rows=rows, key_start=TXT_LEN)
+        a, k = ad.with_call_inputs((), kw, image_index=idx, text=text)
+        assert k["encoder_hidden_states"].shape[1] == k["txt_ids"].shape[0] == (TXT_LEN if text else 0)
         part = t(*a, **k)[0]
+        attn_pairs = ctl.attn_pairs
         ctl.end()
         assert part.shape == (1, 5, 16)
         torch.testing.assert_close(part, full[:, idx], rtol=1e-4, atol=1e-5)
+        # queries: (text +) 5 image tokens, against every cached key, in 5 layers x 2 heads
+        assert attn_pairs == 5 * 2 * ((TXT_LEN if text else 0) + 5) * (TXT_LEN + N_IMG)
+        if not text:
+            assert all(torch.equal(kv[layer][0][:, :TXT_LEN], k_) and torch.equal(kv[layer][1][:, :TXT_LEN], v_)
+                       for layer, (k_, v_) in text_kv.items())
     finally:
         for m, p in zip(mods, originals):
             m.set_processor(p)
+
+
+def test_text_cache_all_full_and_remove_are_plain(pipe):
+    """text_tokens="cache": cache_rate 0 is the plain pipeline bit for bit; an accelerated run really differs from
+    the same run computing the text (the text rows come from the caches), and remove() gives the plain output."""
+    plain = run(pipe, STEPS, size=SIZE)
+    with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.0, text_tokens="cache")):
+        assert torch.equal(run(pipe, STEPS, size=SIZE), plain)
+    outs = {}
+    for text_tokens in ("compute", "cache"):
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.75, text_tokens=text_tokens)) as h:
+            outs[text_tokens] = run(pipe, STEPS, size=SIZE)
+            assert sum(r.decision == "partial" for r in h.trace.steps) == STEPS - 4
+    assert not torch.equal(outs["cache"], outs["compute"]) and not torch.equal(outs["cache"], plain)
+    assert rel(outs["cache"], plain) < 0.5  # still the same picture, roughly
+    assert torch.equal(run(pipe, STEPS, size=SIZE), plain)
 
 
 # ---- the step plan --------------------------------------------------------------------------------------
@@ -184,12 +212,13 @@ def test_bfloat16_run():
 
 
 # ---- real savings ---------------------------------------------------------------------------------------
-def test_partial_step_cost_accounting(pipe):
+@pytest.mark.parametrize("text_tokens", ["compute", "cache"])
+def test_partial_step_cost_accounting(pipe, text_tokens):
     """(Token rows entering every leaf Linear, call by call: tests/test_contract.py.) What the trace charges a
     partial step: blocks in proportion to the tokens computed, attention and score pairs of text + C1 queries
-    against every key, and the pre-run in the ideal speedup."""
+    (C1 only with text_tokens="cache") against every key, and the pre-run in the ideal speedup."""
     with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.9, spec_steps=3, score_every=1,
-                                                score_query_stride=1)) as h:
+                                                score_query_stride=1, text_tokens=text_tokens)) as h:
         run(pipe, STEPS, size=SIZE)
         trace = h.trace
     assert len(trace.overhead) == 2
@@ -200,16 +229,17 @@ def test_partial_step_cost_accounting(pipe):
     assert [r.extra for r in trace.steps[:4]] == [
         {"c1": N_IMG, "c2": 0, "c3": 0, "score_pairs": sp, "score_layers": sl, "attn_pairs": dense}
         for sp, sl in ((dense, 5), (0, 0), (0, 0), (dense, 5))]
-    # cost accounting: partial blocks = n_blocks * (text + C1) / (text + all), the pre-run counted in
+    # cost accounting: partial blocks = n_blocks * (text computed + C1) / (text + all), the pre-run counted in
+    text = TXT_LEN if text_tokens == "compute" else 0
     part = [r for r in trace.steps if r.decision == "partial"]
-    assert all(math.isclose(r.blocks_computed, 5 * (TXT_LEN + n1) / (TXT_LEN + N_IMG)) for r in part)
-    # attention: text + C1 queries against every key, in 5 layers x 2 heads; scores on the same pairs
-    pairs = 5 * 2 * (TXT_LEN + n1) * (TXT_LEN + N_IMG)
+    assert all(math.isclose(r.blocks_computed, 5 * (text + n1) / (TXT_LEN + N_IMG)) for r in part)
+    # attention: text + C1 queries (C1 only) against every key, in 5 layers x 2 heads; scores on the same pairs
+    pairs = 5 * 2 * (text + n1) * (TXT_LEN + N_IMG)
     assert all(r.extra["attn_pairs"] == pairs for r in part)
     assert all(r.extra["score_pairs"] == pairs for r in part[:-1]) and part[-1].extra["score_pairs"] == 0
     assert all(isinstance(r.extra[k], int) for r in trace.steps for k in ("c1", "c2", "c3"))
     s = trace.summary()
-    done = 4 * 5 + len(part) * 5 * (TXT_LEN + n1) / (TXT_LEN + N_IMG) + 2 * 5
+    done = 4 * 5 + len(part) * 5 * (text + n1) / (TXT_LEN + N_IMG) + 2 * 5
     assert s["ideal_speedup"] == round(STEPS * 5 / done, 4) and s["overhead_calls"] == 2
 
 
@@ -662,8 +692,11 @@ def test_regional_compilation_stays_under_the_recompile_limit():
 
     p = tiny_flux_pipe(seed=3, double=3, single=10)  # more blocks of each kind than the recompile limit
     cfg = accel.SpecDiffConfig(cache_rate=0.85, score_every=3)
+    text_cached = accel.SpecDiffConfig(cache_rate=0.85, score_every=3, text_tokens="cache")
     with accel.apply(p, cfg):
         eager = run(p, 10, size=SIZE)
+    with accel.apply(p, text_cached):
+        eager_text_cached = run(p, 10, size=SIZE)
     dynamo.reset()
     counters.clear()
     old = dynamo.config.recompile_limit, dynamo.config.fail_on_recompile_limit_hit
@@ -678,13 +711,18 @@ def test_regional_compilation_stays_under_the_recompile_limit():
         with accel.apply(p, accel.SpecDiffConfig(cache_rate=0.5, score_every=1, c3_mode="taylor")):
             run(p, 10, size=SIZE)
         frames = counters["frames"]["total"]
+        with accel.apply(p, text_cached):  # partial steps with 0 text tokens (a size dynamo specialises on)
+            out_text_cached = run(p, 10, size=SIZE)
+        text_frames = counters["frames"]["total"] - frames
     finally:
         dynamo.config.recompile_limit, dynamo.config.fail_on_recompile_limit_hit = old
         dynamo.reset()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_text_cached, eager_text_cached, rtol=1e-5, atol=1e-6)
     assert torch.equal(again, out)
-    print("compiled frames: plain", plain_frames, "with SpecDiff", frames)
+    print("compiled frames: plain", plain_frames, "with SpecDiff", frames, "then with text cached", text_frames)
     assert frames - plain_frames <= 24, frames  # a per-layer guard would add one per block
+    assert text_frames <= 12, text_frames  # fewer than the blocks (13): no per-layer guard either
 
 
 # ---- isolation, CFG, configs -------------------------------------------------------------------------
@@ -748,7 +786,8 @@ def test_refresh_every_and_score_every(pipe):
     (dict(record_maps="yes"), "record_maps"), (dict(c3_mode="linear"), "c3_mode"), (dict(c3_order=5), "c3_order"),
     (dict(c3_mode="taylor", c3_order=3, history_window=3), "history_window"),
     (dict(score_query_stride=0), "score_query_stride"), (dict(cuda_graphs="no"), "cuda_graphs"),
-    (dict(hoist_modulation=0), "hoist_modulation"),
+    (dict(hoist_modulation=0), "hoist_modulation"), (dict(text_tokens="skip"), "text_tokens"),
+    (dict(text_tokens=None), "text_tokens"),
 ])
 def test_bad_config_raises_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -16,8 +16,9 @@ def run(pipe, steps=12):
     return tiny.run(pipe, steps, size=128, device="cuda")
 
 
-@pytest.mark.parametrize("cfg", [dict(cache_rate=0.75), dict(cache_rate=0.5, c3_mode="taylor", score_every=1)],
-                         ids=["history", "taylor-every-layer"])
+@pytest.mark.parametrize("cfg", [dict(cache_rate=0.75), dict(cache_rate=0.5, c3_mode="taylor", score_every=1),
+                                 dict(cache_rate=0.75, text_tokens="cache")],
+                         ids=["history", "taylor-every-layer", "text-cached"])
 def test_graphs_match_eager(cuda_pipe, cfg):
     base = run(cuda_pipe)
     outs, traces = {}, {}

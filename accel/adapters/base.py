@@ -139,6 +139,10 @@ class Adapter:
     """SpeCa and SpecDiff may run under diffusers' context parallelism on this family (accel/distributed.py):
     its CP plan splits text and image tokens in equal contiguous chunks and every block's joint sequence on a
     rank is [its text shard, its image shard], text first."""
+    supports_text_cache = False
+    """SpecDiff's `text_tokens="cache"` works on this family: its transformer takes a call with no text tokens
+    (`with_call_inputs(..., text=False)`), and text reaches the image tokens only through attention, so the text
+    rows of the K/V caches stand for the text stream."""
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
@@ -222,9 +226,9 @@ class Adapter:
     def get_attention_processor(self, attn: nn.Module):
         return attn.processor
 
-    def joint_rows(self, layout: TokenLayout, image_index: torch.Tensor) -> torch.Tensor:
-        """Positions, in an attention layer's joint token sequence, of all text tokens and of the image tokens
-        `image_index`, in the order the subset call feeds them."""
+    def joint_rows(self, layout: TokenLayout, image_index: torch.Tensor, text: bool = True) -> torch.Tensor:
+        """Positions, in an attention layer's joint token sequence, of all text tokens (none when `text` is
+        False) and of the image tokens `image_index`, in the order the subset call feeds them."""
         raise NotImplementedError
 
     def image_key_start(self, layout: TokenLayout) -> int:
@@ -236,17 +240,19 @@ class Adapter:
         raise NotImplementedError
 
     def with_call_inputs(self, args: tuple, kwargs: dict, latents: torch.Tensor | None = None,
-                         timestep: torch.Tensor | None = None, image_index: torch.Tensor | None = None):
+                         timestep: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
+                         text: bool = True):
         """(args, kwargs) of the same call with other latents / timestep, or restricted to the image tokens
-        `image_index` (latents and their position ids), so the model computes only those image tokens."""
+        `image_index` (latents and their position ids), so the model computes only those image tokens; with
+        `text` False also without any text token (families with `supports_text_cache`)."""
         raise NotImplementedError
 
-    def run_subset(self, forward, args: tuple, kwargs: dict, image_index: torch.Tensor):
-        """Run `forward` (the transformer's own forward) on all text tokens and the image tokens `image_index`
-        only: (the call's return value, the model output of those tokens [batch, len(image_index), channels]).
-        Default: restrict the call's inputs (`with_call_inputs`); a model that cannot take a token subset as
-        input overrides this."""
-        sub_args, sub_kwargs = self.with_call_inputs(args, kwargs, image_index=image_index)
+    def run_subset(self, forward, args: tuple, kwargs: dict, image_index: torch.Tensor, text: bool = True):
+        """Run `forward` (the transformer's own forward) on all text tokens (none when `text` is False) and the
+        image tokens `image_index` only: (the call's return value, the model output of those tokens
+        [batch, len(image_index), channels]). Default: restrict the call's inputs (`with_call_inputs`); a model
+        that cannot take a token subset as input overrides this."""
+        sub_args, sub_kwargs = self.with_call_inputs(args, kwargs, image_index=image_index, text=text)
         out = forward(*sub_args, **sub_kwargs)
         return out, self.output_sample(out)
 

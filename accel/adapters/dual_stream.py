@@ -112,11 +112,14 @@ class DualStreamAdapter(Adapter):
         t = self.transformer
         return [b.attn for b in t.transformer_blocks] + [b.attn for b in t.single_transformer_blocks]
 
-    def joint_rows(self, layout: TokenLayout, image_index: torch.Tensor) -> torch.Tensor:
-        text = torch.arange(layout.n_text, device=image_index.device, dtype=image_index.dtype)
+    def joint_rows(self, layout: TokenLayout, image_index: torch.Tensor, text: bool = True) -> torch.Tensor:
+        image = image_index + layout.n_text if self.text_first else image_index
+        if not text:
+            return image
+        text_rows = torch.arange(layout.n_text, device=image_index.device, dtype=image_index.dtype)
         if self.text_first:
-            return torch.cat([text, image_index + layout.n_text])
-        return torch.cat([image_index, text + layout.n_image])
+            return torch.cat([text_rows, image])
+        return torch.cat([image, text_rows + layout.n_image])
 
     def modulation_linears(self) -> list:
         t = self.transformer

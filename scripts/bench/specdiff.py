@@ -5,6 +5,8 @@ GPU (FLUX.1-dev-sized transformer, random bf16 weights, 1024², prompt embedding
 the paper's FLUX setting):
     python -m scripts.bench.specdiff --random-flux-dev --cache-rates 0.85,0.95 --c3-modes history,taylor \\
         --taylorseer lite --speca every:8 --modes eager,compiled --repeats 3
+    python -m scripts.bench.specdiff --random-flux-dev --cache-rates 0.85,0.95 --text-tokens compute,cache \
+        --taylorseer lite --repeats 3                     # partial steps with the text tokens computed / cached
 CPU, bundled tiny FLUX (falls back to the tests' tiny random pipe when assets/models/tiny-flux is missing):
     python -m scripts.bench.specdiff --model assets/models/tiny-flux --steps 28 --size 128
     python -m scripts.bench.specdiff --tiny-random --steps 28 --size 256
@@ -18,7 +20,8 @@ final latents. SpecDiff and SpeCa are timed with `sync_timing=False` (no per-ste
 run); one more SpecDiff call with `sync_timing=True` gives the median partial / full step and pre-run times.
 "Compiled" = `transformer.compile_repeated_blocks(dynamic=True)` (diffusers' regional compilation; dynamic
 shapes, so that full and partial steps share one graph per block class); that mode runs the plain pipeline,
-SpecDiff with the first value of each SpecDiff list (every cache rate), and TaylorSeerCache.
+SpecDiff with the first value of each SpecDiff list (every cache rate and --text-tokens value), and
+TaylorSeerCache.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def main():
     ap.add_argument("--modes", default="eager", help="comma list of eager, compiled (every row in each mode)")
     ap.add_argument("--cache-rates", default="0.5,0.85,0.95")
     ap.add_argument("--c3-modes", default="history", help="comma list of SpecDiff c3_mode values")
+    ap.add_argument("--text-tokens", default="compute",
+                    help="comma list of SpecDiff text_tokens values (compute, cache), every value in each mode")
     ap.add_argument("--score-every", default="4", help="comma list: one SpecDiff row per value and cache rate")
     ap.add_argument("--score-query-stride", default="2", help="comma list of SpecDiff score_query_stride values")
     ap.add_argument("--spec-steps", type=int, default=2)
@@ -183,26 +188,30 @@ def main():
         one = (lambda x: x[:1]) if mode == "compiled" else (lambda x: x)  # compiled: the first of each list
         for every in one(lists(args.score_every, int)):
             for stride in one(lists(args.score_query_stride, int)):
-                for c3 in one(lists(args.c3_modes, str)):
-                    for rate in lists(args.cache_rates, float):
-                        label = f"specdiff {rate:.2f} {c3} score/{every} q/{stride}"
-                        out = specdiff_row(mode, t_base, peak_base, label, cache_rate=rate, score_every=every,
-                                           score_query_stride=stride, c3_mode=c3, cuda_graphs=not args.no_graphs)
-                        if first and args.graphs_check and cuda and not args.no_graphs:
-                            eager_out = specdiff_row(mode, t_base, peak_base, label + " no graphs", cache_rate=rate,
-                                                     score_every=every, score_query_stride=stride, c3_mode=c3,
-                                                     cuda_graphs=False)
-                            d = (out.float() - eager_out.float()).abs().max().item()
-                            rows[-1]["graphs_vs_eager_max_abs"] = d
-                            print(f"graphs vs no graphs: max |diff| of the final latents {d:.3g} "
-                                  f"({'bit-identical' if d == 0 else 'differ'})", flush=True)
-                        if first and args.profile and mode == "eager":
-                            cfg = accel.SpecDiffConfig(cache_rate=rate, score_every=every, score_query_stride=stride,
-                                                       c3_mode=c3, cuda_graphs=not args.no_graphs, sync_timing=False)
-                            with accel.apply(pipe, cfg):
-                                call(pipe, kw, args, device)
-                                profile_run(pipe, kw, args, device, args.profile)
-                        first = False
+                for c3, text, rate in [(c3, text, rate) for c3 in one(lists(args.c3_modes, str))
+                                       for text in lists(args.text_tokens, str)
+                                       for rate in lists(args.cache_rates, float)]:
+                    label = f"specdiff {rate:.2f} {c3} score/{every} q/{stride}"
+                    label += "" if text == "compute" else f" text/{text}"
+                    out = specdiff_row(mode, t_base, peak_base, label, cache_rate=rate, score_every=every,
+                                       score_query_stride=stride, c3_mode=c3, text_tokens=text,
+                                       cuda_graphs=not args.no_graphs)
+                    if first and args.graphs_check and cuda and not args.no_graphs:
+                        eager_out = specdiff_row(mode, t_base, peak_base, label + " no graphs", cache_rate=rate,
+                                                 score_every=every, score_query_stride=stride, c3_mode=c3,
+                                                 text_tokens=text, cuda_graphs=False)
+                        d = (out.float() - eager_out.float()).abs().max().item()
+                        rows[-1]["graphs_vs_eager_max_abs"] = d
+                        print(f"graphs vs no graphs: max |diff| of the final latents {d:.3g} "
+                              f"({'bit-identical' if d == 0 else 'differ'})", flush=True)
+                    if first and args.profile and mode == "eager":
+                        cfg = accel.SpecDiffConfig(cache_rate=rate, score_every=every, score_query_stride=stride,
+                                                   c3_mode=c3, text_tokens=text, cuda_graphs=not args.no_graphs,
+                                                   sync_timing=False)
+                        with accel.apply(pipe, cfg):
+                            call(pipe, kw, args, device)
+                            profile_run(pipe, kw, args, device, args.profile)
+                    first = False
 
         for spec in one(lists(args.speca, str)) if mode == "eager" else []:
             kind, _, n = spec.partition(":")

@@ -5,6 +5,7 @@ where SpecDiff's error comes from.
     python -m scripts.bench.specdiff_fidelity --family video -n 16           # assets/models/tiny-hunyuanvideo, 20 steps
     python -m scripts.bench.specdiff_fidelity --family flux -n 4 --why       # per-level error analysis only
     python -m scripts.bench.specdiff_fidelity --family flux -n 8 --refresh   # periodic full refreshes
+    python -m scripts.bench.specdiff_fidelity --family flux -n 16 --text-tokens compute,cache  # text on partial steps
 
 Prompts are drawn from the tiny models' caption grammar (held-out scenes, `--seed`), encoded once; each method
 runs every prompt with the same generator seed as the plain run. Methods are interleaved prompt by prompt, so
@@ -95,8 +96,12 @@ class Family:
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
-def methods(family: str, strides: bool, refresh: bool = False) -> list[tuple[str, object]]:
+def methods(family: str, strides: bool, refresh: bool = False, text_tokens: tuple[str, ...] = ()
+            ) -> list[tuple[str, object]]:
     """(label, config or ("taylorseer", lite, interval)) in run order."""
+    if text_tokens:  # SpecDiff's text tokens on partial steps computed or cached, C3 history (the default)
+        return [(f"specdiff {rate:.2f} text {tt}", accel.SpecDiffConfig(cache_rate=rate, text_tokens=tt))
+                for rate in (0.85, 0.95) for tt in text_tokens]
     if refresh:  # periodic full refreshes (RAS), each C3 mode, against TaylorSeer lite at a similar ideal speedup
         out = [(f"specdiff {rate:.2f} {c3} refresh/4", accel.SpecDiffConfig(cache_rate=rate, c3_mode=c3, refresh_every=4))
                for rate in (0.85, 0.95) for c3 in ("history", "taylor")]
@@ -133,7 +138,7 @@ def run_method(fam: Family, cfg, emb, seed):
 
 def compare(args, fam: Family) -> dict:
     prompts = fam.prompts(args.n, args.seed)
-    meths = methods(fam.name, args.strides, args.refresh)
+    meths = methods(fam.name, args.strides, args.refresh, tuple(t for t in args.text_tokens.split(",") if t))
     stats = {label: dict(walls=[], psnr=[], ideal=None) for label, _ in [("full", None)] + meths}
     for i, prompt in enumerate(prompts):
         emb = fam.encode(prompt)
@@ -257,6 +262,8 @@ def main():
     ap.add_argument("--strides", action="store_true", help="also SpecDiff 0.85 with score_query_stride 2, 4 and every layer")
     ap.add_argument("--refresh", action="store_true",
                     help="instead: SpecDiff with a full refresh every 5th step (each C3 mode) vs TaylorSeer lite N3 / N5")
+    ap.add_argument("--text-tokens", default="", metavar="compute,cache",
+                    help="instead: SpecDiff 0.85 / 0.95 with these text_tokens values (FLUX only for 'cache')")
     ap.add_argument("--why", action="store_true", help="the teacher-forced error analysis (instead of the comparison)")
     ap.add_argument("--why-n", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0)

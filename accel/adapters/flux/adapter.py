@@ -26,6 +26,7 @@ class FluxAdapter(DualStreamAdapter):
     output_order = ("txt", "img")
     clip_fp16 = True
     supports_context_parallel = True  # diffusers' FluxTransformer2DModel._cp_plan splits txt and img tokens
+    supports_text_cache = True  # the model takes 0 text tokens (0 rows of txt_ids); text meets image in attention only
 
     def token_layout(self, args, kwargs) -> TokenLayout:
         img_ids = self.call_args.get(args, kwargs, "img_ids")
@@ -48,8 +49,13 @@ class FluxAdapter(DualStreamAdapter):
     def kv_cache_processor(self, attn, layer: int, control):
         return FluxSpecDiffAttnProcessor(layer, control, attn.processor)
 
-    def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None):
+    def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None, text=True):
         new = {}
+        if not text:  # no text token: the attention layers read the text rows from their K/V caches
+            enc = self.call_args.get(args, kwargs, "encoder_hidden_states")
+            txt_ids = self.call_args.get(args, kwargs, "txt_ids")
+            new["encoder_hidden_states"] = enc[:, :0]
+            new["txt_ids"] = txt_ids[..., :0, :]
         hidden = latents if latents is not None else self.call_args.get(args, kwargs, "hidden_states")
         if timestep is not None:
             new["timestep"] = timestep

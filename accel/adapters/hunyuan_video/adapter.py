@@ -69,8 +69,8 @@ class HunyuanVideoAdapter(DualStreamAdapter):
     def kv_cache_processor(self, attn, layer: int, control):
         return HunyuanVideoSpecDiffAttnProcessor(layer, control, attn.processor)
 
-    def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None):
-        if image_index is not None:
+    def with_call_inputs(self, args, kwargs, latents=None, timestep=None, image_index=None, text=True):
+        if image_index is not None or not text:
             raise NotImplementedError("HunyuanVideo runs token subsets through run_subset (dense latents in)")
         new = {"hidden_states": latents, "timestep": timestep}
         return self.call_args.replace(args, kwargs, **{k: v for k, v in new.items() if v is not None})
@@ -90,7 +90,9 @@ class HunyuanVideoAdapter(DualStreamAdapter):
         x = tokens.reshape(b, f, h, w, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, x.shape[1], f * pt, h * p, w * p)
 
-    def run_subset(self, forward, args, kwargs, image_index: torch.Tensor):
+    def run_subset(self, forward, args, kwargs, image_index: torch.Tensor, text: bool = True):
+        if not text:  # the token refiner mixes the text tokens before the blocks (supports_text_cache is False)
+            raise NotImplementedError("HunyuanVideo computes every text token on a subset call")
         t = self.transformer
         rows: dict[str, torch.Tensor] = {}
 
