@@ -416,9 +416,12 @@ class Lab:
                 break
             ticket.progress = f"step {up.step + 1}/{spec.steps}"
             if up.trace is not None:
+                # the run's first update clears the last run's pictures: "this method" and "full run" would
+                # otherwise show a finished run's images beside this run's live preview
+                stale = {} if shown else dict(image=None, full_image=None)
                 yield panels(preview=up.preview if up.preview is not None else gr.skip(),
                              summary=summary_markdown(up.trace, {"running": True, "model": spec.preset}),
-                             **streamed_panels(up.trace, shown))
+                             **stale, **streamed_panels(up.trace, shown))
         trace, result = final.trace, final.result
         extra, ref, pairs = {"stopped": final.stopped, "calibrated": calibrated, "compiled": compiled_note}, None, []
         diff_note = "tick 'compare with the full run' to see it"

@@ -287,6 +287,10 @@ def test_streamed_updates_build_only_the_figures_that_changed(monkeypatch):
     assert len(streamed) >= 3
     for u in streamed[1:]:  # after the first update: never rebuilt (the timeline only when new steps came)
         assert u["error_plot"] == gr.skip() and u["maps_plot"] == gr.skip()
+        assert u["image"] == gr.skip() and u["full_image"] == gr.skip()
+    # the first update clears the last run's pictures (a finished run's image beside a live preview misleads)
+    assert streamed[0]["image"] is None and streamed[0]["full_image"] is None
+    assert final["image"] is not None
     assert sum("error_plot" in b for b in built) == 2 and sum("maps_plot" in b for b in built) == 2
     timelines = sum(not isinstance(u["timeline_plot"], dict) for u in streamed)  # one per update with new steps
     assert sum("timeline_plot" in b for b in built) == timelines + 1 and timelines <= 8
