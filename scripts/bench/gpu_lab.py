@@ -358,6 +358,93 @@ def _request(client, outputs, deadline, **controls) -> dict:
                 summary_head=(summary or "").split("\n")[0][:160])
 
 
+def _has_file(value) -> bool:
+    """Whether an output's value, or its diff against the last update (Gradio's stream format), carries a file."""
+    if isinstance(value, dict):
+        if value.get("path") or value.get("url"):
+            return True
+        return any(_has_file(v) for v in value.values())
+    if isinstance(value, list):
+        if (len(value) == 3 and isinstance(value[0], str) and isinstance(value[1], list) and value[1]
+                and value[1][-1] in ("path", "url") and value[2]):
+            return True  # an edit of a diff that points a picture at a new file
+        return any(_has_file(v) for v in value)
+    return False
+
+
+def _wire_request(client, outputs, deadline, **controls) -> dict:
+    """One `/generate` request as a browser makes it (the queue's join, then the session's event stream, whose
+    updates carry diffs), timed as each message comes off the wire: `gradio_client` deep-copies every output's last
+    value to apply each diff before it hands an update over, which at ~3 updates a second with Plotly figures
+    falls seconds behind the server (run 3 of issue 13). The final message carries the full values."""
+    import uuid
+
+    import httpx
+
+    fn_index = client._infer_fn_index("/generate", None)
+    endpoint = client.endpoints[fn_index]
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    positional = [controls[p["parameter_name"]] if p["parameter_name"] in controls else p.get("parameter_default")
+                  for p in api]
+    data = list(endpoint.insert_empty_state(*positional))
+    api_outputs = [k for k in outputs if k != "trace"]  # the session's state is no API output
+    i_preview, i_image, i_summary, i_files = (api_outputs.index(k) for k in ("preview", "image", "summary", "files"))
+    session = uuid.uuid4().hex
+    arrivals, first_preview, image_at, final = [], None, None, None
+    t0 = time.perf_counter()
+    with httpx.Client(timeout=httpx.Timeout(30.0, read=None)) as h:
+        r = h.post(client.sse_data_url, json={"data": data, "fn_index": fn_index, "session_hash": session,
+                                               "event_data": None, "trigger_id": None})
+        r.raise_for_status()
+        with h.stream("GET", client.sse_url, params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                msg = json.loads(line[5:])
+                kind = msg.get("msg")
+                now = time.perf_counter() - t0
+                if kind in ("process_generating", "process_completed"):
+                    out = (msg.get("output") or {}).get("data") or []
+                    if kind == "process_completed" and not msg.get("success", True):
+                        raise RuntimeError(f"/generate failed: {str(msg.get('output'))[:300]}")
+                    files = [k for k, v in zip(api_outputs, out) if _has_file(v)]
+                    arrivals.append((round(now, 3), files))
+                    if first_preview is None and "preview" in files:
+                        first_preview = now
+                    if image_at is None and "image" in files:
+                        image_at = now
+                    if kind == "process_completed":
+                        final = out
+                if kind in ("process_completed", "close_stream"):
+                    break
+                if time.perf_counter() > deadline:
+                    raise TimeoutError("request past the deadline")
+    total = time.perf_counter() - t0
+    summary = final[i_summary] if final else ""
+    if isinstance(summary, dict):  # an update dict: its value
+        summary = summary.get("value") or ""
+    trace = {}
+    for f in (final[i_files] or []) if final else []:
+        path = f.get("path") if isinstance(f, dict) else f
+        if path and str(path).endswith("_trace.json") and os.path.isfile(path):  # the server's own file
+            with open(path) as fh:
+                trace = json.load(fh)
+    meta = trace.get("meta", {})
+    steps = trace.get("steps", [])
+    return dict(first_preview_s=first_preview, image_s=image_at, total_s=total, updates=len(arrivals),
+                arrivals=arrivals, t0=time.time() - total, client="wire",
+                shown_speedup=_summary_number(summary, r"measured speedup \(time\)[^*]*\*\*([0-9.]+)x"),
+                compile_warmup_s=_summary_number(summary, r"compile warm-up ([0-9.]+) s"),
+                denoiser_s=sum(r.get("time_ms") or 0 for r in steps) / 1e3 if steps else None,
+                peak_gib=(meta.get("peak_gpu_bytes") or 0) / 2**30 or None,
+                summary_head=(summary or "").split("\n")[0][:160])
+
+
+REQUEST = [_wire_request]
+"""How the rows' requests are made: `--client wire` (default: the browser's protocol, timed off the wire) or
+`--client gradio` (`gradio_client`, timed as it hands updates over)."""
+
+
 def _serve(folder: str, port: int, log_path: str, max_work: float):
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
     # app.py with a timeline of the server's side (scripts/lab/latency.py: each yield, image encode, postprocess,
@@ -414,23 +501,23 @@ def drive(server, family: str, tiny: bool, deadline: float, port: int) -> list[d
         client = _connect(f"http://127.0.0.1:{port}/", proc, max(10.0, deadline - time.time()))
         up_s = time.perf_counter() - t0
         # the first request loads the folder (the server loads presets on first use)
-        first = _request(client, app.OUTPUTS, deadline, method=FULL, steps=2, compare=False, **base)
+        first = REQUEST[0](client, app.OUTPUTS, deadline, method=FULL, steps=2, compare=False, **base)
         rows.append(dict(kind="lab", family=family, method=FULL, steps=2, what="first request: load + run",
                          server_up_s=up_s, **first))
         log(json.dumps(rows[-1]))
         for label in dict.fromkeys(m for _, m, _ in todo if m != FULL):  # first-call costs, untimed
-            _request(client, app.OUTPUTS, deadline, method=label, steps=plan["warm_steps"], compare=False, **base)
+            REQUEST[0](client, app.OUTPUTS, deadline, method=label, steps=plan["warm_steps"], compare=False, **base)
         while todo:
             steps, label, compare = todo.pop(0)
             if time.time() > deadline - 5:
                 skipped.append(f"{family} {label} {steps} steps (the stage's deadline)")
                 continue
-            r = _request(client, app.OUTPUTS, deadline, method=label, steps=steps, compare=compare, **base)
+            r = REQUEST[0](client, app.OUTPUTS, deadline, method=label, steps=steps, compare=compare, **base)
             rows.append(dict(kind="lab", family=family, method=label, steps=steps, compare=compare, **r))
             log(json.dumps(rows[-1]))
         if plan["compile_steps"]:
             if time.time() < deadline - 60:
-                r = _request(client, app.OUTPUTS, deadline, method=SPECA, steps=plan["compile_steps"],
+                r = REQUEST[0](client, app.OUTPUTS, deadline, method=SPECA, steps=plan["compile_steps"],
                              compare=True, compile=True, **base)
                 rows.append(dict(kind="lab", family=family, method="SpeCa compiled", steps=plan["compile_steps"],
                                  compare=True, **r))
@@ -625,7 +712,11 @@ def main(argv=None) -> None:
     a.add_argument("--tiny", action="store_true", help="CPU-sized pipelines (a smoke run of this script)")
     a.add_argument("--keep", action="store_true", help="keep the pipeline folders")
     a.add_argument("--sequential", action="store_true", help="build one folder at a time (as run 1 did)")
+    a.add_argument("--client", choices=("wire", "gradio"), default="wire",
+                   help="time the requests off the wire (the browser's protocol) or as gradio_client hands them over")
     args = ap.parse_args(argv)
+    if getattr(args, "client", "wire") == "gradio":
+        REQUEST[0] = _request
     (cmd_build if args.cmd == "build" else cmd_all)(args)
 
 
