@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 import uuid
 import weakref
@@ -1008,8 +1009,17 @@ HEADER = ("# SpecLab — speculative caching for diffusion transformers\n"
           "and watch each step: full, forecast and accepted, rejected, or partial.")
 
 
+SWITCH_INTERVAL_S = 0.001
+"""The interpreter's thread switch interval while the lab serves (CPython's default: 5 ms). A short speculative step
+(a CUDA graph replay) gives the GIL up and needs it back many times per step; while the lab's other threads build a
+streamed update's figures or Gradio processes it, each of those waits could last up to the interval. The H100 run 3
+(README, "The lab at GPU scale") measured SpeCa's and SpecDiff's denoiser 9-10 % slower in the lab than bare; the
+simulation `python -m scripts.lab.gil_contention` gives +8 % at 5 ms and +2 % at 1 ms (not yet measured on a GPU)."""
+
+
 def build_app(lab: Lab | None = None) -> gr.Blocks:
     lab = lab or Lab()
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
     presets = lab.manager.presets
     default_preset = M.DEFAULT_PRESET if M.DEFAULT_PRESET in presets else next(iter(presets))
     P = presets[default_preset]

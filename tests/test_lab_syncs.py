@@ -328,3 +328,17 @@ def test_a_run_that_ended_meanwhile_goes_straight_to_its_result(model):
         if len(ups) == 1:
             time.sleep(1.0)  # the 10 steps of the tiny pipe end meanwhile
     assert len(ups) == 2 and ups[1].done and ups[0].preview is not None
+
+
+def test_the_served_lab_switches_threads_within_a_millisecond():
+    """build_app lowers the interpreter's switch interval (app.SWITCH_INTERVAL_S, scripts/lab/gil_contention.py):
+    the pipeline's thread gets the GIL back within 1 ms while the lab's other threads run Python."""
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        app.build_app(app.Lab(M.ModelManager(factory=lambda preset: tiny.tiny_flux_pipe())))
+        assert sys.getswitchinterval() == pytest.approx(app.SWITCH_INTERVAL_S) and app.SWITCH_INTERVAL_S <= 0.001
+    finally:
+        sys.setswitchinterval(before)
