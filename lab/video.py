@@ -69,13 +69,26 @@ def _even(arr: list[np.ndarray]) -> list[np.ndarray]:
     return [a[: h - h % 2, : w - w % 2] for a in arr] if h % 2 or w % 2 else arr
 
 
+X264_PRESET = "veryfast"
+"""libx264's speed preset for the lab's mp4 (imageio-ffmpeg). 33 frames of 544x960 on this project's 2-core CPU:
+0.31 s at "veryfast" against 0.59 s at x264's default "medium", files of the same size (81 vs 80 kB), and 2.7 s
+through diffusers' `export_to_video`, which converts every frame to float and back first."""
+
+
 def _imageio_ffmpeg(frames: list[np.ndarray], fps: int, stem: str) -> str:
-    """H.264 mp4 through imageio-ffmpeg (its own ffmpeg binary): what diffusers' `export_to_video` uses."""
-    import imageio_ffmpeg  # noqa: F401  (raises ImportError when missing, before imageio tries its plugin)
-    from diffusers.utils import export_to_video
+    """H.264 mp4 (yuv420p, which browsers play) through imageio-ffmpeg's own ffmpeg binary, fed the uint8 frames."""
+    import imageio_ffmpeg
 
     path = stem + ".mp4"
-    export_to_video([f.astype(np.float32) / 255.0 for f in frames], path, fps=int(fps))
+    h, w = frames[0].shape[:2]
+    writer = imageio_ffmpeg.write_frames(path, (w, h), fps=float(fps), codec="libx264", pix_fmt_out="yuv420p",
+                                         output_params=["-preset", X264_PRESET], macro_block_size=2)
+    writer.send(None)  # starts ffmpeg
+    try:
+        for f in frames:
+            writer.send(np.ascontiguousarray(f))
+    finally:
+        writer.close()
     return path
 
 

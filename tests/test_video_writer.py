@@ -44,6 +44,12 @@ def test_imageio_ffmpeg_writes_an_h264_mp4(tmp_path):
     assert path.endswith(".mp4")
     got = imageio.mimread(path)
     assert len(got) == 5 and got[0].shape == (48, 64, 3)
+    import imageio_ffmpeg
+
+    meta = next(imageio_ffmpeg.read_frames(path))
+    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p")  # what browsers play
+    sent = [np.asarray(f, dtype=float) for f in _frames()]
+    assert max(np.abs(np.asarray(g, dtype=float) - f).mean() for g, f in zip(got, sent)) < 12  # the frames, lossy
 
 
 def test_without_imageio_ffmpeg_opencv_writes_a_vp8_webm_that_reads_back(tmp_path, monkeypatch):
