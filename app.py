@@ -1014,7 +1014,8 @@ SWITCH_INTERVAL_S = 0.001
 (a CUDA graph replay) gives the GIL up and needs it back many times per step; while the lab's other threads build a
 streamed update's figures or Gradio processes it, each of those waits could last up to the interval. The H100 run 3
 (README, "The lab at GPU scale") measured SpeCa's and SpecDiff's denoiser 9-10 % slower in the lab than bare; the
-simulation `python -m scripts.lab.gil_contention` gives +8 % at 5 ms and +2 % at 1 ms (not yet measured on a GPU)."""
+simulation `python -m scripts.lab.gil_contention` gives +8-10 % at 5 ms and +2-6 % at 1 ms over 5 runs on a 2-core CPU
+(not yet measured on a GPU)."""
 
 
 def build_app(lab: Lab | None = None) -> gr.Blocks:

@@ -9,7 +9,7 @@ must get the GIL back quickly each time. The lab's other threads: ~30 ms of Pyth
 figures and Gradio's processing, as measured for issue 13). On the H100 (run 3, `scripts/bench/gpu_lab.sh`) SpeCa's
 and SpecDiff's denoiser took 9-10 % longer in the lab than in the bare call; this simulation gives about the same
 with CPython's default switch interval (5 ms: a thread that wants the GIL waits up to that long for a busy holder)
-and about half with 1 ms, the lab's setting (`app.SWITCH_INTERVAL_S`).
+and +2-6 % with 1 ms, the lab's setting (`app.SWITCH_INTERVAL_S`), over 5 runs on a 2-core CPU.
 """
 
 from __future__ import annotations
