@@ -878,7 +878,6 @@ class PictureFiles:
         self.files: dict[int, tuple] = {}  # id(picture) -> (weak reference to it, its file)
         self.encodes = 0
         """Pictures encoded (tests count them)."""
-        self.encoded_pixels = 0
 
     def file(self, picture, fmt: str) -> str:
         hit = self.files.get(id(picture))
@@ -894,7 +893,6 @@ class PictureFiles:
             f.write(data)
         self.files[id(picture)] = (weakref.ref(picture), path)
         self.encodes += 1
-        self.encoded_pixels += picture.width * picture.height
         return path
 
     def update(self, values: tuple) -> tuple:
@@ -910,7 +908,8 @@ def _view_panels(P: M.Preset, limits: Limits) -> dict:
                         elem_classes=["speclab-picture"])
         v["preview"] = gr.Image(label="live preview", elem_id="speclab-preview", format=PICTURE_FORMATS["preview"],
                                 **pictures)
-        v["image"] = gr.Image(label="this method", elem_id="speclab-image", format=PICTURE_FORMATS["image"], **pictures)
+        v["image"] = gr.Image(label="this method", elem_id="speclab-image", format=PICTURE_FORMATS["image"],
+                              **pictures)
         v["full_image"] = gr.Image(label="full run (same seed)", elem_id="speclab-full",
                                    format=PICTURE_FORMATS["full_image"], **pictures)
     v["video"] = gr.Video(label="video", visible=P.is_video, elem_id="speclab-video", interactive=False,

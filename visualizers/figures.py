@@ -434,8 +434,8 @@ def difference_figure(a, b, title: str = "|accelerated - full|", max_cells: int 
         d = d.mean(axis=2)
     z, k = _block_mean(d, max_cells)
     blocks = f", {k}x{k} block means" if k > 1 else ""
-    fig = go.Figure(go.Heatmap(z=z.astype(np.float32), colorscale="Magma", zmin=0, zmax=max(float(z.max()), 1.0), name="difference",
-                               hovertemplate="x %{x}, y %{y}<br>|diff| %{z:.1f}<extra></extra>"))
+    fig = go.Figure(go.Heatmap(z=z.astype(np.float32), colorscale="Magma", zmin=0, zmax=max(float(z.max()), 1.0),
+                               name="difference", hovertemplate="x %{x}, y %{y}<br>|diff| %{z:.1f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False, showgrid=False, zeroline=False)
     fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False)
     identical = " — identical" if not d.any() else ""  # a flat map: 0..1 on the bar, not an autoscaled ±0.5
