@@ -316,6 +316,25 @@ def _is_file(value) -> bool:
     return isinstance(value, str) and os.path.isfile(value)
 
 
+def _final_fields(summary: str, files: list) -> dict:
+    """What a request's last update says: the shown speedup, the compile warm-up, the summary's first line (from
+    the summary markdown) and the denoiser time and peak GPU memory (from the trace file among `files`: paths, or
+    file dicts with a "path" on this machine, as gradio_client and the wire both give them)."""
+    trace = {}
+    for f in files:
+        path = f if isinstance(f, str) else getattr(f, "path", None) or f.get("path")
+        if path and str(path).endswith("_trace.json"):  # the server's own file, on this machine
+            with open(path) as fh:
+                trace = json.load(fh)
+    meta = trace.get("meta", {})
+    steps = trace.get("steps", [])
+    return dict(shown_speedup=_summary_number(summary, r"measured speedup \(time\)[^*]*\*\*([0-9.]+)x"),
+                compile_warmup_s=_summary_number(summary, r"compile warm-up ([0-9.]+) s"),
+                denoiser_s=sum(r.get("time_ms") or 0 for r in steps) / 1e3 if steps else None,
+                peak_gib=(meta.get("peak_gpu_bytes") or 0) / 2**30 or None,
+                summary_head=(summary or "").split("\n")[0][:160])
+
+
 def _request(client, outputs, deadline, **controls) -> dict:
     """One `/generate` request, its updates timed as they arrive."""
     import app  # noqa: F401  (OUTPUTS)
@@ -340,22 +359,9 @@ def _request(client, outputs, deadline, **controls) -> dict:
             job.cancel()
             raise TimeoutError("request past the deadline")
     total = time.perf_counter() - t0
-    summary = last[i_summary] if last else ""
-    trace = {}
-    for path in (last[i_files] or []) if last else []:
-        path = path if isinstance(path, str) else getattr(path, "path", None) or path.get("path")
-        if path and path.endswith("_trace.json"):
-            with open(path) as f:
-                trace = json.load(f)
-    meta = trace.get("meta", {})
-    steps = [r for r in trace.get("steps", [])]
     return dict(first_preview_s=first_preview, image_s=image_at, total_s=total, updates=n, arrivals=arrivals,
-                t0=time.time() - total,
-                shown_speedup=_summary_number(summary, r"measured speedup \(time\)[^*]*\*\*([0-9.]+)x"),
-                compile_warmup_s=_summary_number(summary, r"compile warm-up ([0-9.]+) s"),
-                denoiser_s=sum(r.get("time_ms") or 0 for r in steps) / 1e3 if steps else None,
-                peak_gib=(meta.get("peak_gpu_bytes") or 0) / 2**30 or None,
-                summary_head=(summary or "").split("\n")[0][:160])
+                t0=time.time() - total, **_final_fields(last[i_summary] if last else "",
+                                                        (last[i_files] or []) if last else []))
 
 
 def _has_file(value) -> bool:
@@ -388,7 +394,7 @@ def _wire_request(client, outputs, deadline, **controls) -> dict:
                   for p in api]
     data = list(endpoint.insert_empty_state(*positional))
     api_outputs = [k for k in outputs if k != "trace"]  # the session's state is no API output
-    i_preview, i_image, i_summary, i_files = (api_outputs.index(k) for k in ("preview", "image", "summary", "files"))
+    i_summary, i_files = api_outputs.index("summary"), api_outputs.index("files")
     session = uuid.uuid4().hex
     arrivals, first_preview, image_at, final = [], None, None, None
     t0 = time.perf_counter()
@@ -423,21 +429,9 @@ def _wire_request(client, outputs, deadline, **controls) -> dict:
     summary = final[i_summary] if final else ""
     if isinstance(summary, dict):  # an update dict: its value
         summary = summary.get("value") or ""
-    trace = {}
-    for f in (final[i_files] or []) if final else []:
-        path = f.get("path") if isinstance(f, dict) else f
-        if path and str(path).endswith("_trace.json") and os.path.isfile(path):  # the server's own file
-            with open(path) as fh:
-                trace = json.load(fh)
-    meta = trace.get("meta", {})
-    steps = trace.get("steps", [])
     return dict(first_preview_s=first_preview, image_s=image_at, total_s=total, updates=len(arrivals),
                 arrivals=arrivals, t0=time.time() - total, client="wire",
-                shown_speedup=_summary_number(summary, r"measured speedup \(time\)[^*]*\*\*([0-9.]+)x"),
-                compile_warmup_s=_summary_number(summary, r"compile warm-up ([0-9.]+) s"),
-                denoiser_s=sum(r.get("time_ms") or 0 for r in steps) / 1e3 if steps else None,
-                peak_gib=(meta.get("peak_gpu_bytes") or 0) / 2**30 or None,
-                summary_head=(summary or "").split("\n")[0][:160])
+                **_final_fields(summary, (final[i_files] or []) if final else []))
 
 
 REQUEST = [_wire_request]

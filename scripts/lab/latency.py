@@ -155,7 +155,6 @@ def bare_seconds(folder: str, method: str, steps: int, size: int, repeats: int, 
 
     import accel
     from lab import methods as LM
-    from lab import models as M
     from lab import runner as R
 
     torch.set_num_threads(threads)
@@ -187,14 +186,9 @@ def _bare_model(folder):
 
 
 # ---- the client ------------------------------------------------------------------------------------------------------
-def _has_file(v) -> bool:
-    if isinstance(v, dict):
-        v = v.get("path") or v.get("value")
-    return isinstance(v, str) and os.path.isfile(v)
-
-
 def request(client, **controls) -> dict:
     import app
+    from scripts.bench.gpu_lab import _is_file as _has_file
 
     t0 = time.time()
     job = client.submit(api_name="/generate", **controls)
@@ -239,7 +233,7 @@ def _server_part(timeline: str, t0: float, t1: float) -> dict:
 
 
 def cmd_run(args) -> None:
-    from gradio_client import Client
+    from scripts.bench.gpu_lab import _connect
 
     os.makedirs(args.out, exist_ok=True)
     folder = args.folder or os.path.join(args.out, "flux-random")
@@ -260,17 +254,7 @@ def cmd_run(args) -> None:
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     rows = []
     try:
-        t0 = time.time()
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError("the server exited; see server.log")
-            try:
-                client = Client(f"http://127.0.0.1:{args.port}/", verbose=False)
-                break
-            except Exception:
-                if time.time() - t0 > 120:
-                    raise
-                time.sleep(1)
+        client = _connect(f"http://127.0.0.1:{args.port}/", server, 120.0)
         base = dict(prompt=PROMPT, seed=0, width=args.size, height=args.size)
         request(client, method="Full", steps=2, compare=False, **base)  # loads the folder
         methods = args.methods.split(",")
