@@ -55,6 +55,8 @@ from .adapters import Adapter, BlockSpec, FeatureSite
 from .api import register_method
 from .config import ConfigBase, check, knob
 from .kernels import MAX_TERMS, accumulate, add_terms, forecast_error
+from diffusers.hooks import ModelHook
+
 from .runtime import CallGraph, Handle, RunState, StepDriverHook, StepInfo, hashable, register
 from .taylor import TaylorForecaster
 from .trace import ACCEPTED, FULL, REJECTED, StepRecord
@@ -258,6 +260,8 @@ class SpeCaState(RunState):
         self.graphs: bool | None = None  # speculative steps replay CUDA graphs (decided at the run's first step)
         self.coef_dev: torch.Tensor | None = None
         """This speculative step's Taylor coefficients in a device buffer, when a CUDA graph reads them."""
+        self.rotary: dict[tuple, object] = {}
+        """Outputs of the rotary modules (`Adapter.rotary_modules`) kept from this run's full steps, by call."""
 
 
 def _read_errors(entries, appended: bool = True) -> None:
@@ -303,6 +307,18 @@ def _slot(root: nn.Module, module: nn.Module) -> tuple[nn.Module, str]:
             if child is module:
                 return parent, name
     raise ValueError(f"{type(module).__name__} is not a sub-module of {type(root).__name__}")
+
+
+class _RotaryHook(ModelHook):
+    """On a rotary position module (`Adapter.rotary_modules`): hands its calls to the SpeCa driver, which
+    lets speculative steps reuse the output of the run's last full step."""
+
+    def __init__(self, driver: "SpeCaModelHook"):
+        super().__init__()
+        self.driver = driver
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.driver._rotary(module, self.fn_ref.original_forward, args, kwargs)
 
 
 class _BlockCall(nn.Module):
@@ -377,6 +393,8 @@ class SpeCaModelHook(StepDriverHook):
         self._coef_dev: dict[str, torch.Tensor] = {}  # cache context -> [MAX_TERMS] float32 on the device
         self._coef_ring: _PinnedRing | None = None
         self._pool = None
+        self._in_spec = False  # a speculative step's forward is running (eagerly or being captured)
+        self._rotary_store: dict[tuple, object] = {}  # call key -> kept rotary output, read by CUDA graphs
 
     # ---- views ---------------------------------------------------------------------------------
     def _views(self) -> tuple[list[nn.ModuleList], list[nn.ModuleList]]:
@@ -699,8 +717,43 @@ class SpeCaModelHook(StepDriverHook):
 
     def _spec_forward(self, *args, **kwargs):
         """The model's forward over the speculative step's view of the blocks (eagerly, or being captured)."""
-        with self._view(self.spec_view):
-            return self.fn_ref.original_forward(*args, **kwargs)
+        self._in_spec = True
+        try:
+            with self._view(self.spec_view):
+                return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._in_spec = False
+
+    # ---- rotary position embeddings ----------------------------------------------------------------
+    def _rotary(self, module, forward, args, kwargs):
+        """A rotary module's call (`Adapter.rotary_modules`). Full steps compute it and keep the output for this
+        run; a speculative step of the same run and cache context, with inputs of the same shapes, takes the
+        kept output instead of recomputing it: token positions are set once per pipeline call, and the module
+        is tens of small kernels, a measurable share of a step that computes one block. With CUDA graphs the
+        output is kept in buffers that live as long as the graphs reading them, updated in place by every full
+        step. Not under context parallelism, whose hooks split this module's output."""
+        state: SpeCaState | None = self.current_state
+        if state is None or self.cp is not None:
+            return forward(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        key = (self.states.context.name, id(module), str(spec),
+               tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else hashable(x)
+                     for x in leaves))
+        if self._in_spec and key in state.rotary:
+            return state.rotary[key]
+        out = forward(*args, **kwargs)
+        kept = out
+        if state.graphs:
+            kept = self._rotary_store.get(key)
+            if kept is None:
+                kept = self._rotary_store[key] = tree_map(
+                    lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, out)
+            else:
+                for dst, src in zip(tree_flatten(kept)[0], tree_flatten(out)[0]):
+                    if isinstance(dst, torch.Tensor):
+                        dst.copy_(src)
+        state.rotary[key] = kept
+        return out
 
     def reset_state(self, module):
         # The run is over: read the errors left on the device, and note what SpeCa held between steps (the
@@ -711,7 +764,9 @@ class SpeCaModelHook(StepDriverHook):
             terms = sum(f.nbytes() for st in self.run_states.values() for f in st.forecasters.values())
             gates = sum(t.numel() * t.element_size() for st in self.run_states.values()
                         for t in (st.gate_weights or ()) if t is not None)
-            trace.meta["cache_bytes"] = terms + gates
+            rotary = sum(x.numel() * x.element_size() for st in self.run_states.values()
+                         for x in tree_flatten(list(st.rotary.values()))[0] if isinstance(x, torch.Tensor))
+            trace.meta["cache_bytes"] = terms + gates + rotary
             trace.meta["cache_bytes_terms"] = terms
         return super().reset_state(module)
 
@@ -729,5 +784,7 @@ def attach_speca(pipe, adapter: Adapter, config: SpeCaConfig) -> Handle:
     handle = Handle(pipe, adapter, "speca", config, HOOK_NAME)
     driver = SpeCaModelHook(pipe, adapter, config, SpeCaState, handle, verify_index=verify_index)
     register(adapter.transformer, driver, HOOK_NAME)
+    for module in adapter.rotary_modules():
+        register(module, _RotaryHook(driver), HOOK_NAME)
     return handle
 

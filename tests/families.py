@@ -54,6 +54,8 @@ class Family:
     """A transformer output tensor -> per-image-token values [B, N, C] in token-grid order."""
     timestep_scale: float = 1.0
     """The transformer's `timestep` argument = sigma * 1000 / timestep_scale."""
+    rotary: Callable[[nn.Module], nn.Module] = lambda t: t.pos_embed
+    """transformer -> its rotary position module (FLUX `pos_embed`, HunyuanVideo `rope`)."""
     extra: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:  # pytest ids
@@ -162,6 +164,7 @@ VIDEO = Family(
     attention_modules=(transformer_hunyuan_video,),
     out_tokens=_video_tokens,
     timestep_scale=1.0,
+    rotary=lambda t: t.rope,
 )
 
 FAMILIES = [FLUX, VIDEO]

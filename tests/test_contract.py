@@ -246,6 +246,40 @@ def test_remove_restores_the_plain_pipeline(env, method):
     assert torch.equal(fam.run(pipe), plain)
 
 
+def test_speca_speculative_steps_take_the_runs_rotary_embedding(env, monkeypatch):
+    """SpeCa's speculative steps reuse the rotary embedding of the run's full steps (token positions are set once
+    per pipeline call): the module runs on full steps only, and the outputs are bit-identical to runs that
+    recompute it every step, over runs one after another with other seeds."""
+    fam, pipe = env.fam, env.pipe
+    rot = fam.rotary(pipe.transformer)
+    calls = []
+    inner = rot.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(rot, "forward", counted)  # before apply: the hook's original forward is the counter
+    schedule = [True, True] + [False, False, True] * fam.steps
+    cfg = accel.SpeCaConfig(schedule=schedule[:fam.steps])
+    n_full = sum(cfg.schedule)
+    outs = []
+    with accel.apply(pipe, cfg) as h:
+        for seed in (0, 1):
+            calls.clear()
+            outs.append(fam.run(pipe, seed=seed))
+            assert len(calls) == n_full, "the rotary module ran on speculative steps"
+        assert h.trace.meta["cache_bytes"] > h.trace.meta["cache_bytes_terms"]
+    adapter_cls = type(accel.adapters.adapter_for(pipe.transformer))
+    monkeypatch.setattr(adapter_cls, "rotary_modules", lambda self: [])
+    with accel.apply(pipe, cfg):
+        for seed, kept in zip((0, 1), outs):
+            calls.clear()
+            assert torch.equal(fam.run(pipe, seed=seed), kept)
+            assert len(calls) == fam.steps  # recomputed every step
+    assert not hooks_on(pipe)
+
+
 class Boom(RuntimeError):
     pass
 

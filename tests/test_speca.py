@@ -722,14 +722,15 @@ def test_cache_bytes_count_what_is_kept(pipe, forecast):
         rows = n_double * 2 * (n_img + n_txt) + n_single * (n_img + n_txt)  # attn, ff (+ ctx); proj_out
         terms = (order + 1) * rows * C * f32
         gates = (4 * n_double + n_single) * (C * C + C) * f32  # stacked gate rows of the modulation linears
+    rotary = 2 * (n_img + n_txt) * t.config.attention_head_dim * f32  # pos_embed's (cos, sin), kept for the run
     assert meta["cache_bytes_terms"] == terms
-    assert meta["cache_bytes"] == terms + gates
+    assert meta["cache_bytes"] == terms + gates + rotary
     # cache_dtype="bfloat16": the terms take half the bytes (the gate rows stay in the model's dtype)
     cfg = accel.SpeCaConfig(threshold=1e9, order=order, forecast=forecast, cache_dtype="bfloat16")
     with accel.apply(pipe, cfg) as handle:
         run(pipe, STEPS)
     assert handle.trace.meta["cache_bytes_terms"] == terms // 2
-    assert handle.trace.meta["cache_bytes"] == terms // 2 + gates
+    assert handle.trace.meta["cache_bytes"] == terms // 2 + gates + rotary
 
 
 def test_unsynchronised_runs_decide_alike(pipe):

@@ -167,6 +167,13 @@ class Adapter:
         """Image-token grid and text length of a transformer call."""
         raise NotImplementedError
 
+    def rotary_modules(self) -> list[nn.Module]:
+        """Sub-modules whose output is the same at every step of one pipeline call: the rotary position
+        embeddings, a function of token positions that the pipelines set once per call (FLUX: `pos_embed` of
+        the text and image ids; HunyuanVideo: `rope` of the latents' shape). A SpeCa speculative step takes
+        their output from the run's last full step instead of recomputing it (tens of small kernels)."""
+        return []
+
     # ---- SpeCa: features ---------------------------------------------------------------
     def feature_sites(self, block: BlockSpec) -> list[FeatureSite]:
         raise NotImplementedError

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call (H100, < 9 min): the SpeCa benchmark of issue 10, eager then regionally compiled
 # (compile_repeated_blocks), on the FLUX.1-dev-sized random bf16 transformer at 1024², 50 steps. Rows: plain,
-# SpeCa stack / per-block at every:8 (order 1), SpeCa stack at every:12 (7 full steps of 50), cache-dit DBCache
-# F1B0 + TaylorSeer o1 at the same mask, diffusers TaylorSeerCache lite interval 8; 3 timed calls each.
+# SpeCa stack / per-block / output forecast at every:8 (order 1), SpeCa stack / output at every:12 (7 full steps
+# of 50), cache-dit DBCache F1B0 + TaylorSeer o1 at the same mask, diffusers TaylorSeerCache lite interval 8;
+# 3 timed calls each.
 # First the Triton kernel tests (tests/test_kernels.py, tests/test_speca_kernels.py): if they fail, the benchmarks
 # run on the torch fallbacks (SPECLAB_FUSED=0) and say so. Under $OUT: gpu.txt, kernels.log, eager.log/.json,
 # compiled.log/.json (compiled.log carries TORCH_LOGS=recompiles).
@@ -19,9 +20,9 @@ source scripts/bench/device_env.sh .whl
 timeout 90 python3 -m pytest -q tests/test_kernels.py tests/test_speca_kernels.py tests/test_speca_graphs.py tests/test_specdiff_graphs.py > "$OUT/kernels.log" 2>&1
 k=$?; echo "exit $k" >> "$OUT/kernels.log"; tail -2 "$OUT/kernels.log"
 if [ $k -ne 0 ]; then export SPECLAB_FUSED=0; echo "kernel tests failed: benchmarks on the torch fallbacks"; fi
-ROWS=${ROWS:-stack/every:8/1,per_block/every:8/1,stack/every:12/1,cachedit,lite}
+ROWS=${ROWS:-stack/every:8/1,per_block/every:8/1,stack/every:12/1,output/every:8/1,output/every:12/1,cachedit,lite}
 # compiled: the SpeCa rows that share the plain graphs first, the per-block forecast (two tapped graphs) last
-CROWS=${CROWS:-stack/every:8/1,stack/every:12/1,cachedit,lite,per_block/every:8/1}
+CROWS=${CROWS:-stack/every:8/1,stack/every:12/1,output/every:8/1,output/every:12/1,cachedit,lite,per_block/every:8/1}
 timeout 140 python3 -m scripts.bench.speca --rows "$ROWS" --repeats 3 --json "$OUT/eager.json" \
   > "$OUT/eager.log" 2>&1; echo "eager exit $?" >> "$OUT/eager.log"
 TORCH_LOGS=recompiles timeout 300 python3 -m scripts.bench.speca --compile --rows "$CROWS" --repeats 3 \

@@ -42,6 +42,9 @@ class FluxAdapter(DualStreamAdapter):
             h, w = 1, hidden.shape[1]
         return TokenLayout(grid=(h, w), n_text=enc.shape[1])
 
+    def rotary_modules(self):
+        return [self.transformer.pos_embed]
+
     # ---- SpecDiff ----------------------------------------------------------------------------
     # FLUX attention: double blocks concatenate [text, image] queries/keys inside the processor; single
     # blocks get [text, image] already concatenated. The rotary embedding is computed by the model from

@@ -65,6 +65,9 @@ class HunyuanVideoAdapter(DualStreamAdapter):
         _, _, f, h, w = hidden.shape
         return TokenLayout(grid=(f // pt, h // p, w // p), n_text=enc.shape[1])
 
+    def rotary_modules(self):
+        return [self.transformer.rope]
+
     # ---- SpecDiff ----------------------------------------------------------------------------
     def kv_cache_processor(self, attn, layer: int, control):
         return HunyuanVideoSpecDiffAttnProcessor(layer, control, attn.processor)
