@@ -14,8 +14,8 @@
 #             diffusers TaylorSeerCache lite N5O1; a profiler table of one SpecDiff call
 #   compiled  the same model under regional compilation: plain, SpecDiff 0.85/0.95, TaylorSeerCache lite
 #   both      eager (SpecDiff at query strides 2 and 4) then compiled, in one process
-#   text      FLUX eager then compiled, one process: plain, SpecDiff 0.85/0.95 with text_tokens compute and cache,
-#             TaylorSeerCache lite N5O1
+#   text      FLUX, eager then compiled in one process ($TEXT_MODES, default eager,compiled): plain, SpecDiff
+#             0.85/0.95 with text_tokens compute and cache, TaylorSeerCache lite N5O1
 #   video     HunyuanVideo-sized random bf16 transformer, 544x960, 33 frames, 50 steps: plain, SpecDiff 0.85
 set -o pipefail
 OUT=${OUT:-/tmp/specdiff_out}
@@ -57,7 +57,8 @@ for stage in "$@"; do
       ;;
     text)
       timeout "${TEXT_S:-420}" python3 -m scripts.bench.specdiff --random-flux-dev --steps 28 --size 1024 \
-        --modes eager,compiled --cache-rates 0.85,0.95 --text-tokens compute,cache --score-every 4 --taylorseer lite --repeats 3 \
+        --modes "${TEXT_MODES:-eager,compiled}" --cache-rates 0.85,0.95 --text-tokens compute,cache --score-every 4 \
+        --taylorseer lite --repeats 3 \
         --json "$OUT/flux_text.json" 2>&1 | tee "$OUT/flux_text.log"
       ;;
     video)
