@@ -148,7 +148,7 @@ configs' `sync_timing`); on the CPU the setting changes nothing. The advanced ac
 TABLE: list[LabMethod] = [
     LabMethod(FULL, "full", how=FULL_HOW, defaults=NO_SYNC),
     LabMethod(SPECA, "speca", ("threshold", "decay", "order"),
-              linked={"metric": ("threshold", {"rel_l1": 3.0, "rel_l2": 0.15, "cosine": 0.05})}, how=SPECA_HOW,
+              linked={"metric": ("threshold", {"rel_l1": 3.0, "rel_l2": 0.3, "cosine": 0.05})}, how=SPECA_HOW,
               defaults=NO_SYNC),
     LabMethod(SPECDIFF, "specdiff", ("cache_rate", "starvation_scale"), how=SPECDIFF_HOW, defaults=NO_SYNC),
     LabMethod(TAYLORSEER, "taylorseer", ("cache_interval", "max_order"), fixed={"taylor_factors_dtype": "float32"},

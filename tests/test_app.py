@@ -89,7 +89,8 @@ def test_generate_end_to_end_with_compare(lab):
     back = Trace.load(by_ext["trace.json"])
     assert back.summary() == trace.summary()
     assert open(by_ext["trace.csv"]).readline().startswith("phase,step")
-    assert '"threshold": 3.0' in open(by_ext["config.json"]).read()
+    exported = open(by_ext["config.json"]).read()
+    assert '"threshold": 0.3' in exported and '"forecast": "output"' in exported and '"metric": "rel_l2"' in exported
     # a streamed update carries the live panels and leaves the final-only outputs untouched; the first clears the
     # last run's pictures
     running = [o for o in outs if "running" in o[2]]

@@ -53,7 +53,14 @@ METHODS = {
         lambda n: accel.SpeCaConfig(schedule=[True] * n),
         branch_signature=lambda r: r.errors,
     ),
-    "speca_per_block": Method(  # SpeCa's other forecast (the default is the stack)
+    "speca_stack": Method(  # SpeCa's other forecasts (the default is the output)
+        "speca",
+        lambda fam: accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=1, max_spec_steps=4,
+                                      forecast="stack"),
+        lambda n: accel.SpeCaConfig(schedule=[True] * n, forecast="stack"),
+        branch_signature=lambda r: r.errors,
+    ),
+    "speca_per_block": Method(
         "speca",
         lambda fam: accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=1, max_spec_steps=4,
                                       forecast="per_block"),

@@ -259,7 +259,9 @@ SIGMA_SCHEDULE = [True, True, True, False, False, True, False, False, True, Fals
 
 
 def _replay(pipe, distance, **kw):
-    with accel.apply(pipe, accel.SpeCaConfig(schedule=SIGMA_SCHEDULE, order=2, distance=distance)) as handle:
+    # the stack forecast: on random weights the model's output (forecast="output") is too rough for the bound below
+    cfg = accel.SpeCaConfig(schedule=SIGMA_SCHEDULE, order=2, distance=distance, forecast="stack")
+    with accel.apply(pipe, cfg) as handle:
         out = FLUX.run(pipe, **kw)
         trace = handle.trace
     return out, trace
@@ -397,7 +399,7 @@ def test_whole_batch_error_in_a_run():
     """batch_error="whole_batch": one error for the batch, the elementwise metric over both samples, between the
     two samples' own errors."""
     prompt, x = _two_samples()
-    base = dict(threshold=1e9, warmup_steps=2, min_spec_steps=0)
+    base = dict(threshold=1e9, warmup_steps=2, min_spec_steps=0, metric="rel_l1")
     per = _first_verified(accel.SpeCaConfig(**base), batch=2, latents=x, **prompt)
     whole = _first_verified(accel.SpeCaConfig(batch_error="whole_batch", **base), batch=2, latents=x, **prompt)
     assert len(per.errors) == 2 and len(whole.errors) == 1 and whole.error == whole.errors[0]
