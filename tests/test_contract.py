@@ -46,27 +46,20 @@ class Method:
     """Its compute is a share of the tokens (SpecDiff): counted from token rows, not whole blocks."""
 
 
+def _speca(**forecast) -> Method:
+    """SpeCa with its default forecast (output), or another one (`forecast="stack"` / `"per_block"`)."""
+    return Method(
+        "speca",
+        lambda fam: accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=1, max_spec_steps=4, **forecast),
+        lambda n: accel.SpeCaConfig(schedule=[True] * n, **forecast),
+        branch_signature=lambda r: r.errors,
+    )
+
+
 METHODS = {
-    "speca": Method(
-        "speca",
-        lambda fam: accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=1, max_spec_steps=4),
-        lambda n: accel.SpeCaConfig(schedule=[True] * n),
-        branch_signature=lambda r: r.errors,
-    ),
-    "speca_stack": Method(  # SpeCa's other forecasts (the default is the output)
-        "speca",
-        lambda fam: accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=1, max_spec_steps=4,
-                                      forecast="stack"),
-        lambda n: accel.SpeCaConfig(schedule=[True] * n, forecast="stack"),
-        branch_signature=lambda r: r.errors,
-    ),
-    "speca_per_block": Method(
-        "speca",
-        lambda fam: accel.SpeCaConfig(threshold=1e9, warmup_steps=2, min_spec_steps=1, max_spec_steps=4,
-                                      forecast="per_block"),
-        lambda n: accel.SpeCaConfig(schedule=[True] * n, forecast="per_block"),
-        branch_signature=lambda r: r.errors,
-    ),
+    "speca": _speca(),
+    "speca_stack": _speca(forecast="stack"),
+    "speca_per_block": _speca(forecast="per_block"),
     "specdiff": Method(
         "specdiff",
         lambda fam: accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3),
