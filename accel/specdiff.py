@@ -131,12 +131,15 @@ class SpecDiffConfig(ConfigBase):
         (measured choice: docs/specdiff.md).""",
         label="score every n-th query", minimum=1, maximum=1 << 16, ui_range=(1, 16), advanced=True)
     text_tokens: str = knob(
-        "compute", """What a partial step does with the text tokens. "compute": every text token goes through the
+        "auto", """What a partial step does with the text tokens. "compute": every text token goes through the
         model with the C1 image tokens (the paper; a cost the cache rate does not shrink). "cache": only the C1
         image tokens go through the model; every attention layer takes the text keys and values from its K/V
         cache, i.e. from the last full step (the text tokens' own stream, which reaches the image only through
-        those keys and values, is not advanced). FLUX only.""",
-        label="text tokens on partial steps", choices=("compute", "cache"), advanced=True)
+        those keys and values, is not advanced); FLUX only, refused elsewhere and under context parallelism.
+        "auto" (the default): "cache" where it is supported, else "compute" (docs/specdiff.md, "Text tokens on
+        partial steps": as close to the full run on the trained tiny FLUX, and 2.58x -> 3.41x ideal at 0.85 on
+        FLUX.1-dev's shape). The trace's meta["text_tokens"] says which ran.""",
+        label="text tokens on partial steps", choices=("auto", "compute", "cache"), advanced=True)
     cuda_graphs: bool = knob(
         True, """On CUDA, replay each partial step's transformer call as a CUDA graph (captured the second time a
         call of that shape is seen; its inputs are copied into the graph's buffers), which removes the per-layer
@@ -165,10 +168,9 @@ class SpecDiffConfig(ConfigBase):
             check(self.history_window > self.c3_order, "history_window",
                   f"an integer > c3_order={self.c3_order} when c3_mode='taylor'", self.history_window)
 
-    @property
-    def computes_text(self) -> bool:
-        """Partial steps compute the text tokens (`text_tokens="compute"`)."""
-        return self.text_tokens == "compute"
+    def computes_text(self, supports_cache: bool) -> bool:
+        """Partial steps compute the text tokens: "compute", or "auto" where caching them is not supported."""
+        return self.text_tokens == "compute" or (self.text_tokens == "auto" and not supports_cache)
 
     def n_computed(self, n_image: int) -> int:
         """C1 size for `n_image` image tokens."""
@@ -288,6 +290,9 @@ class SpecDiffModelHook(StepDriverHook):
         self.mod_linears = adapter.modulation_linears() if config.hoist_modulation else []
         self._mod_cur: dict[str, _Modulation] = {}  # context -> the step's modulation buffer (kept across runs)
         self._mod_hooked = False
+        self.computes_text = config.computes_text(adapter.supports_text_cache)
+        """Partial steps compute the text tokens (`text_tokens`, resolved for this family; each run resolves it
+        again with its context parallelism)."""
 
     # ---- schedule ------------------------------------------------------------------------
     def _scheduled_partial(self, step: int, num_steps: int, state: SpecDiffState) -> bool:
@@ -315,7 +320,7 @@ class SpecDiffModelHook(StepDriverHook):
 
     def on_new_run(self) -> None:
         cp = self.cp
-        if cp is not None and not self.config.computes_text:
+        if cp is not None and self.config.text_tokens == "cache":
             raise NotImplementedError(
                 "SpecDiff's text_tokens='cache' is not supported under context parallelism (the plan splits the "
                 "text tokens across ranks); use text_tokens='compute'")
@@ -325,6 +330,8 @@ class SpecDiffModelHook(StepDriverHook):
                 "(ContextParallelConfig(ulysses_degree=N)); ring attention is not supported: its K/V cache and "
                 "attention scores would need the ring's key exchange. Use ulysses_degree, or SpeCa.")
         self.control.cp = cp
+        # "auto": the text tokens are cached where the family supports it, but not under context parallelism
+        self.computes_text = self.config.computes_text(self.adapter.supports_text_cache and cp is None)
 
     def _scores(self) -> torch.Tensor | None:
         """This call's attention received per image token, normalised (`normalise_scores`), or None. Under
@@ -352,6 +359,9 @@ class SpecDiffModelHook(StepDriverHook):
         n_img = layout.n_image
         if state.first_step is None:
             state.first_step = info.step
+            trace = self.handle.running_trace
+            if trace is not None:
+                trace.meta["text_tokens"] = "compute" if self.computes_text else "cache"
             state.any_partial = cfg.n_computed(n_img) < n_img and info.step + cfg.warmup_steps < info.num_steps
             state.graphs = self._graphs_on(module)
             if state.graphs:  # graphs read fixed K/V buffers: keep them across runs, per cache context
@@ -416,7 +426,7 @@ class SpecDiffModelHook(StepDriverHook):
         adapter, ctl, layout = self.adapter, self.control, state.layout
         n_img, n_text = layout.n_image, layout.n_text
         n_c1 = self._n_c1(n_img)
-        text = cfg.computes_text
+        text = self.computes_text
         n_text_computed = n_text if text else 0
 
         # importance = his * fut * exp(s * cached), in log space (no overflow), scaled to max 1
@@ -534,7 +544,7 @@ class SpecDiffModelHook(StepDriverHook):
         the tensor arguments and the rows copied into the graph's buffers. (out, new) as run_subset."""
         adapter, ctl = self.adapter, self.control
         forward = self.fn_ref.original_forward
-        sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1, text=self.config.computes_text)
+        sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1, text=self.computes_text)
         leaves, spec = tree_flatten((sub_args, sub_kwargs))
         desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
         key = (context, ctl.kv_generation, ctl.score, str(spec), hashable(desc))
@@ -664,7 +674,7 @@ def attach_specdiff(pipe, adapter: Adapter, config: SpecDiffConfig) -> Handle:
             f"SpecDiff needs a flow-matching scheduler with `sigmas` (e.g. FlowMatchEulerDiscreteScheduler) for its "
             f"speculative pre-run; {type(pipe.scheduler).__name__} has none"
         )
-    if not config.computes_text and not adapter.supports_text_cache:
+    if config.text_tokens == "cache" and not adapter.supports_text_cache:
         raise ValueError(
             f"SpecDiff text_tokens='cache' is not supported for the {adapter.family} family (its text tokens are "
             f"not reached through attention alone, or its transformer cannot take a call without them); use "

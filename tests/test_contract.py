@@ -62,7 +62,8 @@ METHODS = {
     "speca_per_block": _speca(forecast="per_block"),
     "specdiff": Method(
         "specdiff",
-        lambda fam: accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3),
+        # text tokens computed (the paper's; the default "auto" caches them on FLUX, whose contract is below)
+        lambda fam: accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3, text_tokens="compute"),
         lambda n: accel.SpecDiffConfig(cache_rate=0.0),
         branch_signature=lambda r: None if "importance" not in r.maps else r.maps["importance"].tobytes(),
         tokens=True,
@@ -349,6 +350,27 @@ def test_compute_counted_from_linears_matches_the_trace(env, method):
         assert trace.summary()["ideal_speedup"] > 1.05
 
 
+def test_specdiff_text_tokens_auto_caches_where_supported(env):
+    """The default text_tokens="auto": the text tokens are cached on partial steps where the family supports it
+    (FLUX: no text row enters a partial call), computed elsewhere (HunyuanVideo: every partial call has them);
+    the trace says which."""
+    fam, pipe = env.fam, env.pipe
+    assert accel.SpecDiffConfig().text_tokens == "auto"
+    seen = []  # text rows of each transformer call, from the context embedder (both families have one)
+    keep = pipe.transformer.context_embedder.register_forward_hook(lambda mod, args, out: seen.append(out.shape[1]))
+    try:
+        with accel.apply(pipe, accel.SpecDiffConfig(cache_rate=0.75, warmup_steps=2, spec_steps=3)) as h:
+            fam.run(pipe)
+            trace = h.trace
+    finally:
+        keep.remove()
+    cached = fam.name == "flux"
+    assert trace.meta["text_tokens"] == ("cache" if cached else "compute")
+    partial = [r for r in trace.steps if r.decision == "partial"]
+    assert partial
+    assert (min(seen) == 0) == cached  # a call without text rows happened exactly when the text is cached
+
+
 def test_specdiff_text_cache_compute_counted_from_linears(env):
     """SpecDiff with text_tokens="cache" (FLUX; refused for the other families): on partial calls no text row
     enters any Linear, image rows are the C1 tokens, and the trace's blocks_computed = n_blocks x C1 / (text + N)
@@ -581,7 +603,8 @@ def per_sample_mean_one(scores: torch.Tensor) -> torch.Tensor:
     return (scores / scores.mean(dim=-1, keepdim=True)).mean(dim=0)
 
 
-SPECDIFF_REF = dict(cache_rate=0.75, warmup_steps=2, spec_steps=2, score_every=2, starvation_scale=0.5)
+SPECDIFF_REF = dict(cache_rate=0.75, warmup_steps=2, spec_steps=2, score_every=2, starvation_scale=0.5,
+                    text_tokens="compute")
 
 
 def _replay_scope(fixture_name, config) -> str:

@@ -43,7 +43,8 @@ def _configs() -> dict:
                                          warmup_steps=2),
         "speca_per_block": accel.SpeCaConfig(threshold=0.18, decay=1.0, metric="rel_l2", min_spec_steps=0,
                                              warmup_steps=2, forecast="per_block"),
-        "specdiff": accel.SpecDiffConfig(cache_rate=0.5, warmup_steps=2),
+        # text computed: under context parallelism "auto" computes the text tokens, so the single-process run too
+        "specdiff": accel.SpecDiffConfig(cache_rate=0.5, warmup_steps=2, text_tokens="compute"),
     }
 
 
