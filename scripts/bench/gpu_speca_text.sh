@@ -4,11 +4,12 @@
 # TEXT_MODES=eager: plain, SpecDiff 0.85/0.95 with text_tokens compute and cache, TaylorSeerCache lite), so that
 # both need one machine start. From the repository root, carry [".whl"]: bash scripts/bench/gpu_speca_text.sh
 # Under $OUT (8 files at most come back): gpu.txt, kernels.log, eager/compiled .log/.json, flux_text.log/.json.
+# LIMIT_S (default 585): the whole call's seconds; ROWS / CROWS choose gpu_speca.sh's rows.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
 OUT=${OUT:-/tmp/out} bash scripts/bench/gpu_speca.sh
-LEFT=$(( 585 - ($(date +%s) - START) ))
+LEFT=$(( ${LIMIT_S:-585} - ($(date +%s) - START) ))
 echo "=== SpecDiff text rows, eager, ${LEFT} s left"
 if [ "$LEFT" -gt 60 ]; then
   OUT="${OUT:-/tmp/out}/specdiff" WHL=.whl TEXT_MODES=eager TEXT_S=$((LEFT - 15)) \
