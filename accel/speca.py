@@ -99,7 +99,7 @@ class SpeCaConfig(ConfigBase):
         The default suits the rel_l2 metric (about 2.6x ideal on the trained tiny FLUX, 2.3x on the tiny
         HunyuanVideo); rel_l2 and cosine take values around 0.05-1, the elementwise rel_l1 around 1-7 (3.0 with
         order 1; the paper's FLUX value, 7.0, is for order 2; docs/speca.md). 0 rejects every verified step.""",
-        label="threshold base", minimum=0, ui_range=(0, 20), step=0.01)
+        label="threshold base", minimum=0, ui_range=(0, 5), step=0.01)
     decay: float = knob(
         0.3, "Threshold decay over the run: 1 keeps it constant, smaller tightens it toward the end.",
         label="threshold decay", minimum=0, exclusive_minimum=True, maximum=1, ui_range=(0.01, 1), step=0.01)

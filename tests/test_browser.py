@@ -344,20 +344,20 @@ def test_sweep_draws_the_curve_and_picking_a_point_loads_its_run(browser, server
         _sweep(page, 3)
         table = page.locator("#speclab-sweep-table").inner_text()
         assert "PSNR" in table
-        # the middle point of SpeCa's threshold range (0..20 in 3 points): its row in the table
-        row = next(line for line in table.splitlines() if line.strip().startswith("threshold base 10"))
+        # the middle point of SpeCa's threshold range (0..5 in 3 points): its row in the table
+        row = next(line for line in table.splitlines() if line.strip().startswith("threshold base 2.5"))
         ideal = row.split("\t")[1].strip() if "\t" in row else row.split("|")[2].strip()
         page.locator("#speclab-sweep-pick input").click()
-        page.get_by_role("option", name="threshold base 10").click()
+        page.get_by_role("option", name="threshold base 2.5").click()
         page.wait_for_function(
-            "() => document.querySelector('#speclab-summary').innerText.includes('sweep point: threshold base 10')",
+            "() => document.querySelector('#speclab-summary').innerText.includes('sweep point: threshold base 2.5')",
             timeout=60_000)
         summary = page.locator("#speclab-summary").inner_text()
         assert f"ideal speedup (compute, not time) {ideal}" in summary, (ideal, summary)
         assert "step 6/6" in summary
         # the point's setting is in the threshold control now, and its panels are shown
         page.wait_for_function(
-            "() => document.querySelector('#speclab-speca_threshold input[type=number]').value === '10'",
+            "() => document.querySelector('#speclab-speca_threshold input[type=number]').value === '2.5'",
             timeout=30_000)
         assert f"ideal {ideal}" in page.locator("#speclab-timeline .gtitle-subtitle").first.text_content()
     finally:
