@@ -114,9 +114,10 @@ FULL, SPECA, SPECDIFF, TAYLORSEER, FBCACHE = (
 )
 
 SPECA_HOW = """**SpeCa — forecast, then verify** ([arXiv 2509.11628](https://arxiv.org/abs/2509.11628)).
-After a few full steps, each step's block features are *forecast* with a Taylor series fitted on past full steps
-(TaylorSeer, [arXiv 2503.06923](https://arxiv.org/abs/2503.06923)), so most blocks are not computed. One block is
-then *verified*: computed for real from the forecast input and compared with its forecast. An error above the
+After a few full steps, each step is *forecast* with a Taylor series fitted on past full steps (TaylorSeer,
+[arXiv 2503.06923](https://arxiv.org/abs/2503.06923)): by default the model's output, and the blocks' summed
+contribution up to one block (*forecast* in the advanced settings), so most blocks are not computed. That block
+is then *verified*: computed for real from the forecast input and compared with its forecast. An error above the
 threshold (it tightens over the run: *decay*) rejects the step and it is computed fully. A higher threshold
 accepts more steps: faster, further from the full run."""
 
