@@ -141,6 +141,14 @@ def hashable(x):
         return repr(x)
 
 
+def call_signature(leaves: list, spec) -> tuple:
+    """What a call's structure is, for a dictionary key (a CUDA graph's, a kept output's): its pytree structure and,
+    per leaf, a tensor's shape, dtype and device, or the hashable value of anything else. From `tree_flatten`'s
+    (leaves, spec) of the call's (args, kwargs)."""
+    return str(spec), tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else hashable(x)
+                            for x in leaves)
+
+
 class CallGraph:
     """One call captured as a CUDA graph: its static inputs (clones of the call's tensor leaves, plus any `statics`
     the forward reads besides its arguments) and the outputs the capture left. `replay` copies this call's leaves

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from diffusers.hooks import ModelHook
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -55,9 +56,7 @@ from .adapters import Adapter, BlockSpec, FeatureSite
 from .api import register_method
 from .config import ConfigBase, check, knob
 from .kernels import MAX_TERMS, accumulate, add_terms, forecast_error
-from diffusers.hooks import ModelHook
-
-from .runtime import CallGraph, Handle, RunState, StepDriverHook, StepInfo, hashable, register
+from .runtime import CallGraph, Handle, RunState, StepDriverHook, StepInfo, call_signature, register
 from .taylor import TaylorForecaster
 from .trace import ACCEPTED, FULL, REJECTED, StepRecord
 
@@ -688,9 +687,7 @@ class SpeCaModelHook(StepDriverHook):
         self._coef_ring.copy_to(dev, coefs)
         state.coef_dev = dev[:I]
         terms = tuple(t.data_ptr() for name in sorted(forecaster.terms) for t in forecaster.terms[name][:I])
-        desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else hashable(x)
-                     for x in leaves)
-        key = (context, state.verify_now, bool(self.config.record_maps), I, terms, str(spec), desc)
+        key = (context, state.verify_now, bool(self.config.record_maps), I, terms, call_signature(leaves, spec))
         blocks = state.blocks_computed + (1 if state.verify_now else 0)
         try:
             g = self._graphs.get(key)
@@ -740,10 +737,7 @@ class SpeCaModelHook(StepDriverHook):
         state: SpeCaState | None = self.current_state
         if state is None or self.cp is not None:
             return forward(*args, **kwargs)
-        leaves, spec = tree_flatten((args, kwargs))
-        key = (self.states.context.name, id(module), str(spec),
-               tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else hashable(x)
-                     for x in leaves))
+        key = (self.states.context.name, id(module), call_signature(*tree_flatten((args, kwargs))))
         if self._in_spec and key in state.rotary:
             return state.rotary[key]
         out = forward(*args, **kwargs)

@@ -47,7 +47,7 @@ from .adapters.kv_attention import AttnControl, AttnMode
 from .api import register_method
 from .config import ConfigBase, check, knob
 from .distributed import all_reduce_sum
-from .runtime import CallGraph, Handle, RunState, StepDriverHook, StepInfo, hashable, register
+from .runtime import CallGraph, Handle, RunState, StepDriverHook, StepInfo, call_signature, register
 from .trace import FULL, PARTIAL, StepRecord
 
 HOOK_NAME = "speclab_specdiff"
@@ -290,9 +290,12 @@ class SpecDiffModelHook(StepDriverHook):
         self.mod_linears = adapter.modulation_linears() if config.hoist_modulation else []
         self._mod_cur: dict[str, _Modulation] = {}  # context -> the step's modulation buffer (kept across runs)
         self._mod_hooked = False
-        self.computes_text = config.computes_text(adapter.supports_text_cache)
-        """Partial steps compute the text tokens (`text_tokens`, resolved for this family; each run resolves it
-        again with its context parallelism)."""
+
+    @property
+    def computes_text(self) -> bool:
+        """Partial steps compute the text tokens: `text_tokens` resolved for this family and this run's context
+        parallelism ("auto" caches them where the family supports it, but not under context parallelism)."""
+        return self.config.computes_text(self.adapter.supports_text_cache and self.cp is None)
 
     # ---- schedule ------------------------------------------------------------------------
     def _scheduled_partial(self, step: int, num_steps: int, state: SpecDiffState) -> bool:
@@ -330,8 +333,6 @@ class SpecDiffModelHook(StepDriverHook):
                 "(ContextParallelConfig(ulysses_degree=N)); ring attention is not supported: its K/V cache and "
                 "attention scores would need the ring's key exchange. Use ulysses_degree, or SpeCa.")
         self.control.cp = cp
-        # "auto": the text tokens are cached where the family supports it, but not under context parallelism
-        self.computes_text = self.config.computes_text(self.adapter.supports_text_cache and cp is None)
 
     def _scores(self) -> torch.Tensor | None:
         """This call's attention received per image token, normalised (`normalise_scores`), or None. Under
@@ -546,8 +547,7 @@ class SpecDiffModelHook(StepDriverHook):
         forward = self.fn_ref.original_forward
         sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1, text=self.computes_text)
         leaves, spec = tree_flatten((sub_args, sub_kwargs))
-        desc = tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves)
-        key = (context, ctl.kv_generation, ctl.score, str(spec), hashable(desc))
+        key = (context, ctl.kv_generation, ctl.score, call_signature(leaves, spec))
         g = self._graphs.get(key)
         if g is None:
             if key not in self._seen:
