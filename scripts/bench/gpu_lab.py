@@ -434,9 +434,9 @@ def _wire_request(client, outputs, deadline, **controls) -> dict:
                 **_final_fields(summary, (final[i_files] or []) if final else []))
 
 
-REQUEST = [_wire_request]
-"""How the rows' requests are made: `--client wire` (default: the browser's protocol, timed off the wire) or
-`--client gradio` (`gradio_client`, timed as it hands updates over)."""
+CLIENTS = {"wire": _wire_request, "gradio": _request}
+"""How the rows' requests are made (`--client`): "wire" (default: the browser's protocol, timed off the wire) or
+"gradio" (`gradio_client`, timed as it hands updates over)."""
 
 
 def _serve(folder: str, port: int, log_path: str, max_work: float):
@@ -478,8 +478,9 @@ def _stop(server) -> None:
     logf.close()
 
 
-def drive(server, family: str, tiny: bool, deadline: float, port: int) -> list[dict]:
-    """The lab rows of `PLANS[family]` through the app `server` (started by `_serve`, stopped here)."""
+def drive(server, family: str, tiny: bool, deadline: float, port: int, request=_wire_request) -> list[dict]:
+    """The lab rows of `PLANS[family]` through the app `server` (started by `_serve`, stopped here), each made by
+    `request` (`CLIENTS`)."""
     import app
 
     plan = PLANS[family]["tiny" if tiny else "gpu"]
@@ -495,24 +496,24 @@ def drive(server, family: str, tiny: bool, deadline: float, port: int) -> list[d
         client = _connect(f"http://127.0.0.1:{port}/", proc, max(10.0, deadline - time.time()))
         up_s = time.perf_counter() - t0
         # the first request loads the folder (the server loads presets on first use)
-        first = REQUEST[0](client, app.OUTPUTS, deadline, method=FULL, steps=2, compare=False, **base)
+        first = request(client, app.OUTPUTS, deadline, method=FULL, steps=2, compare=False, **base)
         rows.append(dict(kind="lab", family=family, method=FULL, steps=2, what="first request: load + run",
                          server_up_s=up_s, **first))
         log(json.dumps(rows[-1]))
         for label in dict.fromkeys(m for _, m, _ in todo if m != FULL):  # first-call costs, untimed
-            REQUEST[0](client, app.OUTPUTS, deadline, method=label, steps=plan["warm_steps"], compare=False, **base)
+            request(client, app.OUTPUTS, deadline, method=label, steps=plan["warm_steps"], compare=False, **base)
         while todo:
             steps, label, compare = todo.pop(0)
             if time.time() > deadline - 5:
                 skipped.append(f"{family} {label} {steps} steps (the stage's deadline)")
                 continue
-            r = REQUEST[0](client, app.OUTPUTS, deadline, method=label, steps=steps, compare=compare, **base)
+            r = request(client, app.OUTPUTS, deadline, method=label, steps=steps, compare=compare, **base)
             rows.append(dict(kind="lab", family=family, method=label, steps=steps, compare=compare, **r))
             log(json.dumps(rows[-1]))
         if plan["compile_steps"]:
             if time.time() < deadline - 60:
-                r = REQUEST[0](client, app.OUTPUTS, deadline, method=SPECA, steps=plan["compile_steps"],
-                             compare=True, compile=True, **base)
+                r = request(client, app.OUTPUTS, deadline, method=SPECA, steps=plan["compile_steps"],
+                            compare=True, compile=True, **base)
                 rows.append(dict(kind="lab", family=family, method="SpeCa compiled", steps=plan["compile_steps"],
                                  compare=True, **r))
                 log(json.dumps(rows[-1]))
@@ -661,7 +662,7 @@ def cmd_all(args) -> None:
                 except (OSError, ValueError):
                     pass
             log(f"[all] {fam}: lab rows ({fam_deadline - time.time():.0f} s left for {fam})")
-            lab_rows += drive(server, fam, args.tiny, fam_deadline, args.port + k)
+            lab_rows += drive(server, fam, args.tiny, fam_deadline, args.port + k, CLIENTS[args.client])
             _touch(signals[fam]["done"])
             if not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -706,11 +707,9 @@ def main(argv=None) -> None:
     a.add_argument("--tiny", action="store_true", help="CPU-sized pipelines (a smoke run of this script)")
     a.add_argument("--keep", action="store_true", help="keep the pipeline folders")
     a.add_argument("--sequential", action="store_true", help="build one folder at a time (as run 1 did)")
-    a.add_argument("--client", choices=("wire", "gradio"), default="wire",
+    a.add_argument("--client", choices=tuple(CLIENTS), default="wire",
                    help="time the requests off the wire (the browser's protocol) or as gradio_client hands them over")
     args = ap.parse_args(argv)
-    if getattr(args, "client", "wire") == "gradio":
-        REQUEST[0] = _request
     (cmd_build if args.cmd == "build" else cmd_all)(args)
 
 

@@ -188,14 +188,14 @@ def _bare_model(folder):
 # ---- the client ------------------------------------------------------------------------------------------------------
 def request(client, **controls) -> dict:
     import app
-    from scripts.bench.gpu_lab import _is_file as _has_file
+    from scripts.bench.gpu_lab import _is_file
 
     t0 = time.time()
     job = client.submit(api_name="/generate", **controls)
     ups = []
     for up in job:
-        files = [k for k, v in zip(app.OUTPUTS, up) if _has_file(v) or (isinstance(v, (list, tuple)) and v
-                                                                         and all(_has_file(x) for x in v))]
+        files = [k for k, v in zip(app.OUTPUTS, up) if _is_file(v) or (isinstance(v, (list, tuple)) and v
+                                                                        and all(_is_file(x) for x in v))]
         ups.append(dict(t=time.time() - t0, files=files))
     first_preview = next((u["t"] for u in ups if "preview" in u["files"]), None)
     image = next((u["t"] for u in ups if "image" in u["files"]), None)
