@@ -21,7 +21,8 @@ def run(pipe, steps=14):
     dict(schedule=fixed_schedule(14, 4)),
     dict(threshold=0.5, metric="rel_l2"),  # adaptive: decisions read the error of every judged step
     dict(schedule=fixed_schedule(14, 4), verify_in_grace=False, verify_output="forecast", order=2),
-], ids=["schedule", "adaptive", "forecast-output-o2"])
+    dict(schedule=fixed_schedule(14, 4), forecast="stack"),  # the default is the output forecast
+], ids=["schedule", "adaptive", "forecast-output-o2", "stack"])
 def test_graphs_match_eager(cuda_pipe, cfg):
     base = run(cuda_pipe)
     outs, traces = {}, {}

@@ -24,7 +24,7 @@ def test_graphs_match_eager(cuda_pipe, cfg):
     outs, traces = {}, {}
     for graphs in (False, True):
         with accel.apply(cuda_pipe, accel.SpecDiffConfig(cuda_graphs=graphs, warmup_steps=2, sync_timing=False,
-                                                    **cfg)) as h:
+                                                         **cfg)) as h:
             outs[graphs] = [run(cuda_pipe), run(cuda_pipe)]  # the second run replays graphs captured in the first
             traces[graphs] = h.traces[-2:]
             if graphs:
