@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +150,12 @@ def call_signature(leaves: list, spec) -> tuple:
                             for x in leaves)
 
 
+def storage_stamp(module: torch.nn.Module) -> int:
+    """A fingerprint of where `module`'s parameters and buffers live (device and address of each): it changes
+    when they are moved or reallocated (`.to()` to another device and back), not when their values change."""
+    return hash(tuple((t.device, t.data_ptr()) for t in (*module.parameters(), *module.buffers())))
+
+
 class CallGraph:
     """One call captured as a CUDA graph: its static inputs (clones of the call's tensor leaves, plus any `statics`
     the forward reads besides its arguments) and the outputs the capture left. `replay` copies this call's leaves
@@ -215,6 +222,8 @@ class StepDriverHook(ModelHook):
         """The transformer's context parallelism (accel/distributed.py), read at the start of every run."""
         self.reads = DeviceReads()
         """Trace values still on the device (step times by CUDA events, a method's trace-only numbers)."""
+        self._weights_stamp: int | None = None
+        self._weights_checked: Trace | None = None
 
     # ---- step location -------------------------------------------------------------------
     def _locate(self, state: RunState, args, kwargs) -> StepInfo:
@@ -371,6 +380,21 @@ class StepDriverHook(ModelHook):
                 f"SpecLab does not support context parallelism on {type(self.adapter.transformer).__name__} yet "
                 "(only FLUX): run it on one GPU, or without enable_parallelism")
 
+    def weights_moved(self) -> bool:
+        """Whether the transformer's weights and buffers live at other addresses than at this check's last run (at
+        most one check per run, at its first call; False the first time). CUDA graphs kept across runs read the
+        weights at the addresses of their capture: `enable_model_cpu_offload` moves the transformer off the GPU
+        after every pipeline call and back at the next, to new memory, so a method drops its graphs when this
+        says so. Ask it once the run's first step has computed (the offload hook moves the weights in there)."""
+        trace = self.handle.running_trace
+        if trace is not None and trace is self._weights_checked:
+            return False
+        self._weights_checked = trace
+        stamp = storage_stamp(self.adapter.transformer)
+        moved = self._weights_stamp is not None and stamp != self._weights_stamp
+        self._weights_stamp = stamp
+        return moved
+
     @staticmethod
     def _device(module) -> torch.device:
         for p in module.parameters():
@@ -452,7 +476,8 @@ class Handle:
             return
         transformer = self.adapter.transformer
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        registry.remove_hook(self.hook_name, recurse=True)
+        with beneath_accelerate(transformer):
+            registry.remove_hook(self.hook_name, recurse=True)
         for fn in reversed(self.cleanups):
             fn()
         registry.invalidate_child_registries_cache()
@@ -467,4 +492,24 @@ class Handle:
 
 
 def register(module, hook: ModelHook, name: str) -> None:
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+    with beneath_accelerate(module):
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+@contextmanager
+def beneath_accelerate(module):
+    """Diffusers hooks registered or removed inside this block go under accelerate's forward wrapper where the
+    module has one (`enable_model_cpu_offload`, `dispatch_model`). That wrapper calls `module._old_forward`, and
+    model CPU offload re-installs itself after every pipeline call (`maybe_free_model_hooks`: `forward` set back to
+    `_old_forward`, then wrapped again): a hook above it would be dropped there, and removing one would drop
+    accelerate's wrapper. Below it, both survive in either order of `apply` and `enable_model_cpu_offload`."""
+    outer = module.__dict__.get("forward")
+    if outer is None or not hasattr(module, "_hf_hook") or not hasattr(module, "_old_forward"):
+        yield
+        return
+    module.forward = module._old_forward
+    try:
+        yield
+    finally:
+        module._old_forward = module.forward
+        module.forward = outer

@@ -672,7 +672,11 @@ class SpeCaModelHook(StepDriverHook):
         persistent store). The graph is keyed by everything else they depend on: the cache context, whether the
         step verifies, the number of terms and their addresses, and the call's structure (non-tensor arguments,
         tensor shapes and dtypes). A key's first call runs eagerly (warming up kernels and compilation), its
-        second is captured, later ones replay. Outputs are copied out of the graph's buffers."""
+        second is captured, later ones replay. Outputs are copied out of the graph's buffers. All are dropped when
+        the transformer's weights moved since the last run (`weights_moved`: model CPU offload)."""
+        if self.weights_moved():  # e.g. model CPU offload put the transformer back on the GPU elsewhere
+            self._graphs.clear()
+            self._seen.clear()
         forecaster = state.forecasters[STACK]
         coefs = forecaster.coefficients(state.x)
         I = len(coefs)

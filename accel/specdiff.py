@@ -542,8 +542,12 @@ class SpecDiffModelHook(StepDriverHook):
         depend on: the cache context (its K/V buffers), the K/V buffers' generation, whether layers score, and
         the call's structure (non-tensor arguments, tensor shapes and dtypes). A key's first call runs
         eagerly (warming up kernels, handles and compilation), its second is captured, later ones replay with
-        the tensor arguments and the rows copied into the graph's buffers. (out, new) as run_subset."""
+        the tensor arguments and the rows copied into the graph's buffers; all are dropped when the transformer's
+        weights moved since the last run (`weights_moved`: model CPU offload). (out, new) as run_subset."""
         adapter, ctl = self.adapter, self.control
+        if self.weights_moved():  # e.g. model CPU offload put the transformer back on the GPU elsewhere
+            self._graphs.clear()
+            self._seen.clear()
         forward = self.fn_ref.original_forward
         sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1, text=self.computes_text)
         leaves, spec = tree_flatten((sub_args, sub_kwargs))
