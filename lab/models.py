@@ -340,6 +340,9 @@ def _place(preset: Preset, pipe):
         return pipe
     free, total = G.free_memory()
     plan = G.plan_placement(comps, work, free, total, name=preset.name)
+    if os.environ.get("SPECLAB_OFFLOAD") == "1" and plan.mode == "gpu":  # asked for (a GPU shared with others)
+        plan = G.Placement("offload", f"{preset.name}: model CPU offload (SPECLAB_OFFLOAD=1), though it would fit "
+                                      f"on the GPU: {plan.message}")
     log.info("%s", plan.message)
     if plan.mode == "refuse":
         raise ModelError(plan.message)

@@ -13,6 +13,8 @@ when a folder does not fit the GPU: `lab.gpu.plan_placement`).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -114,3 +116,35 @@ def test_cuda_graphs_are_recaptured_after_the_offload_moved_the_weights(cfg):
         assert hook._graphs and all(hook._graphs.get(k) is not g for k, g in graphs.items())  # captured again
     torch.testing.assert_close(first, ref[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(second, ref[1], rtol=1e-4, atol=1e-5)
+
+
+# ---- CUDA: the lab on a folder it offloads (lab.models._place with SPECLAB_OFFLOAD=1) ----------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_lab_runs_methods_twice_on_an_offloaded_folder(monkeypatch):
+    import numpy as np
+
+    from lab import methods as LM
+    from lab import models as M
+    from lab import runner as R
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "models", "tiny-flux")
+    preset = M.folder_preset(folder, gpu=True)
+    pictures = {}
+    for offload in ("0", "1"):
+        monkeypatch.setenv("SPECLAB_OFFLOAD", offload)
+        pipe = M.load_preset(preset)
+        assert pipe._speclab_placement.mode == ("offload" if offload == "1" else "gpu")
+        assert hasattr(pipe.transformer, "_hf_hook") == (offload == "1")
+        model = M.LoadedModel(preset, pipe)
+        spec = R.RunSpec(preset.name, "a red circle", 0, 12, 256, 256, preset.guidance)
+        for label in (LM.SPECA, LM.SPECDIFF):
+            for run in range(2):  # the second run: the offload hooks re-installed themselves in between
+                ups = list(R.stream_run(model, spec, LM.by_label(label).build({}), every_s=0.0))
+                assert ups[-1].done and ups[-1].trace.summary()["full_steps"] < 12
+                pictures[offload, label, run] = np.asarray(ups[-1].result.image, dtype=np.float32)
+        del model, pipe
+        torch.cuda.empty_cache()
+    for label in (LM.SPECA, LM.SPECDIFF):
+        for run in range(2):
+            a, b = pictures["0", label, run], pictures["1", label, run]
+            assert np.abs(a - b).mean() < 0.5, (label, run)  # 8-bit pixels; the same kernels either way
