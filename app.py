@@ -39,6 +39,7 @@ import weakref
 
 import gradio as gr
 import numpy as np
+from gradio.components.plot import PlotData
 from PIL import Image as PILImage
 
 import accel
@@ -419,7 +420,10 @@ class Lab:
             if up.trace is not None:
                 # the run's first update clears the last run's pictures: "this method" and "full run" would
                 # otherwise show a finished run's images beside this run's live preview
-                stale = {} if shown else dict(image=None, full_image=None)
+                # (and the last run's other results: once sent here, each output is re-sent unchanged by
+                # `SteadyOutputs` rather than skipped, which costs Gradio a component rebuild per update)
+                stale = {} if shown else dict(image=None, full_image=None, diff_plot=None, files=None, video=None,
+                                              step=_slider_update(None), frame=_frame_update(None))
                 yield panels(preview=up.preview if up.preview is not None else gr.skip(),
                              summary=summary_markdown(up.trace, {"running": True, "model": spec.preset}),
                              **stale, **streamed_panels(up.trace, shown))
@@ -901,6 +905,44 @@ class PictureFiles:
                      else v for k, v in zip(OUTPUTS, values))
 
 
+class SteadyOutputs:
+    """One `/generate` request's updates with the outputs they leave as they are re-sent as last sent, not skipped.
+
+    Gradio (6.31) handles `gr.skip()` like any property update: for each skipped output of each streamed update it
+    builds a new component and regenerates its config (pydantic JSON schemas), about 2 ms an output on the server's
+    event loop, holding the GIL that the pipeline's thread needs to issue its steps (run 3 of issue 13: 15-22 ms
+    an update, most of it this). An output this request already sent goes again as the same value instead: Gradio's
+    stream diff finds it unchanged and sends nothing, and postprocessing it costs little (figures go as Gradio's
+    `PlotData`, serialised once here instead of by Gradio; pictures as the files `PictureFiles` wrote). A property
+    update re-sends its value alone; the session's state (`trace`) is cheap to skip and is left alone. Outputs not
+    yet sent in this request are still skipped (the run's first update sends them: `Lab._run_turn`)."""
+
+    STATEFUL = ("trace",)
+
+    def __init__(self):
+        self.last: dict[str, object] = {}
+        self.rebuilds = 0
+        """Outputs passed on as property updates (Gradio rebuilds the component for each; tests count them)."""
+
+    def update(self, values: tuple) -> tuple:
+        out = []
+        for k, v in zip(OUTPUTS, values):
+            if k not in self.STATEFUL:
+                if isinstance(v, dict) and v.get("__type__") == "update":
+                    if len(v) == 1 and k in self.last:  # gr.skip(): the same value again
+                        v = self.last[k]
+                    else:
+                        self.rebuilds += 1
+                        if "value" in v:
+                            self.last[k] = v["value"]
+                else:
+                    if hasattr(v, "to_plotly_json"):  # a plotly figure: serialised once, as gr.Plot would
+                        v = PlotData(type="plotly", plot=v.to_json())
+                    self.last[k] = v
+            out.append(v)
+        return tuple(out)
+
+
 def _view_panels(P: M.Preset, limits: Limits) -> dict:
     v = {}
     with gr.Row(equal_height=True):
@@ -1063,9 +1105,9 @@ def build_app(lab: Lab | None = None) -> gr.Blocks:
         view["trace"] = trace_state
 
         def generate(session: Session = None, **controls):
-            pictures = PictureFiles(view["image"].GRADIO_CACHE)
+            pictures, steady = PictureFiles(view["image"].GRADIO_CACHE), SteadyOutputs()
             for values in lab.generate(session, **controls):
-                yield pictures.update(values)
+                yield steady.update(pictures.update(values))
 
         knob_names = list(knobs)
         _with_signature(generate, RUN_CONTROLS + tuple(knob_names))

@@ -297,6 +297,52 @@ def test_streamed_updates_build_only_the_figures_that_changed(monkeypatch):
     assert all(not isinstance(final[k], dict) for k in app.TRACE_PANELS)  # the result has every figure
 
 
+def test_streamed_updates_cost_gradio_no_component_rebuilds(monkeypatch):
+    """Gradio rebuilds an output's component (and its config's JSON schemas, ~2 ms) for every property update,
+    `gr.skip()` included, on the event loop that shares the GIL with the pipeline's thread. Through `SteadyOutputs`
+    (as `/generate` sends them), the updates streamed while a run goes on rebuild none: the run's first update
+    sends every output, later ones re-send what they leave as it is. Counted through Gradio's own
+    `postprocess_data`, against the same updates without it."""
+    import asyncio
+    import tempfile
+
+    from gradio.state_holder import SessionState
+
+    lab = app.Lab(M.ModelManager(factory=lambda preset: tiny.tiny_flux_pipe()), every_s=0.0)
+    demo = app.build_app(lab)
+    fn = next(f for f in demo.fns.values() if f.api_name == "generate")
+    rebuilt = []
+    real = SessionState._update_config
+    monkeypatch.setattr(SessionState, "_update_config", lambda self, i: rebuilt.append(i) or real(self, i))
+    step_end = R._Run._on_step_end
+
+    def slow_step_end(self, *a):  # steps slower than an update: several streamed updates on any CPU
+        out = step_end(self, *a)
+        time.sleep(0.05)
+        return out
+
+    monkeypatch.setattr(R._Run, "_on_step_end", slow_step_end)
+    counts = {}
+    for steady in (False, True):
+        pictures, keep, state, n = app.PictureFiles(tempfile.mkdtemp()), app.SteadyOutputs(), SessionState(demo), []
+        for values in lab.generate(Session(), model=M.TINY, prompt="p", method=LM.SPECA, steps=8, width=64,
+                                   height=64, compare=False):
+            values = pictures.update(values)
+            if steady:
+                values = keep.update(values)
+            before = len(rebuilt)
+            out = asyncio.run(demo.postprocess_data(fn, list(values), state))
+            n.append(len(rebuilt) - before)
+            assert len(out) == len(fn.outputs)
+        counts[steady] = n
+        if steady:
+            assert keep.rebuilds == sum(n)
+    streamed = counts[True][1:-1]
+    assert len(streamed) >= 2 and all(k == 0 for k in streamed), counts
+    assert all(k >= 6 for k in counts[False][1:-1]), counts  # skipped outputs, each rebuilt at every update
+    assert counts[True][0] >= 2  # the first update: the step and frame sliders reset
+
+
 def test_each_picture_is_encoded_once_per_request():
     """`/generate`'s pictures go out as files encoded once: in compare mode the method's image is sent when its run
     ends and again with the comparison, the last preview again with the result, each from one encode."""
