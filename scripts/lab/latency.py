@@ -221,7 +221,10 @@ def _server_part(timeline: str, t0: float, t1: float) -> dict:
     posts = [r for r in recs if r["ev"] == "postprocess"]
     ys = [r for r in recs if r["ev"] == "yield"]
     start = next((r["t"] - t0 for r in recs if r["ev"] == "generate_start"), None)
-    image_yield = next((r["t"] - t0 for r in ys if "image" in r["outputs"]), None)
+    # the update with the method's image: the first to set "image" once the pipeline ended (a run's first update
+    # sets it too, to None: it clears the last run's picture)
+    image_yield = next((r["t"] - t0 for r in ys if "image" in r["outputs"]
+                        and (pipe_end is None or r["t"] - t0 >= pipe_end)), None)
     return dict(generate_start_s=start, pipe_start_s=pipe_start, pipe_end_s=pipe_end, yields=len(ys),
                 image_yield_s=image_yield, image_posts=len(imgs), image_post_ms=sum(r["ms"] for r in imgs),
                 encodes=len(enc), encode_ms=sum(r["ms"] for r in enc), encode_mpix=sum(r["pixels"] for r in enc) / 1e6,
