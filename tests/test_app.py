@@ -110,8 +110,10 @@ def test_measured_speedup_comes_from_back_to_back_pairs(rlab, monkeypatch):
     for _ in range(2):  # the second request has the same settings: its full run is timed again all the same
         calls.clear()
         out = list(rlab.generate(**kw(LM.SPECA, **small)))[-1]
-        assert calls[0] == "FullConfig" and calls[1:] == ["SpeCaConfig", "FullConfig"] * ((len(calls) - 1) // 2)
-        pairs = 1 + (len(calls) - 1) // 2
+        # the full run, the accelerated run again without the live view (the first pair), then more pairs
+        assert calls[:2] == ["FullConfig", "SpeCaConfig"]
+        assert calls[2:] == ["SpeCaConfig", "FullConfig"] * ((len(calls) - 2) // 2)
+        pairs = 1 + (len(calls) - 2) // 2
         assert 1 <= pairs <= rlab.timing_pairs
         assert "measured speedup (time)" in out[2] and ("back-to-back pairs" in out[2] or "one back-to-back pair"
                                                          in out[2])
@@ -119,6 +121,35 @@ def test_measured_speedup_comes_from_back_to_back_pairs(rlab, monkeypatch):
     calls.clear()
     list(rlab.generate(**kw(LM.SPECA, compare=False, **small)))
     assert calls == []  # no comparison: no full run
+
+
+@pytest.mark.parametrize("budget_s", [60.0, 0.0], ids=["run-again", "too-long-to-run-again"])
+def test_the_first_pair_times_the_method_again_without_the_live_view(monkeypatch, budget_s):
+    """The streamed run's time holds the live view's work, which the full reference has not: the first pair's
+    accelerated time is the method run again, unstreamed, right after the full run; an accelerated run longer than
+    `timing_budget_s` is not run again, and the summary says the pair then includes the live view."""
+    lab = app.Lab(M.ModelManager(factory=_random_factory), every_s=0.0, timing_pairs=1, timing_budget_s=budget_s)
+    runs = []
+    orig = R.run_to_end
+
+    def run_to_end(m, s, config, **k):
+        r = orig(m, s, config, **k)
+        runs.append(r)
+        return r
+
+    monkeypatch.setattr(R, "run_to_end", run_to_end)
+    final = list(lab.generate(**kw(LM.SPECA, steps=6, width=64, height=64)))[-1]
+    streamed, full = final[-1], runs[0].trace
+    assert full.method == "full"
+    ms = lambda t: t.summary()["measured_ms"]  # noqa: E731
+    if budget_s:
+        assert [r.trace.method for r in runs] == ["full", "speca"] and runs[1].trace is not streamed
+        assert lab.last_extra["pairs"] == [pytest.approx(ms(full) / ms(runs[1].trace))]
+        assert "live view included" not in final[2]
+    else:
+        assert [r.trace.method for r in runs] == ["full"]
+        assert lab.last_extra["pairs"] == [pytest.approx(ms(full) / ms(streamed))]
+        assert "the one streamed here, live view included" in final[2]
 
 
 @pytest.mark.parametrize("method", LM.METHODS)
