@@ -197,7 +197,7 @@ def summary_markdown(trace: Trace | None, extra: dict | None = None) -> str:
                      f"{_fmt_speedup(extra['measured_speedup'])}** (median{spread}; full run "
                      f"{extra['full_ms'] / 1000:.2f} s"
                      + ("; the first pair's accelerated run is the one streamed here, live view included"
-                        if extra.get("timed_streaming") else "") + ")")
+                        if extra.get("timed_streaming") else "; this method re-run without the live view") + ")")
     if extra.get("psnr") is not None:
         p = extra["psnr"]
         lines.append(f"vs the full run: PSNR **{'∞' if math.isinf(p) else f'{p:.2f}'} dB** · "

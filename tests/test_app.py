@@ -145,7 +145,7 @@ def test_the_first_pair_times_the_method_again_without_the_live_view(monkeypatch
     if budget_s:
         assert [r.trace.method for r in runs] == ["full", "speca"] and runs[1].trace is not streamed
         assert lab.last_extra["pairs"] == [pytest.approx(ms(full) / ms(runs[1].trace))]
-        assert "live view included" not in final[2]
+        assert "live view included" not in final[2] and "re-run without the live view" in final[2]
     else:
         assert [r.trace.method for r in runs] == ["full"]
         assert lab.last_extra["pairs"] == [pytest.approx(ms(full) / ms(streamed))]
