@@ -222,6 +222,10 @@ class StepDriverHook(ModelHook):
         """The transformer's context parallelism (accel/distributed.py), read at the start of every run."""
         self.reads = DeviceReads()
         """Trace values still on the device (step times by CUDA events, a method's trace-only numbers)."""
+        self._graphs: dict = {}
+        """A method's CUDA graphs, kept across runs: key -> `CallGraph` (with what the method keeps beside it)."""
+        self._seen: set = set()
+        """Graph keys called once, eagerly: a key's next call is captured."""
         self._weights_stamp: int | None = None
         self._weights_checked: Trace | None = None
 
@@ -394,6 +398,13 @@ class StepDriverHook(ModelHook):
         moved = self._weights_stamp is not None and stamp != self._weights_stamp
         self._weights_stamp = stamp
         return moved
+
+    def drop_graphs_if_weights_moved(self) -> None:
+        """Forget the kept CUDA graphs (and the keys seen) when the weights moved since the last run: they were
+        recorded against the old addresses. Call it before using a graph."""
+        if self.weights_moved():
+            self._graphs.clear()
+            self._seen.clear()
 
     @staticmethod
     def _device(module) -> torch.device:

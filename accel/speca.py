@@ -391,8 +391,6 @@ class SpeCaModelHook(StepDriverHook):
         self.full_view, self.spec_view = self._views()
         # CUDA graphs of speculative steps (stack forecast): kept across runs, like the buffers they read
         self._graphable = True
-        self._graphs: dict = {}  # key -> CallGraph (with the error buffers it writes)
-        self._seen: set = set()  # keys called once (eagerly): the next call of a key is captured
         self._term_store: dict[str, dict] = {}  # cache context -> the stack forecaster's persistent terms
         self._coef_dev: dict[str, torch.Tensor] = {}  # cache context -> [MAX_TERMS] float32 on the device
         self._coef_ring: _PinnedRing | None = None
@@ -674,9 +672,7 @@ class SpeCaModelHook(StepDriverHook):
         tensor shapes and dtypes). A key's first call runs eagerly (warming up kernels and compilation), its
         second is captured, later ones replay. Outputs are copied out of the graph's buffers. All are dropped when
         the transformer's weights moved since the last run (`weights_moved`: model CPU offload)."""
-        if self.weights_moved():  # e.g. model CPU offload put the transformer back on the GPU elsewhere
-            self._graphs.clear()
-            self._seen.clear()
+        self.drop_graphs_if_weights_moved()  # e.g. model CPU offload put the transformer back elsewhere
         forecaster = state.forecasters[STACK]
         coefs = forecaster.coefficients(state.x)
         I = len(coefs)

@@ -285,8 +285,6 @@ class SpecDiffModelHook(StepDriverHook):
         self.attn_modules = adapter.attention_modules()
         self._graphable = type(adapter).run_subset is Adapter.run_subset  # the subset call is a plain call
         self._kv_store: dict[str, dict] = {}  # context -> layer -> (K, V): persistent buffers (CUDA graphs)
-        self._graphs: dict = {}  # key -> CallGraph (its scores and counters kept beside)
-        self._seen: set = set()  # keys seen once (run eagerly; captured the second time)
         self.mod_linears = adapter.modulation_linears() if config.hoist_modulation else []
         self._mod_cur: dict[str, _Modulation] = {}  # context -> the step's modulation buffer (kept across runs)
         self._mod_hooked = False
@@ -545,9 +543,7 @@ class SpecDiffModelHook(StepDriverHook):
         the tensor arguments and the rows copied into the graph's buffers; all are dropped when the transformer's
         weights moved since the last run (`weights_moved`: model CPU offload). (out, new) as run_subset."""
         adapter, ctl = self.adapter, self.control
-        if self.weights_moved():  # e.g. model CPU offload put the transformer back on the GPU elsewhere
-            self._graphs.clear()
-            self._seen.clear()
+        self.drop_graphs_if_weights_moved()  # e.g. model CPU offload put the transformer back elsewhere
         forward = self.fn_ref.original_forward
         sub_args, sub_kwargs = adapter.with_call_inputs(args, kwargs, image_index=c1, text=self.computes_text)
         leaves, spec = tree_flatten((sub_args, sub_kwargs))
